@@ -1,0 +1,139 @@
+"""The one place that builds the real things: the boto3 client, the requests session, and
+the objects of a run, wired together. Tests build the same objects with fakes instead."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import boto3
+import requests
+from botocore.config import Config
+
+from poller.archive import Archive
+from poller.budget import RequestBudget
+from poller.config import S3Settings, Settings
+from poller.records import Layout
+from poller.retrying import RetryPolicy
+from poller.state import CheckpointStore, Lease, LeaseKeeper
+from poller.store import ObjectStore, S3ObjectStore, count_requests
+from poller.sync import Cycle, CycleSettings, Summary
+from poller.threatstack import ThreatStackClient
+from poller.timeutil import Clock, utc_now
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def s3_client(settings: S3Settings) -> Any:
+    """The only boto3 client. Endpoint, region and credentials come from the standard AWS
+    variables (``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, IRSA...), as boto3 reads them.
+    Retries are botocore's ``standard`` mode (throttling, 5xx, timeouts, with backoff),
+    chosen here rather than left to the environment."""
+    config = Config(
+        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        max_pool_connections=settings.max_concurrency + 2,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    run_id: str
+    mode: str
+    clock: Clock
+    api: ThreatStackClient
+    store: ObjectStore
+    s3_requests: Callable[[], int]
+    layout: Layout
+
+    def lease(self) -> Lease:
+        holder = {
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        return Lease(
+            self.store,
+            self.layout,
+            self.settings.sync.lease_ttl_seconds,
+            holder,
+            self.clock,
+            self.settings.s3.require_conditional_writes,
+        )
+
+    def cycle(self, lease: Lease) -> Cycle:
+        settings = self.settings
+        return Cycle(
+            source=self.api,
+            archive=Archive(self.store, self.layout, settings.threatstack.org_id),
+            checkpoints=CheckpointStore(self.store, self.layout),
+            lease=lease,
+            settings=CycleSettings(
+                statuses=settings.threatstack.statuses,
+                lookback=timedelta(seconds=settings.sync.lookback_seconds),
+                settle=timedelta(seconds=settings.sync.settle_seconds),
+                first_run_since=settings.sync.first_run_since,
+                max_concurrency=settings.s3.max_concurrency,
+            ),
+            clock=self.clock,
+            s3_requests=self.s3_requests,
+            run_id=self.run_id,
+            mode=self.mode,
+        )
+
+
+def build(
+    settings: Settings,
+    mode: str,
+    *,
+    clock: Clock = utc_now,
+    sleep: Callable[[float], None] = time.sleep,
+    session: requests.Session | None = None,
+    s3: Any = None,
+    run_id: str | None = None,
+) -> Runtime:
+    ts = settings.threatstack
+    api = ThreatStackClient(
+        ts,
+        session or requests.Session(),
+        RequestBudget(ts.requests_per_minute, sleep=sleep),
+        RetryPolicy(max_attempts=ts.max_attempts, max_delay_seconds=ts.max_retry_seconds),
+        sleep,
+    )
+    client = s3 if s3 is not None else s3_client(settings.s3)
+    return Runtime(
+        settings=settings,
+        run_id=run_id or new_run_id(),
+        mode=mode,
+        clock=clock,
+        api=api,
+        store=S3ObjectStore(client, settings.s3.bucket),
+        s3_requests=count_requests(client),
+        layout=Layout(settings.s3.prefix),
+    )
+
+
+def run_cycle(runtime: Runtime, summary: Summary) -> Summary:
+    """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
+    (exit 75) when another run holds it."""
+    lease = runtime.lease()
+    lease.acquire()
+    try:
+        cycle = runtime.cycle(lease)
+        with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
+            cycle.lease_lost = lambda: keeper.lost
+            return cycle.run(summary)
+    finally:
+        lease.release()

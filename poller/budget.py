@@ -1,0 +1,100 @@
+"""The client-side request budget: one per process, shared by every Threat Stack call.
+
+A sliding window: never more than ``per_minute`` requests start in any 60-second window
+(plus a small margin, so the server, which counts arrivals, sees the same). The server's
+own hints (``x-rate-limit-remaining`` / ``x-rate-limit-reset`` in ms, ``Retry-After``) can
+only make it slower, and every wait is clamped to [0, window + margin].
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+WINDOW_SECONDS = 60.0
+# Requests are timed when they leave; the server times them when they arrive. A margin
+# covers the difference in network delay between two requests 60 s apart.
+MARGIN_SECONDS = 0.5
+# When the server says this few requests remain, honour its reset time before going on.
+LOW_REMAINING = 2
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if number == number and number not in (float("inf"), float("-inf")) else None
+
+
+def clamp_wait(seconds: float | None, ceiling: float = WINDOW_SECONDS + MARGIN_SECONDS) -> float:
+    """Any wait derived from the server is bounded: never negative, never unbounded."""
+    if seconds is None:
+        return 0.0
+    return min(max(seconds, 0.0), ceiling)
+
+
+class RequestBudget:
+    def __init__(
+        self,
+        per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError("per_minute must be at least 1")
+        self.per_minute = per_minute
+        self._clock = clock
+        self._sleep = sleep
+        self._started: deque[float] = deque()
+        self._not_before = 0.0
+        self._lock = threading.Lock()
+
+    def next_wait(self) -> float:
+        """Seconds to wait before the next request may start (0 when it may start now)."""
+        now = self._clock()
+        horizon = WINDOW_SECONDS + MARGIN_SECONDS
+        while self._started and self._started[0] <= now - horizon:
+            self._started.popleft()
+        wait = 0.0
+        if len(self._started) >= self.per_minute:
+            wait = self._started[0] + horizon - now
+        return clamp_wait(max(wait, self._not_before - now))
+
+    def acquire(self) -> None:
+        """Block until a request may start, then count it."""
+        while True:
+            with self._lock:
+                wait = self.next_wait()
+                if wait <= 0:
+                    self._started.append(self._clock())
+                    return
+            self._sleep(wait)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from the server's rate-limit headers (any response, 429 or not)."""
+        remaining = _number(headers.get("x-rate-limit-remaining"))
+        reset_ms = _number(headers.get("x-rate-limit-reset"))
+        if remaining is not None and remaining <= LOW_REMAINING and reset_ms is not None:
+            self.pause(reset_ms / 1000.0)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request back for ``seconds`` (bounded), e.g. after a 429."""
+        with self._lock:
+            self._not_before = max(self._not_before, self._clock() + clamp_wait(seconds))
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """How long a 429 asks us to wait: ``Retry-After`` (seconds) wins over ``x-rate-limit-reset``
+    (milliseconds until the window resets). None when the response says nothing usable."""
+    retry_after = _number(headers.get("Retry-After"))
+    if retry_after is not None:
+        return clamp_wait(retry_after)
+    reset_ms = _number(headers.get("x-rate-limit-reset"))
+    if reset_ms is not None:
+        return clamp_wait(reset_ms / 1000.0)
+    return None

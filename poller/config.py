@@ -1,0 +1,385 @@
+"""Settings: a frozen, typed object, loaded from defaults < config file < environment < flags.
+
+Every value remembers where it came from, so a bad one is reported with its key and its
+source; all problems are collected and reported at once (``ConfigError``, exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from poller.errors import ConfigError
+from poller.timeutil import parse_instant, utc_now
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str``, logs or exceptions."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ThreatStackSettings:
+    base_url: str = "https://api.threatstack.com"
+    user_id: str = ""
+    org_id: str = ""
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    statuses: tuple[str, ...] = ("active", "dismissed")
+    requests_per_minute: int = 100
+    timeout_seconds: float = 30.0
+    max_attempts: int = 8
+    max_retry_seconds: float = 600.0
+    verify_responses: bool = True
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str = ""
+    prefix: str = ""
+    max_concurrency: int = 16
+    max_attempts: int = 8
+    require_conditional_writes: bool = True
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    interval_seconds: int = 300
+    lookback_seconds: int = 900
+    settle_seconds: int = 60
+    first_run_since: str = "24h"
+    lease_ttl_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "0.0.0.0"  # noqa: S104 - SPEC default; the daemon serves health checks
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "auto"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    threatstack: ThreatStackSettings = field(default_factory=ThreatStackSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+# ---------------------------------------------------------------- value parsers
+# Each takes the raw value (a YAML scalar/list, or an environment string) and returns the
+# typed value or raises ValueError with a short reason.
+
+
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer")
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, (dict, list)):
+        raise ValueError("expected a string")
+    return "" if raw is None else str(raw).strip()
+
+
+def _secret(raw: Any) -> Secret:
+    if isinstance(raw, (dict, list)):
+        raise ValueError("expected a string")
+    return Secret("" if raw is None else str(raw).strip())
+
+
+def _url(raw: Any) -> str:
+    text = _text(raw).rstrip("/")
+    parts = urlparse(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+    return text
+
+
+def _statuses(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    values = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+    if not values:
+        raise ValueError("at least one status is needed")
+    unknown = [v for v in values if v not in ("active", "dismissed")]
+    if unknown:
+        raise ValueError(f"statuses are active and dismissed, got {unknown}")
+    return values
+
+
+def _prefix(raw: Any) -> str:
+    text = _text(raw).strip("/")
+    if text and not re.fullmatch(r"[A-Za-z0-9!_.*'()\-/]+", text):
+        raise ValueError(f"prefix has characters unsafe in an S3 key: {text!r}")
+    if "//" in text or any(part in (".", "..") for part in text.split("/")):
+        raise ValueError(f"prefix has an empty, '.' or '..' segment: {text!r}")
+    return text
+
+
+def _since(raw: Any) -> str:
+    text = _text(raw)
+    parse_instant(text, utc_now())  # raises ValueError with a clear reason
+    return text
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = _text(raw).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return text
+
+    return parse
+
+
+def _level(raw: Any) -> str:
+    return _choice("debug", "info", "warning", "error")(raw).upper()
+
+
+PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "threatstack": {
+        "base_url": _url,
+        "user_id": _text,
+        "org_id": _text,
+        "api_key": _secret,
+        "statuses": _statuses,
+        "requests_per_minute": _int(1, 100_000),
+        "timeout_seconds": _float(0.1, 600),
+        "max_attempts": _int(1, 100),
+        "max_retry_seconds": _float(0, 86_400),
+        "verify_responses": _bool,
+    },
+    "s3": {
+        "bucket": _text,
+        "prefix": _prefix,
+        "max_concurrency": _int(1, 256),
+        "max_attempts": _int(1, 50),
+        "require_conditional_writes": _bool,
+    },
+    "sync": {
+        "interval_seconds": _int(1, 86_400),
+        "lookback_seconds": _int(0, 30 * 86_400),
+        "settle_seconds": _int(0, 86_400),
+        "first_run_since": _since,
+        "lease_ttl_seconds": _int(10, 86_400),
+    },
+    "http": {"host": _text, "port": _int(0, 65_535)},
+    "log": {"format": _choice("auto", "json", "text"), "level": _level},
+}
+
+SECTIONS: dict[str, type] = {
+    "threatstack": ThreatStackSettings,
+    "s3": S3Settings,
+    "sync": SyncSettings,
+    "http": HttpSettings,
+    "log": LogSettings,
+}
+
+# The names the old webhook receiver and the vendor's examples use (SPEC "Configuration").
+LEGACY_ENV: dict[str, tuple[str, str]] = {
+    "THREATSTACK_BASE_URL": ("threatstack", "base_url"),
+    "THREATSTACK_USER_ID": ("threatstack", "user_id"),
+    "THREATSTACK_ORG_ID": ("threatstack", "org_id"),
+    "THREATSTACK_API_KEY": ("threatstack", "api_key"),
+    "TS_AWS_S3_BUCKET": ("s3", "bucket"),
+    "TS_AWS_S3_PREFIX": ("s3", "prefix"),
+}
+FILE_ENV = ("THREATSTACK_USER_ID", "THREATSTACK_ORG_ID", "THREATSTACK_API_KEY")
+
+# What each command needs before it may start.
+REQUIRED_API = (("threatstack", "user_id"), ("threatstack", "org_id"), ("threatstack", "api_key"))
+REQUIRED_S3 = (("s3", "bucket"),)
+
+Key = tuple[str, str]
+
+
+@dataclass
+class _Raw:
+    value: Any
+    source: str
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path | None:
+    """``$POLLER_CONFIG``, else ``./config.yaml`` if it exists, else none."""
+    if environ.get("POLLER_CONFIG"):
+        return Path(environ["POLLER_CONFIG"])
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read it ({exc.strerror or exc})")
+        return
+    except yaml.YAMLError as exc:
+        problems.append(f"config file {path}: not valid YAML ({exc})")
+        return
+    if document is None:
+        return
+    if not isinstance(document, dict):
+        problems.append(f"config file {path}: the top level must be a mapping of sections")
+        return
+    for section, keys in document.items():
+        if section not in PARSERS:
+            problems.append(f"{section}: unknown section (from {path})")
+            continue
+        if keys is None:
+            continue
+        if not isinstance(keys, dict):
+            problems.append(f"{section}: must be a mapping of keys (from {path})")
+            continue
+        for key, value in keys.items():
+            if key not in PARSERS[section]:
+                problems.append(f"{section}.{key}: unknown key (from {path})")
+                continue
+            raw[(section, key)] = _Raw(value, f"config file {path}")
+
+
+def _read_secret_file(name: str, path: str, problems: list[str]) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{name}: cannot read file {path} ({exc.strerror or exc})")
+        return None
+
+
+def _from_environment(
+    environ: Mapping[str, str], raw: dict[Key, _Raw], problems: list[str]
+) -> None:
+    for name, target in LEGACY_ENV.items():
+        file_name = f"{name}_FILE"
+        if name in FILE_ENV and environ.get(file_name):
+            if environ.get(name):
+                problems.append(f"{name} and {file_name} are both set; set only one")
+                continue
+            content = _read_secret_file(file_name, environ[file_name], problems)
+            if content is not None:
+                raw[target] = _Raw(content, f"environment {file_name}")
+        elif name in environ:
+            raw[target] = _Raw(environ[name], f"environment {name}")
+    for name, value in environ.items():
+        if not name.startswith("POLLER_") or "__" not in name:
+            continue
+        section, _, option = name[len("POLLER_") :].lower().partition("__")
+        if section not in PARSERS or option not in PARSERS[section]:
+            problems.append(f"{name}: no such setting {section}.{option}")
+            continue
+        raw[(section, option)] = _Raw(value, f"environment {name}")
+
+
+def load_settings(
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[Key, tuple[Any, str]] | None = None,
+    required: tuple[Key, ...] = (),
+) -> Settings:
+    """Build Settings from every source; raise ConfigError naming each problem found."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    raw: dict[Key, _Raw] = {}
+    if config_path is None:
+        config_path = default_config_path(environ)
+    if config_path is not None:
+        _from_file(config_path, raw, problems)
+    _from_environment(environ, raw, problems)
+    for target, (value, source) in (overrides or {}).items():
+        raw[target] = _Raw(value, source)
+
+    values: dict[str, dict[str, Any]] = {section: {} for section in PARSERS}
+    for (section, option), item in raw.items():
+        try:
+            values[section][option] = PARSERS[section][option](item.value)
+        except ValueError as exc:
+            # Secrets are never echoed back, even when they are what is wrong.
+            reason = "invalid value" if option == "api_key" else str(exc)
+            problems.append(f"{section}.{option}: {reason} (from {item.source})")
+
+    for section, option in required:
+        if not values[section].get(option) and not any(
+            p.startswith(f"{section}.{option}:") for p in problems
+        ):
+            problems.append(f"{section}.{option}: required but not set ({_hint(section, option)})")
+
+    if problems:
+        raise ConfigError(problems)
+    sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+    return Settings(**sections)
+
+
+def _hint(section: str, key: str) -> str:
+    for name, target in LEGACY_ENV.items():
+        if target == (section, key):
+            extra = f" or {name}_FILE" if name in FILE_ENV else ""
+            return f"set {name}{extra}, or {section}.{key} in the config file"
+    return f"set POLLER_{section.upper()}__{key.upper()} or {section}.{key} in the config file"

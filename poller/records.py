@@ -1,0 +1,176 @@
+"""What an alert becomes in the bucket: keys, the full record, the webhook record, quarantine.
+
+Pure functions and values only; no I/O. The bucket layout is SPEC "The archive".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from poller.timeutil import iso_z, parse_alert_time
+
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{4,128}")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every key poller writes, under an optional prefix."""
+
+    prefix: str = ""
+
+    def key(self, *parts: str) -> str:
+        return "/".join(([self.prefix] if self.prefix else []) + list(parts))
+
+    def alert_key(self, alert_id: str) -> str:
+        return self.key("alerts", alert_id[0:2], alert_id[2:4], alert_id)
+
+    def webhook_key(self, alert_id: str, created: datetime) -> str:
+        return self.key("webhooks", created.strftime("%Y/%m/%d/%H/%M"), alert_id)
+
+    def quarantine_key(self, reason: str, digest: str) -> str:
+        return self.key("_poller", "quarantine", reason, digest)
+
+    @property
+    def checkpoint_key(self) -> str:
+        return self.key("_poller", "checkpoint.json")
+
+    @property
+    def lease_key(self) -> str:
+        return self.key("_poller", "lease.json")
+
+    @property
+    def probe_key(self) -> str:
+        return self.key("_poller", "probe")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An alert that can be archived: a safe id and a parseable creation time."""
+
+    id: str
+    created: datetime
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An object from the API that cannot be archived as it is."""
+
+    reason: str
+    detail: str
+    raw: Any
+
+    @property
+    def digest(self) -> str:
+        """Content address: the same bad object always lands on the same key."""
+        canonical = json.dumps(self.raw, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def seen_key(self) -> str:
+        return "q:" + self.digest
+
+
+def classify(raw: Any) -> Alert | Rejected:
+    """Decide whether an object from the API is archivable, and if not, why."""
+    if not isinstance(raw, dict):
+        return Rejected("not_an_object", f"expected a JSON object, got {type(raw).__name__}", raw)
+    alert_id = raw.get("id")
+    if alert_id is None or alert_id == "":
+        return Rejected("missing_id", "the alert has no id", raw)
+    if not isinstance(alert_id, str) or not SAFE_ID.fullmatch(alert_id):
+        return Rejected(
+            "unsafe_id",
+            "the id is not 4 to 128 letters, digits, '-' or '_'",
+            raw,
+        )
+    created_raw = raw.get("createdAt", raw.get("created_at"))
+    try:
+        created = parse_alert_time(created_raw)
+    except (ValueError, OverflowError, OSError):
+        return Rejected("bad_created_at", f"unparseable createdAt: {created_raw!r}"[:200], raw)
+    if not 1970 < created.year < 10_000:
+        return Rejected("bad_created_at", f"createdAt out of range: {created_raw!r}"[:200], raw)
+    return Alert(alert_id, created, raw)
+
+
+def json_body(document: Any) -> bytes:
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")
+
+
+def _severity(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _text(value: Any) -> str | None:
+    """``""`` and null mean the same in v2 payloads (threatstack-api.md §7.11)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
+def webhook_source(raw: dict[str, Any]) -> str:
+    """The webhook's ``source``: ``CloudTrail`` for CloudTrail alerts, ``Host`` for agent ones.
+
+    Other data sources (Kubernetes, ThreatIntel, ...) keep their own name, title-cased as the
+    rule types spell them, since the webhook documentation lists only the two values.
+    """
+    source = (_text(raw.get("dataSource")) or _text(raw.get("source")) or "").strip()
+    lowered = source.lower()
+    if lowered in ("cloudtrail", "aws", "aws_cloudtrail"):
+        return "CloudTrail"
+    if lowered in ("", "host", "agent", "file", "winsec"):
+        return "Host"
+    return source[:1].upper() + source[1:]
+
+
+def webhook_server_or_region(raw: dict[str, Any], source: str) -> str | None:
+    """The server name for host alerts, the region for CloudTrail, as far as the alert says."""
+    candidates: tuple[str, ...]
+    if source == "CloudTrail":
+        candidates = ("region", "awsRegion", "serverOrRegion", "server_or_region")
+    else:
+        candidates = ("serverOrRegion", "server_or_region", "hostname", "serverName", "agentId")
+    for name in candidates:
+        value = _text(raw.get(name))
+        if value is not None:
+            return value
+    return None
+
+
+def webhook_record(alert: Alert, organization_id: str) -> dict[str, Any]:
+    """The alert in the format Threat Stack's webhook pushes (SPEC "The archive")."""
+    source = webhook_source(alert.raw)
+    return {
+        "id": alert.id,
+        "title": _text(alert.raw.get("title")),
+        "created_at": (alert.created - EPOCH) // timedelta(milliseconds=1),
+        "severity": _severity(alert.raw.get("severity")),
+        "organization_id": organization_id,
+        "server_or_region": webhook_server_or_region(alert.raw, source),
+        "source": source,
+    }
+
+
+def quarantine_record(rejected: Rejected, status: str, seen_at: datetime) -> dict[str, Any]:
+    return {
+        "reason": rejected.reason,
+        "detail": rejected.detail,
+        "status": status,
+        "seen_at": iso_z(seen_at),
+        "raw": rejected.raw,
+    }

@@ -1,0 +1,402 @@
+"""The simulator's HTTP server (stdlib ``ThreadingHTTPServer``, loopback only)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import mohawk
+import mohawk.exc
+
+from poller.simulator.alerts import AlertFactory, SimAlert
+from poller.timeutil import Clock, utc_now
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+FAULT_KINDS = ("429", "500", "502", "503", "slow", "drop", "truncate", "bad_json")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user_id: str = "5f1e00000000000000000001"
+    org_id: str = "5f1e000000000000000000aa"
+    api_key: str = "simulator-api-key-0123456789abcdef"  # a test value, not a secret
+
+
+@dataclass
+class Faults:
+    """Faults, each with the share of requests it hits (0..1). Mutable while running."""
+
+    rate: dict[str, float] = field(default_factory=dict)  # kind -> share, kinds: FAULT_KINDS
+    slow_seconds: float = 3.0
+    duplicates_across_pages: bool = False
+    shuffle_pages: bool = False
+    org_limit_per_minute: int | None = None  # the vendor's org-wide limit, e.g. 200
+
+    @classmethod
+    def spread(cls, total: float, **extra: Any) -> Faults:
+        """``total`` share of requests failing, split evenly over every fault kind."""
+        return cls(rate={kind: total / len(FAULT_KINDS) for kind in FAULT_KINDS}, **extra)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    at: float  # time.time() when the request arrived
+    path: str
+    status: int
+
+
+def _parse_time(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+class Simulator:
+    def __init__(
+        self,
+        *,
+        seed: int = 1,
+        clock: Clock = utc_now,
+        credentials: Credentials | None = None,
+        faults: Faults | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.factory = AlertFactory(seed)
+        self.clock = clock
+        self.credentials = credentials or Credentials()
+        self.faults = faults or Faults()
+        self.page_size = page_size
+        self._fault_rng = random.Random(seed + 1)
+        self._alerts: list[SimAlert] = []
+        self._by_id: dict[str, SimAlert] = {}
+        self._lock = threading.Lock()
+        self._nonces: set[tuple[str, str, str]] = set()
+        self._arrivals: deque[float] = deque()
+        self.requests: list[RequestRecord] = []
+        self._server = ThreadingHTTPServer((host, port), _Handler)
+        self._server.daemon_threads = True
+        self._server.simulator = self  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Simulator:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="threatstack-simulator"
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def environment(self) -> dict[str, str]:
+        """The SPEC environment names that point poller at this simulator."""
+        return {
+            "THREATSTACK_BASE_URL": self.base_url,
+            "THREATSTACK_USER_ID": self.credentials.user_id,
+            "THREATSTACK_ORG_ID": self.credentials.org_id,
+            "THREATSTACK_API_KEY": self.credentials.api_key,
+        }
+
+    # ------------------------------------------------------------------ data
+    def add(
+        self,
+        doc: Any,
+        created: datetime,
+        status: str = "active",
+        visible_at: datetime | None = None,
+    ) -> SimAlert:
+        alert = SimAlert(doc, created, status, visible_at or created)
+        with self._lock:
+            self._alerts.append(alert)
+            if isinstance(alert.id, str):
+                self._by_id.setdefault(alert.id, alert)
+        return alert
+
+    def generate(
+        self, count: int, start: datetime, end: datetime, dismissed_fraction: float = 0.3
+    ) -> list[SimAlert]:
+        return [
+            self.add(doc, created, status)
+            for doc, created, status in self.factory.spread(count, start, end, dismissed_fraction)
+        ]
+
+    def add_malformed(self, kind: str, created: datetime, status: str = "active") -> SimAlert:
+        return self.add(self.factory.malformed(kind, created), created, status)
+
+    @property
+    def alerts(self) -> list[SimAlert]:
+        with self._lock:
+            return list(self._alerts)
+
+    def request_count(self, path_prefix: str = "") -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if r.path.startswith(path_prefix))
+
+    def max_requests_in_any_window(self, seconds: float = 60.0) -> int:
+        """The most requests that arrived within any ``seconds``-long window."""
+        with self._lock:
+            times = sorted(r.at for r in self.requests)
+        best, start = 0, 0
+        for end, moment in enumerate(times):
+            while moment - times[start] >= seconds:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    def _matching(
+        self, status: str, since: datetime | None, until: datetime | None
+    ) -> list[SimAlert]:
+        now = self.clock()
+        with self._lock:
+            found = [
+                a
+                for a in self._alerts
+                if a.status == status
+                and a.visible_at <= now
+                and (since is None or a.created >= since)
+                and (until is None or a.created < until)
+            ]
+        # Newest first; the API documents no order, so clients must not rely on this one.
+        found.sort(key=lambda a: (a.created, str(a.id)), reverse=True)
+        return found
+
+    # ------------------------------------------------------------------ faults
+    def _roll_fault(self) -> str | None:
+        with self._lock:
+            roll = self._fault_rng.random()
+        edge = 0.0
+        for kind in FAULT_KINDS:
+            edge += self.faults.rate.get(kind, 0.0)
+            if roll < edge:
+                return kind
+        return None
+
+    def _over_org_limit(self, now: float) -> float | None:
+        """Seconds until a slot frees when the org-wide limit is exhausted, else None."""
+        limit = self.faults.org_limit_per_minute
+        with self._lock:
+            while self._arrivals and self._arrivals[0] <= now - 60:
+                self._arrivals.popleft()
+            if limit is not None and len(self._arrivals) >= limit:
+                return self._arrivals[0] + 60 - now
+            self._arrivals.append(now)
+        return None
+
+    def _record(self, at: float, path: str, status: int) -> None:
+        with self._lock:
+            self.requests.append(RequestRecord(at, path, status))
+
+    def _seen_nonce(self, sender_id: str, nonce: str, ts: str) -> bool:
+        key = (sender_id, nonce, ts)
+        with self._lock:
+            if key in self._nonces:
+                return True
+            self._nonces.add(key)
+            return False
+
+    def _lookup(self, sender_id: str) -> dict[str, str]:
+        if sender_id != self.credentials.user_id:
+            raise LookupError(sender_id)
+        return {"id": sender_id, "key": self.credentials.api_key, "algorithm": "sha256"}
+
+    def _route(self, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        parts = [p for p in path.split("/") if p]
+        if parts == ["help", "hawk", "self-test"]:
+            return 200, {"authenticated": True}
+        if parts == ["v2", "alerts"]:
+            return self._list(query)
+        if len(parts) >= 3 and parts[:2] == ["v2", "alerts"]:
+            alert = self._by_id.get(parts[2])
+            if alert is None or alert.visible_at > self.clock():
+                return 404, {"errors": ["alert not found"]}
+            if len(parts) == 3:
+                return 200, alert.doc
+            if len(parts) == 4 and parts[3] == "events":
+                return 200, {
+                    "events": [
+                        {
+                            "_id": f"{parts[2]}e{i}",
+                            "type": "audit",
+                            "timestamp": alert.doc.get("createdAt"),
+                        }
+                        for i in range(2)
+                    ]
+                }
+        if len(parts) == 3 and parts[:2] == ["v2", "agents"]:
+            if parts[2] in self.factory.hostnames:
+                return 200, {
+                    "id": parts[2],
+                    "hostname": self.factory.hostnames[parts[2]],
+                    "status": "online",
+                }
+            return 404, {"errors": ["agent not found"]}
+        return 404, {"errors": [f"no route for {path}"]}
+
+    def _list(self, query: dict[str, list[str]]) -> tuple[int, Any]:
+        status = (query.get("status") or [""])[0]
+        if status not in ("active", "dismissed"):
+            return 400, {"errors": ["status is required: active or dismissed"]}
+        try:
+            since = _parse_time(query["from"][0]) if "from" in query else None
+            until = _parse_time(query["until"][0]) if "until" in query else None
+        except ValueError:
+            return 400, {"errors": ["from and until must be ISO-8601"]}
+        offset = 0
+        if "token" in query:
+            try:
+                offset = int(base64.b64decode(query["token"][0], validate=True).split(b":")[0])
+            except ValueError:
+                return 400, {"errors": ["invalid token"]}
+        found = self._matching(status, since, until)
+        page = found[offset : offset + self.page_size]
+        docs = [a.doc for a in page]
+        if self.faults.duplicates_across_pages and offset >= self.page_size:
+            docs = [a.doc for a in found[offset - 3 : offset]] + docs
+        if self.faults.shuffle_pages:
+            with self._lock:
+                self._fault_rng.shuffle(docs)
+        next_offset = offset + self.page_size
+        token = None
+        if next_offset < len(found):
+            # Standard base64 has '+', '/' and '=': clients must URL-encode it.
+            token = base64.b64encode(f"{next_offset}:~{next_offset * 7919}".encode()).decode()
+        return 200, {"alerts": docs, "token": token}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "ThreatStackSimulator/1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        log.debug("simulator " + format, *args)
+
+    @property
+    def sim(self) -> Simulator:
+        return self.server.simulator  # type: ignore[attr-defined,no-any-return]
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        sim = self.sim
+        arrived = time.time()
+        url = f"http://{self.headers.get('Host', '')}{self.path}"
+        split = urlsplit(self.path)
+        status = self._serve(sim, arrived, url, split.path, parse_qs(split.query))
+        sim._record(arrived, split.path, status)
+
+    def _serve(
+        self, sim: Simulator, arrived: float, url: str, path: str, query: dict[str, list[str]]
+    ) -> int:
+        wait = sim._over_org_limit(arrived)
+        if wait is not None:
+            self._send(
+                429,
+                b"Too Many Requests",
+                "text/plain",
+                {"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(int(wait * 1000) + 1)},
+            )
+            return 429
+        try:
+            receiver = mohawk.Receiver(
+                sim._lookup,
+                self.headers.get("Authorization"),
+                url,
+                "GET",
+                content="",
+                content_type="",
+                seen_nonce=sim._seen_nonce,
+            )
+        except (mohawk.exc.HawkFail, LookupError) as exc:
+            extra = {}
+            if isinstance(exc, mohawk.exc.TokenExpired):
+                extra["WWW-Authenticate"] = exc.www_authenticate
+            self._send(
+                401,
+                json.dumps({"errors": [f"Unauthorized: {type(exc).__name__}"]}).encode(),
+                headers=extra,
+            )
+            return 401
+        if receiver.parsed_header.get("ext") != sim.credentials.org_id:
+            self._send(401, b'{"errors": ["Unauthorized: unknown organization"]}')
+            return 401
+
+        fault = sim._roll_fault()
+        if fault == "429":
+            self._send(
+                429,
+                b"Too Many Requests",
+                "text/plain",
+                {"x-rate-limit-remaining": "0", "x-rate-limit-reset": "1000"},
+            )
+            return 429
+        if fault in ("500", "502", "503"):
+            self._send(int(fault), b"<html><body>upstream error</body></html>", "text/html")
+            return int(fault)
+        if fault == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return 0
+        if fault == "slow":
+            time.sleep(sim.faults.slow_seconds)
+
+        status, document = sim._route(path, query)
+        body = json.dumps(document).encode()
+        headers = {"x-rate-limit-remaining": "150", "x-rate-limit-reset": "30000"}
+        if status == 200:
+            headers["Server-Authorization"] = receiver.respond(
+                content=body, content_type="application/json"
+            )
+        if fault == "truncate":
+            self._send(status, body[: len(body) // 2], headers=headers, length=len(body))
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return status
+        if fault == "bad_json":
+            # A 200 whose body is cut short but whose length agrees: only parsing sees it.
+            body = body[: len(body) // 2]
+            headers["Server-Authorization"] = receiver.respond(
+                content=body, content_type="application/json"
+            )
+        self._send(status, body, headers=headers)
+        return status

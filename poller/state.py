@@ -1,0 +1,285 @@
+"""The checkpoint (compare-and-swap on its ETag) and the single-writer lease.
+
+Checkpoint document, ``P/_poller/checkpoint.json`` (version 1)::
+
+    {"version": 1,
+     "watermark": "2026-11-25T12:00:00Z",      # every alert created before it is archived
+     "seen": {"<alert id>": 1764072000, ...},   # ids archived inside the lookback, with
+                                                # their creation time (unix seconds)
+     "updated_at": "...", "updated_by": "<run id>", "mode": "sync"}
+
+Lease document, ``P/_poller/lease.json`` (version 1)::
+
+    {"version": 1, "run_id": "...", "mode": "sync", "host": "...", "pid": 123,
+     "acquired_at": "...", "renewed_at": "...", "ttl_seconds": 120, "expires_at": "..."}
+
+Whether a lease is stale is judged by S3's clock only: the age of the object is the
+``Date`` of the read minus its ``Last-Modified``, both stamped by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
+from poller.records import Layout
+from poller.store import ObjectStore, PreconditionFailed, StoredObject
+from poller.timeutil import Clock, iso_z
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+LEASE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    watermark: datetime | None = None
+    seen: dict[str, int] = field(default_factory=dict)
+    etag: str | None = None  # of the stored object this was read from; None: there is none
+    document: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_checkpoint(stored: StoredObject, key: str) -> Checkpoint:
+    try:
+        document = json.loads(stored.body)
+        version = document["version"]
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise FatalError(
+                f"checkpoint {key} has version {version!r}; this poller reads version"
+                f" {CHECKPOINT_VERSION} (was it written by a newer poller?)"
+            )
+        watermark_text = document.get("watermark")
+        watermark = (
+            datetime.fromisoformat(watermark_text.replace("Z", "+00:00")).astimezone(UTC)
+            if watermark_text
+            else None
+        )
+        seen = {str(k): int(v) for k, v in (document.get("seen") or {}).items()}
+    except FatalError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Never guess: starting over could re-read a year; stopping loses nothing.
+        raise FatalError(
+            f"checkpoint {key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
+            " to restart from sync.first_run_since"
+        ) from exc
+    return Checkpoint(watermark, seen, stored.etag, document)
+
+
+class CheckpointStore:
+    def __init__(self, store: ObjectStore, layout: Layout) -> None:
+        self._store = store
+        self._key = layout.checkpoint_key
+
+    def load(self) -> Checkpoint:
+        stored = self._store.get(self._key)
+        return Checkpoint() if stored is None else _parse_checkpoint(stored, self._key)
+
+    def commit(
+        self,
+        previous: Checkpoint,
+        watermark: datetime,
+        seen: dict[str, int],
+        run_id: str,
+        mode: str,
+        now: datetime,
+    ) -> Checkpoint:
+        """Replace ``previous`` if and only if it is still what is stored; never go backwards."""
+        if previous.watermark is not None and watermark < previous.watermark:
+            watermark = previous.watermark
+        document = {
+            "version": CHECKPOINT_VERSION,
+            "watermark": iso_z(watermark),
+            "seen": seen,
+            "updated_at": iso_z(now),
+            "updated_by": run_id,
+            "mode": mode,
+        }
+        body = json.dumps(document, sort_keys=True).encode("utf-8")
+        try:
+            if previous.etag is None:
+                etag = self._store.put(self._key, body, if_none_match=True)
+            else:
+                etag = self._store.put(self._key, body, if_match=previous.etag)
+        except PreconditionFailed as exc:
+            raise CheckpointConflict(
+                f"the checkpoint {self._key} changed while this run worked: another writer"
+                " moved it, so this run leaves it alone"
+            ) from exc
+        return Checkpoint(watermark, seen, etag, document)
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What ``poller status`` shows about the lease."""
+
+    document: dict[str, Any]
+    age_seconds: float
+    stale: bool
+
+
+class Lease:
+    """A lease on the prefix, taken with a create-only write and renewed under its ETag."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        ttl_seconds: int,
+        holder: dict[str, Any],
+        clock: Clock,
+        require_conditional_writes: bool = True,
+    ) -> None:
+        self._store = store
+        self._key = layout.lease_key
+        self._ttl = ttl_seconds
+        self._holder = dict(holder)
+        self._clock = clock
+        self._require_conditions = require_conditional_writes
+        self._etag: str | None = None
+        self._acquired_at: datetime | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        return self._etag is not None
+
+    def _body(self) -> bytes:
+        now = self._clock()
+        document = {
+            "version": LEASE_VERSION,
+            **self._holder,
+            "acquired_at": iso_z(self._acquired_at or now),
+            "renewed_at": iso_z(now),
+            "ttl_seconds": self._ttl,
+            "expires_at": iso_z(now + timedelta(seconds=self._ttl)),
+        }
+        return json.dumps(document, sort_keys=True).encode("utf-8")
+
+    def inspect(self) -> LeaseInfo | None:
+        stored = self._store.get(self._key)
+        return None if stored is None else self._info(stored)
+
+    def _info(self, stored: StoredObject) -> LeaseInfo:
+        try:
+            document = json.loads(stored.body)
+            if not isinstance(document, dict):
+                document = {"unreadable": True}
+        except ValueError:
+            document = {"unreadable": True}
+        age = (stored.server_time - stored.last_modified).total_seconds()
+        return LeaseInfo(document, age, age > self._ttl)
+
+    def acquire(self) -> None:
+        """Take the lease, or take over a stale one; raise LeaseHeld when another holds it."""
+        for _ in range(3):  # the lease may vanish between our write and our read
+            self._acquired_at = self._clock()
+            try:
+                self._etag = self._store.put(self._key, self._body(), if_none_match=True)
+            except PreconditionFailed:
+                pass
+            else:
+                self._check_conditions_honoured()
+                return
+            stored = self._store.get(self._key)
+            if stored is None:
+                continue
+            info = self._info(stored)
+            if not info.stale:
+                holder = info.document
+                raise LeaseHeld(
+                    f"another run holds the lease: run {holder.get('run_id')}"
+                    f" ({holder.get('mode')}) on {holder.get('host')} pid {holder.get('pid')},"
+                    " renewed"
+                    f" {info.age_seconds:.0f}s ago (ttl {self._ttl}s)"
+                )
+            try:
+                self._etag = self._store.put(self._key, self._body(), if_match=stored.etag)
+            except PreconditionFailed:
+                raise LeaseHeld("another run took over the stale lease first") from None
+            log.warning(
+                "lease.taken_over",
+                extra={"fields": {"previous": info.document, "age_s": round(info.age_seconds)}},
+            )
+            return
+        raise LeaseHeld("the lease keeps changing hands; giving up this time")
+
+    def _check_conditions_honoured(self) -> None:
+        """A second create-only write of the lease must fail; if it does not, the store
+        ignores conditional writes and nothing here is safe."""
+        try:
+            self._etag = self._store.put(self._key, self._body(), if_none_match=True)
+        except PreconditionFailed:
+            return
+        message = (
+            "this S3 store ignores conditional writes (If-None-Match): the lease and the"
+            " checkpoint cannot protect against concurrent runs"
+        )
+        if self._require_conditions:
+            self.release()
+            raise UnguardedStore(
+                message + "; set s3.require_conditional_writes=false to run anyway"
+            )
+        log.warning("store.unguarded", extra={"fields": {"message": message}})
+
+    def renew(self) -> None:
+        """Extend the lease; raise LeaseLost when it is no longer ours."""
+        with self._lock:
+            if self._etag is None:
+                raise LeaseLost("this run does not hold the lease")
+            try:
+                self._etag = self._store.put(self._key, self._body(), if_match=self._etag)
+            except PreconditionFailed as exc:
+                self._etag = None
+                raise LeaseLost(
+                    "this run's lease was taken over by another run; it stops without"
+                    " writing the checkpoint"
+                ) from exc
+
+    def release(self) -> None:
+        with self._lock:
+            etag, self._etag = self._etag, None
+        if etag is None:
+            return
+        try:
+            self._store.delete(self._key, if_match=etag)
+        except PreconditionFailed:
+            pass  # someone else holds it now: theirs to release
+        except Exception as exc:  # noqa: BLE001 - releasing is best effort; the ttl covers it
+            log.warning("lease.release_failed", extra={"fields": {"error": str(exc)}})
+
+
+class LeaseKeeper:
+    """Renews a held lease in the background every ttl/3 until stopped or lost."""
+
+    def __init__(self, lease: Lease, ttl_seconds: int) -> None:
+        self._lease = lease
+        self._interval = max(ttl_seconds / 3.0, 1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self.lost: LeaseLost | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._lease.renew()
+            except LeaseLost as exc:
+                self.lost = exc
+                log.error("lease.lost", extra={"fields": {"error": str(exc)}})
+                return
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next tick
+                log.warning("lease.renew_failed", extra={"fields": {"error": str(exc)}})

@@ -1,0 +1,256 @@
+"""Object storage with conditional writes: the four primitives archive and state rest on.
+
+``S3ObjectStore`` is the real one (boto3); ``MemoryObjectStore`` is the in-memory fake the
+contract tests hold to the same behaviour. botocore errors are classified in exactly one
+place, ``classify_s3_error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import botocore.exceptions
+
+from poller.errors import ArchiveAccessError, ArchiveUnavailable, FatalError, PollerError
+from poller.timeutil import Clock, utc_now
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete lost: the object is not in the state we required."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    body: bytes
+    etag: str
+    last_modified: datetime
+    # The server's clock when it answered (the ``Date`` header): with ``last_modified``
+    # it tells an object's age without trusting the local clock.
+    server_time: datetime
+
+
+class ObjectStore(Protocol):
+    def get(self, key: str) -> StoredObject | None:
+        """The object, or None when there is none."""
+
+    def put(
+        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write; return the new ETag. Raise PreconditionFailed when a condition does not hold."""
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete (missing is fine). Raise PreconditionFailed when ``if_match`` does not hold."""
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``."""
+
+
+_ACCESS_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "NoSuchBucket",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",
+    "OperationAborted",
+}
+
+
+def classify_s3_error(exc: Exception, what: str) -> PollerError:
+    """The one place a botocore error becomes a poller error."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _ACCESS_CODES or status in (301, 403):
+            hint = " (the bucket does not exist)" if code == "NoSuchBucket" else ""
+            return ArchiveAccessError(f"S3 refused {what}: {code or status}{hint}")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 409:
+            return ArchiveUnavailable(f"S3 failed {what}: {code or status}")
+        return FatalError(f"S3 rejected {what}: {code or status}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return ArchiveAccessError(f"no AWS credentials found for {what}")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        # Connection errors, timeouts, bodies cut short: botocore already retried them.
+        return ArchiveUnavailable(f"S3 unreachable for {what}: {type(exc).__name__}")
+    raise exc
+
+
+def _is_precondition_failure(exc: botocore.exceptions.ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412") or status == 412
+
+
+def _server_time(response: dict[str, Any]) -> datetime:
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        try:
+            return parsedate_to_datetime(date).astimezone(UTC)
+        except (TypeError, ValueError):
+            pass
+    return utc_now()
+
+
+class S3ObjectStore:
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client = client
+        self.bucket = bucket
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore(bucket={self.bucket!r})"
+
+    def get(self, key: str) -> StoredObject | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        return StoredObject(
+            body=body,
+            etag=response["ETag"],
+            last_modified=response["LastModified"].astimezone(UTC),
+            server_time=_server_time(response),
+        )
+
+    def put(
+        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        conditions: dict[str, str] = {}
+        if if_none_match:
+            conditions["IfNoneMatch"] = "*"
+        if if_match is not None:
+            conditions["IfMatch"] = if_match
+        try:
+            response = self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/json",
+                **conditions,
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _is_precondition_failure(exc):
+                raise PreconditionFailed(key) from exc
+            if if_match is not None and exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                raise PreconditionFailed(key) from exc
+            raise classify_s3_error(exc, f"writing {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"writing {key}") from exc
+        return str(response["ETag"])
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        extra = {"IfMatch": if_match} if if_match is not None else {}
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key, **extra)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
+                return
+            if _is_precondition_failure(exc):
+                raise PreconditionFailed(key) from exc
+            raise classify_s3_error(exc, f"deleting {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"deleting {key}") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise classify_s3_error(exc, f"listing {prefix}") from exc
+        return keys
+
+
+class MemoryObjectStore:
+    """An in-memory store with S3's conditional-write semantics (for tests and fakes)."""
+
+    def __init__(self, clock: Clock = utc_now) -> None:
+        self._clock = clock
+        self._objects: dict[str, StoredObject] = {}
+        self._lock = threading.Lock()
+        self.requests = 0
+        self._version = 0
+        self.ignore_conditions = False  # behave like a store that drops the headers
+
+    def get(self, key: str) -> StoredObject | None:
+        with self._lock:
+            self.requests += 1
+            found = self._objects.get(key)
+            if found is None:
+                return None
+            return StoredObject(found.body, found.etag, found.last_modified, self._clock())
+
+    def put(
+        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        with self._lock:
+            self.requests += 1
+            current = self._objects.get(key)
+            if not self.ignore_conditions:
+                if if_none_match and current is not None:
+                    raise PreconditionFailed(key)
+                if if_match is not None and (current is None or current.etag != if_match):
+                    raise PreconditionFailed(key)
+            now = self._clock()
+            self._version += 1
+            digest = hashlib.md5(body + str(self._version).encode(), usedforsecurity=False)
+            etag = f'"{digest.hexdigest()}"'
+            self._objects[key] = StoredObject(body, etag, now.replace(microsecond=0), now)
+            return etag
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        with self._lock:
+            self.requests += 1
+            current = self._objects.get(key)
+            if current is None:
+                return
+            if if_match is not None and current.etag != if_match and not self.ignore_conditions:
+                raise PreconditionFailed(key)
+            del self._objects[key]
+
+    def list_keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            self.requests += 1
+            return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def snapshot(self) -> dict[str, bytes]:
+        with self._lock:
+            return {key: obj.body for key, obj in self._objects.items()}
+
+
+def count_requests(client: Any) -> Callable[[], int]:
+    """Count every HTTP request a boto3 client sends (retries included); returns a reader."""
+    sent = [0]
+    lock = threading.Lock()
+
+    def on_send(**_: Any) -> None:
+        with lock:
+            sent[0] += 1
+
+    client.meta.events.register("before-send.s3", on_send)
+    return lambda: sent[0]

@@ -1,0 +1,254 @@
+"""One incremental cycle: read the window, archive what is new, then commit the checkpoint.
+
+The cycle reads the clock once. Its window is ``[watermark - lookback, now - settle)`` (the
+first cycle starts at ``sync.first_run_since``). Alerts whose id is in the checkpoint's
+``seen`` set were archived by an earlier cycle and cost no S3 request; the rest are written
+create-only, ``s3.max_concurrency`` at a time. Only when every alert of the window is
+archived or quarantined, and the lease is still ours, is the checkpoint moved forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from poller.archive import Archive, Outcome
+from poller.errors import LeaseLost
+from poller.records import Alert, Rejected, classify
+from poller.state import Checkpoint, CheckpointStore, Lease
+from poller.timeutil import Clock, floor_second, iso_z, parse_instant
+
+log = logging.getLogger(__name__)
+
+
+class AlertSource(Protocol):
+    requests_sent: int
+
+    def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
+        """Pages of raw alert objects for one status, created in [since, until)."""
+
+
+@dataclass(frozen=True)
+class CycleSettings:
+    statuses: tuple[str, ...]
+    lookback: timedelta
+    settle: timedelta
+    first_run_since: str
+    max_concurrency: int
+
+
+@dataclass
+class Summary:
+    """The JSON object ``sync`` prints last on stdout."""
+
+    mode: str
+    run_id: str
+    listed: int = 0
+    archived: int = 0
+    already_archived: int = 0
+    quarantined: int = 0
+    api_requests: int = 0
+    s3_requests: int = 0
+    window: dict[str, str | None] = field(default_factory=lambda: {"from": None, "until": None})
+    watermark: str | None = None
+    duration_s: float = 0.0
+    ok: bool = True
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def cycle_window(
+    checkpoint: Checkpoint, now: datetime, settings: CycleSettings
+) -> tuple[datetime, datetime]:
+    """``[watermark - lookback, now - settle)`` in whole seconds; empty when from >= until."""
+    until = floor_second(now - settings.settle)
+    if checkpoint.watermark is None:
+        since = floor_second(parse_instant(settings.first_run_since, now))
+    else:
+        since = floor_second(checkpoint.watermark - settings.lookback)
+    return since, until
+
+
+def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -> dict[str, int]:
+    """Keep the ids the next cycle can read again: created at or after its window start."""
+    horizon = int((watermark - lookback).timestamp())
+    return {key: created for key, created in seen.items() if created >= horizon}
+
+
+class BoundedWriter:
+    """Runs archive writes on a thread pool with a bounded queue; the first error wins."""
+
+    def __init__(self, concurrency: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-write")
+        self._slots = threading.BoundedSemaphore(concurrency * 2)
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+
+    def submit(self, task: Callable[[], Outcome]) -> None:
+        self.raise_error()
+        self._slots.acquire()
+        future = self._pool.submit(task)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[Outcome]) -> None:
+        with self._lock:
+            error = future.exception()
+            if error is not None:
+                self._error = self._error or error
+            else:
+                self.outcomes[future.result()] += 1
+        self._slots.release()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=self._error is not None)
+        self.raise_error()
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Cycle:
+    """Everything one cycle touches, given from outside (see ``poller.app``)."""
+
+    def __init__(
+        self,
+        source: AlertSource,
+        archive: Archive,
+        checkpoints: CheckpointStore,
+        lease: Lease,
+        settings: CycleSettings,
+        clock: Clock,
+        s3_requests: Callable[[], int],
+        run_id: str,
+        mode: str = "sync",
+    ) -> None:
+        self.source = source
+        self.archive = archive
+        self.checkpoints = checkpoints
+        self.lease = lease
+        self.settings = settings
+        self.clock = clock
+        self.s3_requests = s3_requests
+        self.run_id = run_id
+        self.mode = mode
+        self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
+
+    def run(self, summary: Summary | None = None) -> Summary:
+        """One cycle under a lease the caller holds, filling ``summary`` as it goes.
+        Raises on failure, and then nothing is committed."""
+        started = time.monotonic()
+        api_before, s3_before = self.source.requests_sent, self.s3_requests()
+        summary = summary or Summary(mode=self.mode, run_id=self.run_id)
+        try:
+            self._run(summary)
+        finally:
+            summary.api_requests = self.source.requests_sent - api_before
+            summary.s3_requests = self.s3_requests() - s3_before
+            summary.duration_s = round(time.monotonic() - started, 3)
+        return summary
+
+    def _run(self, summary: Summary) -> None:
+        now = self.clock()
+        checkpoint = self.checkpoints.load()
+        since, until = cycle_window(checkpoint, now, self.settings)
+        summary.window = {"from": iso_z(since), "until": iso_z(until)}
+        log.info("cycle.start", extra={"fields": {"window": summary.window}})
+        seen_now: dict[str, int] = {}
+        if since < until:
+            seen_now = self._archive_window(checkpoint, since, until, now, summary)
+        watermark = max(until, checkpoint.watermark) if checkpoint.watermark else until
+        seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
+        self._fence()
+        committed = self.checkpoints.commit(
+            checkpoint, watermark, seen, self.run_id, self.mode, now
+        )
+        summary.watermark = iso_z(committed.watermark) if committed.watermark else None
+        log.info("cycle.committed", extra={"fields": {"watermark": summary.watermark}})
+
+    def _fence(self) -> None:
+        """Prove the lease is still ours right before writing state (a paused process that
+        lost it must not commit)."""
+        lost = self.lease_lost()
+        if lost is not None:
+            raise lost
+        self.lease.renew()
+
+    def _archive_window(
+        self,
+        checkpoint: Checkpoint,
+        since: datetime,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+    ) -> dict[str, int]:
+        seen_now: dict[str, int] = {}
+        writer = BoundedWriter(self.settings.max_concurrency)
+        try:
+            for status in self.settings.statuses:
+                for page in self.source.list_alerts(status, since, until):
+                    for raw in page:
+                        self._take(raw, status, checkpoint, seen_now, writer, until, now, summary)
+                    log.info(
+                        "page.read",
+                        extra={
+                            "fields": {
+                                "status": status,
+                                "alerts": len(page),
+                                "listed": summary.listed,
+                            }
+                        },
+                    )
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            summary.archived = writer.outcomes[Outcome.ARCHIVED]
+            summary.already_archived += writer.outcomes[Outcome.ALREADY_ARCHIVED]
+            summary.quarantined = writer.outcomes[Outcome.QUARANTINED]
+        return seen_now
+
+    def _take(
+        self,
+        raw: Any,
+        status: str,
+        checkpoint: Checkpoint,
+        seen_now: dict[str, int],
+        writer: BoundedWriter,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+    ) -> None:
+        item = classify(raw)
+        if isinstance(item, Alert):
+            key, created = item.id, int(item.created.timestamp())
+        else:
+            key, created = item.seen_key, int(until.timestamp())
+        if key in seen_now:
+            return  # the same alert again: on another page, or in the other status list
+        seen_now[key] = created
+        summary.listed += 1
+        if key in checkpoint.seen:
+            summary.already_archived += 1
+            return
+        if isinstance(item, Rejected):
+            log.warning(
+                "alert.quarantined",
+                extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
+            )
+            writer.submit(lambda: self.archive.quarantine(item, status, now))
+        else:
+            writer.submit(lambda: self.archive.store_alert(item))

@@ -1,0 +1,217 @@
+"""The Threat Stack v2 API client: Hawk auth, token paging, classification of every response.
+
+Facts this rests on are in ``../shared/threatstack-api.md``: §1 (Hawk: id = user id,
+key = API key, sha256, org id in ``ext``; sign exactly the URL sent), §2 (``/v2/alerts``
+paging with ``token``; ``null`` or ``""`` ends), §4 (429 bodies are not JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import mohawk
+import mohawk.exc
+import requests
+
+from poller import __version__
+from poller.budget import RequestBudget, retry_after_seconds
+from poller.config import ThreatStackSettings
+from poller.errors import (
+    ApiAuthError,
+    ApiRequestError,
+    ApiUnavailable,
+    MalformedResponse,
+    PagingLoop,
+    PollerError,
+    RateLimited,
+)
+from poller.retrying import RetryPolicy
+from poller.timeutil import api_format
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"poller/{__version__} (+threatstack-archiver)"
+Validator = Callable[[Any], None]
+
+
+def _server_errors(response: requests.Response) -> str:
+    """The ``{"errors": [...]}`` text of a v2 error body, if there is one (never raises)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict):
+        errors = body.get("errors") or body.get("message")
+        if isinstance(errors, list):
+            return "; ".join(str(e) for e in errors)[:300]
+        if isinstance(errors, str):
+            return errors[:300]
+    return ""
+
+
+def classify_response(response: requests.Response) -> PollerError | None:
+    """The one place an HTTP status becomes an error (None for success)."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    if status == 429:
+        # The body of a 429 is not JSON (threatstack-api.md §4.1.4): only headers are read.
+        return RateLimited(
+            "Threat Stack rate limit hit (429)", retry_after_seconds(response.headers)
+        )
+    if status >= 500:
+        return ApiUnavailable(f"Threat Stack answered {status}")
+    detail = _server_errors(response)
+    suffix = f": {detail}" if detail else ""
+    if status == 401:
+        skew = (
+            " The server reports a clock difference."
+            if "ts=" in response.headers.get("WWW-Authenticate", "")
+            else ""
+        )
+        return ApiAuthError(
+            "Threat Stack rejected the Hawk credentials (401)"
+            f"{suffix}. Check THREATSTACK_USER_ID, THREATSTACK_ORG_ID and THREATSTACK_API_KEY,"
+            f" and that this machine's clock is right (Hawk allows about 60 s).{skew}"
+        )
+    if status == 403:
+        return ApiAuthError(
+            f"Threat Stack refused access (403){suffix}: the API key's user lacks permission"
+            " to read alerts in this organisation"
+        )
+    return ApiRequestError(f"Threat Stack rejected the request ({status}){suffix}")
+
+
+class ThreatStackClient:
+    """Reads alerts. Every attempt passes the shared budget and is signed afresh."""
+
+    def __init__(
+        self,
+        settings: ThreatStackSettings,
+        session: requests.Session,
+        budget: RequestBudget,
+        retry: RetryPolicy,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._budget = budget
+        self._retry = retry
+        self._sleep = sleep
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:
+        return f"ThreatStackClient(base_url={self._settings.base_url!r}, user_id=..., api_key=***)"
+
+    def url(self, path: str, params: list[tuple[str, str]]) -> str:
+        """The exact URL that is both signed and sent (threatstack-api.md §1.2)."""
+        query = urlencode(params)
+        return f"{self._settings.base_url}{path}" + (f"?{query}" if query else "")
+
+    def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
+        """Yield ``/v2/alerts`` page by page for one status and the window [since, until)."""
+        params = [("status", status), ("from", api_format(since)), ("until", api_format(until))]
+        seen_tokens: set[str] = set()
+        token: str | None = None
+        page_number = 0
+        while True:
+            page_params = params + ([("token", token)] if token else [])
+            document = self._get_json("/v2/alerts", page_params, _validate_alert_page)
+            page_number += 1
+            yield document["alerts"]
+            next_token = document.get("token")
+            if next_token is None or next_token == "":
+                return
+            token = str(next_token)
+            if token in seen_tokens:
+                raise PagingLoop(
+                    f"Threat Stack repeated a page token on page {page_number} of"
+                    f" status={status}; stopping instead of looping"
+                )
+            seen_tokens.add(token)
+
+    def self_test(self) -> Any:
+        """``GET /help/hawk/self-test`` (no ``/v2`` prefix): proves the credentials work."""
+        return self._get_json("/help/hawk/self-test", [], lambda _: None)
+
+    def _get_json(self, path: str, params: list[tuple[str, str]], validate: Validator) -> Any:
+        url = self.url(path, params)
+        return self._retry.call(lambda: self._attempt(url, validate), self._sleep, f"GET {path}")
+
+    def _attempt(self, url: str, validate: Validator) -> Any:
+        self._budget.acquire()
+        settings = self._settings
+        sender = mohawk.Sender(
+            {"id": settings.user_id, "key": settings.api_key.reveal(), "algorithm": "sha256"},
+            url,
+            "GET",
+            always_hash_content=False,
+            ext=settings.org_id,
+            seen_nonce=lambda *_: False,  # nonces are the server's business
+        )
+        self.requests_sent += 1
+        try:
+            response = self._session.get(
+                url,
+                headers={
+                    "Authorization": sender.request_header,
+                    "Accept": "application/json",
+                    "User-Agent": USER_AGENT,
+                },
+                timeout=settings.timeout_seconds,
+            )
+        except requests.Timeout as exc:
+            raise ApiUnavailable(
+                f"Threat Stack did not answer within {settings.timeout_seconds}s"
+            ) from exc
+        except requests.RequestException as exc:
+            # Dropped connections, resets and bodies cut short (ChunkedEncodingError) land here.
+            raise ApiUnavailable(
+                f"connection to Threat Stack failed ({type(exc).__name__})"
+            ) from exc
+        self._budget.observe(response.headers)
+        error = classify_response(response)
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            self._budget.pause(error.retry_after)
+        if error is not None:
+            raise error
+        body = response.content
+        if settings.verify_responses:
+            self._verify(sender, response, body)
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise MalformedResponse(
+                f"Threat Stack answered {response.status_code} with a body that is not JSON"
+                f" ({len(body)} bytes)"
+            ) from exc
+        validate(document)
+        return document
+
+    @staticmethod
+    def _verify(sender: mohawk.Sender, response: requests.Response, body: bytes) -> None:
+        header = response.headers.get("Server-Authorization")
+        if not header:
+            raise MalformedResponse("Threat Stack response has no Server-Authorization header")
+        try:
+            sender.accept_response(
+                header, content=body, content_type=response.headers.get("Content-Type", "")
+            )
+        except mohawk.exc.HawkFail as exc:
+            # A body cut short fails the payload hash too, so this is worth a retry.
+            raise MalformedResponse(
+                f"Threat Stack response signature did not verify ({type(exc).__name__})"
+            ) from exc
+
+
+def _validate_alert_page(document: Any) -> None:
+    if not isinstance(document, dict) or not isinstance(document.get("alerts"), list):
+        raise MalformedResponse("Threat Stack alert page is not an object with an 'alerts' list")
+    token = document.get("token")
+    if token is not None and not isinstance(token, (str, int)):
+        raise MalformedResponse("Threat Stack alert page has a token that is not a string")
