@@ -129,11 +129,14 @@ def run_cycle(runtime: Runtime, summary: Summary) -> Summary:
     """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
     (exit 75) when another run holds it."""
     lease = runtime.lease()
-    lease.acquire()
     try:
+        lease.acquire()
         cycle = runtime.cycle(lease)
         with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
             cycle.lease_lost = lambda: keeper.lost
             return cycle.run(summary)
     finally:
         lease.release()
+        # Whole-run figures: the lease's requests count too.
+        summary.api_requests = runtime.api.requests_sent
+        summary.s3_requests = runtime.s3_requests()

@@ -64,6 +64,9 @@ def cmd_sync(settings: Settings, run_id: str) -> int:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code
         level = logging.WARNING if code == 75 else logging.ERROR
         log.log(level, "sync.failed", extra={"fields": {"error": str(exc), "exit_code": code}})
+    except Exception as exc:  # a bug: still end with a summary and exit 1, nothing committed
+        summary.ok, summary.error, code = False, f"unexpected {type(exc).__name__}: {exc}", 1
+        log.exception("sync.crashed")
     _emit(summary.as_dict())
     return code
 

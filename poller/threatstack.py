@@ -152,7 +152,6 @@ class ThreatStackClient:
             "GET",
             always_hash_content=False,
             ext=settings.org_id,
-            seen_nonce=lambda *_: False,  # nonces are the server's business
         )
         self.requests_sent += 1
         try:
@@ -202,7 +201,7 @@ class ThreatStackClient:
             sender.accept_response(
                 header, content=body, content_type=response.headers.get("Content-Type", "")
             )
-        except mohawk.exc.HawkFail as exc:
+        except (mohawk.exc.HawkFail, KeyError, ValueError) as exc:
             # A body cut short fails the payload hash too, so this is worth a retry.
             raise MalformedResponse(
                 f"Threat Stack response signature did not verify ({type(exc).__name__})"

@@ -1,0 +1,184 @@
+"""Shared fixtures: a real moto S3 server process, the Threat Stack simulator, env builders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+
+from poller.records import Alert, Layout, classify, webhook_record
+from poller.simulator import Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(autouse=True)
+def _aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never reach real AWS from a test, whatever the machine's environment holds."""
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in list(os.environ):
+        if name.startswith(("POLLER_", "THREATSTACK_", "TS_AWS_")) or name in (
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+
+class MotoServer:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 30
+        self.url = ""
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            match = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+        if not self.url:
+            self.process.kill()
+            raise RuntimeError("moto server did not start")
+        # Keep draining its log so the pipe never fills up and blocks the server.
+        import threading
+
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for _ in self.process.stdout:
+            pass
+
+    def reset(self) -> None:
+        requests.post(f"{self.url}/moto-api/reset", timeout=10)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: MotoServer) -> Any:
+    moto_server.reset()
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_server.url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    return client
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"archive-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    with Simulator(seed=7) as sim:
+        yield sim
+
+
+def poller_env(sim: Simulator, moto: MotoServer, bucket: str, **extra: str) -> dict[str, str]:
+    """An environment for a `poller` process, using only SPEC's names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLLER_", "THREATSTACK_"))}
+    env.update(AWS_ENV)
+    env.update(sim.environment())
+    env.update({"TS_AWS_S3_BUCKET": bucket, "AWS_ENDPOINT_URL_S3": moto.url})
+    env.update(extra)
+    return env
+
+
+def run_poller(
+    args: list[str], env: dict[str, str], timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poller", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
+
+
+def summary_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, f"no summary on stdout; stderr:\n{result.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def bucket_objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return out
+
+
+def expected_archive(
+    sim: Simulator, org_id: str, layout: Layout | None = None, only_valid: bool = True
+) -> dict[str, Any]:
+    """Key -> parsed body that an exact archive of the simulator's alerts holds."""
+    layout = layout or Layout()
+    out: dict[str, Any] = {}
+    for sim_alert in sim.alerts:
+        item = classify(sim_alert.doc)
+        if not isinstance(item, Alert):
+            continue
+        out.setdefault(layout.alert_key(item.id), sim_alert.doc)
+        out.setdefault(layout.webhook_key(item.id, item.created), webhook_record(item, org_id))
+    return out
+
+
+def assert_exact_archive(s3: Any, bucket: str, sim: Simulator, prefix: str = "") -> None:
+    """Every alert key present with the right body, and no other alert or webhook key."""
+    layout = Layout(prefix)
+    expected = expected_archive(sim, sim.credentials.org_id, layout)
+    actual = bucket_objects(s3, bucket)
+    record_keys = {
+        k
+        for k in actual
+        if k.startswith((layout.key("alerts") + "/", layout.key("webhooks") + "/"))
+    }
+    missing = sorted(set(expected) - record_keys)
+    extra = sorted(record_keys - set(expected))
+    assert not missing, f"{len(missing)} keys missing, e.g. {missing[:5]}"
+    assert not extra, f"{len(extra)} unexpected keys, e.g. {extra[:5]}"
+    for key, body in expected.items():
+        assert json.loads(actual[key]) == body, f"body differs at {key}"

@@ -1,0 +1,178 @@
+"""Configuration: precedence, SPEC's environment names, _FILE secrets, all problems at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from poller.config import REQUIRED_API, REQUIRED_S3, Secret, Settings, load_settings
+from poller.errors import ConfigError
+
+KEY = "very-secret-api-key-value"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_spec_defaults():
+    settings = load_settings(None, environ={})
+    assert settings == Settings()
+    assert settings.sync.interval_seconds == 300
+    assert settings.sync.lookback_seconds == 900
+    assert settings.sync.settle_seconds == 60
+    assert settings.sync.first_run_since == "24h"
+    assert settings.threatstack.statuses == ("active", "dismissed")
+    assert settings.threatstack.requests_per_minute == 100
+    assert settings.s3.max_concurrency == 16
+    assert settings.sync.lease_ttl_seconds == 120
+    assert (settings.http.host, settings.http.port) == ("0.0.0.0", 8080)
+    assert settings.threatstack.base_url == "https://api.threatstack.com"
+
+
+def test_precedence_defaults_file_environment_flags(tmp_path: Path):
+    path = write(
+        tmp_path,
+        "sync:\n  interval_seconds: 120\n  lookback_seconds: 600\n  settle_seconds: 30\n",
+    )
+    environ = {"POLLER_SYNC__LOOKBACK_SECONDS": "1200", "POLLER_SYNC__SETTLE_SECONDS": "45"}
+    overrides = {("sync", "settle_seconds"): (5, "flag --settle")}
+    settings = load_settings(path, environ=environ, overrides=overrides)
+    assert settings.sync.interval_seconds == 120  # file over default
+    assert settings.sync.lookback_seconds == 1200  # environment over file
+    assert settings.sync.settle_seconds == 5  # flag over environment
+    assert settings.sync.lease_ttl_seconds == 120  # default
+
+
+def test_spec_environment_names(tmp_path: Path):
+    environ = {
+        "THREATSTACK_BASE_URL": "http://127.0.0.1:8900/",
+        "THREATSTACK_USER_ID": "user",
+        "THREATSTACK_ORG_ID": "org",
+        "THREATSTACK_API_KEY": KEY,
+        "TS_AWS_S3_BUCKET": "archive",
+        "TS_AWS_S3_PREFIX": "/team/threatstack/",
+        "POLLER_THREATSTACK__STATUSES": "dismissed",
+        "POLLER_S3__MAX_CONCURRENCY": "4",
+    }
+    settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
+    assert settings.threatstack.base_url == "http://127.0.0.1:8900"
+    assert (settings.threatstack.user_id, settings.threatstack.org_id) == ("user", "org")
+    assert settings.threatstack.api_key.reveal() == KEY
+    assert settings.s3.bucket == "archive"
+    assert settings.s3.prefix == "team/threatstack"
+    assert settings.threatstack.statuses == ("dismissed",)
+    assert settings.s3.max_concurrency == 4
+
+
+def test_credentials_from_files(tmp_path: Path):
+    for name, value in (("user", "u1"), ("org", "o1"), ("key", KEY)):
+        (tmp_path / name).write_text(value + "\n")
+    environ = {
+        "THREATSTACK_USER_ID_FILE": str(tmp_path / "user"),
+        "THREATSTACK_ORG_ID_FILE": str(tmp_path / "org"),
+        "THREATSTACK_API_KEY_FILE": str(tmp_path / "key"),
+        "TS_AWS_S3_BUCKET": "b",
+    }
+    settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
+    assert settings.threatstack.user_id == "u1"
+    assert settings.threatstack.org_id == "o1"
+    assert settings.threatstack.api_key.reveal() == KEY
+
+
+def test_every_problem_is_reported_at_once_with_key_and_source(tmp_path: Path):
+    path = write(
+        tmp_path,
+        "sync:\n  interval_seconds: soon\n  first_run_since: last tuesday\n"
+        "threatstack:\n  statuses: [active, archived]\n  typo_key: 1\n"
+        "nonsense: {}\n",
+    )
+    environ = {
+        "POLLER_S3__MAX_CONCURRENCY": "0",
+        "POLLER_SYNC__NO_SUCH": "1",
+        "THREATSTACK_API_KEY_FILE": str(tmp_path / "missing"),
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ, required=REQUIRED_API + REQUIRED_S3)
+    text = str(caught.value)
+    problems = caught.value.problems
+    assert f"sync.interval_seconds: expected an integer, got 'soon' (from config file {path})" in (
+        problems
+    )
+    assert any(p.startswith("sync.first_run_since:") for p in problems)
+    assert any(p.startswith("threatstack.statuses:") and "archived" in p for p in problems)
+    assert f"threatstack.typo_key: unknown key (from {path})" in problems
+    assert f"nonsense: unknown section (from {path})" in problems
+    assert any(
+        p.startswith("s3.max_concurrency:") and "POLLER_S3__MAX_CONCURRENCY" in p for p in problems
+    )
+    assert any("POLLER_SYNC__NO_SUCH" in p for p in problems)
+    assert any("THREATSTACK_API_KEY_FILE: cannot read file" in p for p in problems)
+    assert any(p.startswith("threatstack.user_id: required") for p in problems)
+    assert any(p.startswith("s3.bucket: required") and "TS_AWS_S3_BUCKET" in p for p in problems)
+    assert caught.value.exit_code == 2
+    assert len(problems) >= 10, text
+
+
+def test_value_and_file_both_set_is_an_error(tmp_path: Path):
+    (tmp_path / "key").write_text(KEY)
+    environ = {"THREATSTACK_API_KEY": KEY, "THREATSTACK_API_KEY_FILE": str(tmp_path / "key")}
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings(None, environ=environ)
+
+
+@pytest.mark.parametrize(
+    "text", ["just a string\n", "sync: [1, 2]\n", "sync:\n  interval_seconds: [1\n"]
+)
+def test_malformed_files_are_reported(tmp_path: Path, text: str):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_poller_config_variable_names_the_file(tmp_path: Path):
+    path = write(tmp_path, "sync:\n  interval_seconds: 42\n")
+    assert load_settings(None, environ={"POLLER_CONFIG": str(path)}).sync.interval_seconds == 42
+
+
+def test_the_example_config_file_is_valid():
+    example = Path(__file__).resolve().parent.parent / "config.yaml"
+    settings = load_settings(example, environ={})
+    assert settings.sync == Settings().sync
+
+
+def test_secrets_never_show(tmp_path: Path):
+    settings = load_settings(None, environ={"THREATSTACK_API_KEY": KEY})
+    for text in (repr(settings), str(settings), repr(settings.threatstack), f"{Secret(KEY)}"):
+        assert KEY not in text
+    path = write(tmp_path, "threatstack:\n  api_key: [" + KEY + "]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert KEY not in str(caught.value)
+    assert "threatstack.api_key: invalid value" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TS_AWS_S3_PREFIX", "a/../b"),
+        ("TS_AWS_S3_PREFIX", "a//b"),
+        ("TS_AWS_S3_PREFIX", "a b"),
+        ("THREATSTACK_BASE_URL", "api.threatstack.com"),
+        ("POLLER_THREATSTACK__REQUESTS_PER_MINUTE", "0"),
+        ("POLLER_THREATSTACK__VERIFY_RESPONSES", "maybe"),
+        ("POLLER_SYNC__LEASE_TTL_SECONDS", "1"),
+        ("POLLER_LOG__FORMAT", "xml"),
+    ],
+)
+def test_bad_values_are_refused(name: str, value: str):
+    with pytest.raises(ConfigError, match=name):
+        load_settings(None, environ={name: value})

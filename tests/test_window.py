@@ -1,0 +1,110 @@
+"""Window arithmetic and the seen-set: table-driven and property-based."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poller.state import Checkpoint
+from poller.sync import CycleSettings, cycle_window, prune_seen
+from poller.timeutil import api_format, parse_instant, parse_span
+
+NOW = datetime(2026, 11, 25, 12, 0, 30, 750000, tzinfo=UTC)
+SETTINGS = CycleSettings(
+    statuses=("active",),
+    lookback=timedelta(seconds=900),
+    settle=timedelta(seconds=60),
+    first_run_since="24h",
+    max_concurrency=4,
+)
+
+
+@pytest.mark.parametrize(
+    ("watermark", "first", "since", "until"),
+    [
+        (None, "24h", "2026-11-24T12:00:30", "2026-11-25T11:59:30"),
+        (None, "2026-11-01", "2026-11-01T00:00:00", "2026-11-25T11:59:30"),
+        (None, "2026-11-25T11:00:00.9Z", "2026-11-25T11:00:00", "2026-11-25T11:59:30"),
+        (
+            datetime(2026, 11, 25, 11, 0, tzinfo=UTC),
+            "24h",
+            "2026-11-25T10:45:00",
+            "2026-11-25T11:59:30",
+        ),
+        # a watermark ahead of now - settle (clock stepped back): empty window, nothing read
+        (
+            datetime(2026, 11, 25, 12, 30, tzinfo=UTC),
+            "24h",
+            "2026-11-25T12:15:00",
+            "2026-11-25T11:59:30",
+        ),
+    ],
+)
+def test_cycle_window(watermark: datetime | None, first: str, since: str, until: str):
+    settings = CycleSettings(**{**SETTINGS.__dict__, "first_run_since": first})
+    got_since, got_until = cycle_window(Checkpoint(watermark=watermark), NOW, settings)
+    assert (api_format(got_since), api_format(got_until)) == (since, until)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800), ("2w", 1209600)],
+)
+def test_spans(text: str, expected: int):
+    assert parse_span(text) == timedelta(seconds=expected)
+
+
+@pytest.mark.parametrize("text", ["", "24", "h", "-1h", "1.5h", "soon"])
+def test_bad_instants(text: str):
+    with pytest.raises(ValueError):
+        parse_instant(text, NOW)
+
+
+def test_naive_iso_means_utc():
+    assert parse_instant("2026-11-01T12:00:00", NOW) == datetime(2026, 11, 1, 12, tzinfo=UTC)
+    assert parse_instant("2026-11-01T12:00:00+01:00", NOW) == datetime(2026, 11, 1, 11, tzinfo=UTC)
+
+
+moments = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
+)
+
+
+@given(
+    watermark=moments,
+    elapsed=st.integers(min_value=0, max_value=10 * 86400),
+    lookback=st.integers(min_value=0, max_value=86400),
+    settle=st.integers(min_value=0, max_value=3600),
+)
+def test_consecutive_windows_leave_no_gap(
+    watermark: datetime, elapsed: int, lookback: int, settle: int
+):
+    """The next window always starts at or before the previous one ended: no second of
+    creation time is ever skipped, and windows are whole seconds."""
+    settings = CycleSettings(
+        ("active",), timedelta(seconds=lookback), timedelta(seconds=settle), "24h", 1
+    )
+    watermark = watermark.replace(microsecond=0)
+    now = watermark + timedelta(seconds=settle + elapsed, microseconds=123)
+    since, until = cycle_window(Checkpoint(watermark=watermark), now, settings)
+    assert since <= watermark
+    assert until >= watermark
+    assert since.microsecond == until.microsecond == 0
+
+
+@given(
+    created=st.lists(st.integers(min_value=0, max_value=4000), max_size=50),
+    lookback=st.integers(min_value=0, max_value=2000),
+)
+def test_prune_keeps_exactly_what_the_next_window_can_reread(created: list[int], lookback: int):
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    watermark = base + timedelta(seconds=3000)
+    seen = {
+        f"id{i:04d}": int((base + timedelta(seconds=s)).timestamp()) for i, s in enumerate(created)
+    }
+    kept = prune_seen(seen, watermark, timedelta(seconds=lookback))
+    horizon = int((watermark - timedelta(seconds=lookback)).timestamp())
+    assert kept == {k: v for k, v in seen.items() if v >= horizon}
