@@ -1,0 +1,192 @@
+"""One contract for the object store, the checkpoint and the lease, held by the in-memory
+fake and by the real S3 implementation over a moto server process."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
+from poller.probe import check_bucket
+from poller.records import Layout
+from poller.state import CheckpointStore, Lease
+from poller.store import MemoryObjectStore, ObjectStore, PreconditionFailed, S3ObjectStore
+from poller.timeutil import utc_now
+
+LAYOUT = Layout("tenant")
+T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
+
+
+class StoreUnderTest:
+    """A store plus a way to let time pass as *that store* sees it."""
+
+    def __init__(self, store: ObjectStore, advance: Callable[[float], None]) -> None:
+        self.store = store
+        self.advance = advance
+
+
+@pytest.fixture(params=["memory", "s3"])
+def under_test(request: pytest.FixtureRequest) -> StoreUnderTest:
+    if request.param == "memory":
+        now = [utc_now()]
+
+        def advance(seconds: float) -> None:
+            now[0] += timedelta(seconds=seconds)
+
+        return StoreUnderTest(MemoryObjectStore(clock=lambda: now[0]), advance)
+    s3 = request.getfixturevalue("s3")
+    bucket = request.getfixturevalue("bucket")
+    return StoreUnderTest(S3ObjectStore(s3, bucket), time.sleep)
+
+
+# ------------------------------------------------------------------ the store primitives
+
+
+def test_create_only_write_keeps_the_first(under_test: StoreUnderTest):
+    store = under_test.store
+    etag = store.put("k", b"first", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.put("k", b"second", if_none_match=True)
+    found = store.get("k")
+    assert found is not None
+    assert (found.body, found.etag) == (b"first", etag)
+
+
+def test_if_match_swaps_only_the_expected_version(under_test: StoreUnderTest):
+    store = under_test.store
+    with pytest.raises(PreconditionFailed):
+        store.put("k", b"x", if_match='"0000"')  # missing key
+    first = store.put("k", b"one", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.put("k", b"two", if_match='"ffff"')
+    second = store.put("k", b"two", if_match=first)
+    assert second != first
+    with pytest.raises(PreconditionFailed):
+        store.put("k", b"three", if_match=first)  # stale ETag
+    found = store.get("k")
+    assert found is not None and found.body == b"two"
+
+
+def test_conditional_delete(under_test: StoreUnderTest):
+    store = under_test.store
+    etag = store.put("k", b"one")
+    with pytest.raises(PreconditionFailed):
+        store.delete("k", if_match='"ffff"')
+    store.delete("k", if_match=etag)
+    assert store.get("k") is None
+    store.delete("k")  # missing is fine
+
+
+def test_listing(under_test: StoreUnderTest):
+    for key in ("a/1", "a/2", "b/1"):
+        under_test.store.put(key, b"{}")
+    assert sorted(under_test.store.list_keys("a/")) == ["a/1", "a/2"]
+
+
+def test_probe_finds_conditions_honoured(under_test: StoreUnderTest):
+    assert check_bucket(under_test.store, LAYOUT, "run1") is True
+    assert under_test.store.list_keys("") == []  # the probe leaves nothing behind
+
+
+# ------------------------------------------------------------------ the checkpoint
+
+
+def test_checkpoint_compare_and_swap(under_test: StoreUnderTest):
+    checkpoints = CheckpointStore(under_test.store, LAYOUT)
+    empty = checkpoints.load()
+    assert empty.watermark is None and empty.etag is None
+    first = checkpoints.commit(empty, T0, {"a1234": 1}, "run-a", "sync", T0)
+    assert checkpoints.load().watermark == T0
+    with pytest.raises(CheckpointConflict):
+        checkpoints.commit(empty, T0, {}, "run-b", "sync", T0)  # created meanwhile
+    second = checkpoints.commit(first, T0 + timedelta(minutes=5), {}, "run-a", "sync", T0)
+    with pytest.raises(CheckpointConflict):
+        checkpoints.commit(first, T0 + timedelta(hours=1), {}, "run-c", "sync", T0)  # stale
+    loaded = checkpoints.load()
+    assert loaded.watermark == T0 + timedelta(minutes=5)
+    assert loaded.etag == second.etag
+    assert loaded.document["updated_by"] == "run-a"
+
+
+def test_checkpoint_never_moves_backwards(under_test: StoreUnderTest):
+    checkpoints = CheckpointStore(under_test.store, LAYOUT)
+    first = checkpoints.commit(checkpoints.load(), T0, {}, "r", "sync", T0)
+    checkpoints.commit(first, T0 - timedelta(days=1), {}, "r", "backfill", T0)
+    assert checkpoints.load().watermark == T0
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"{not json", "unreadable"),
+        (b'{"version": 9, "watermark": null}', "newer poller"),
+        (b'{"version": 1, "watermark": "yesterday"}', "unreadable"),
+        (b'{"version": 1, "watermark": null, "seen": {"a": "x"}}', "unreadable"),
+    ],
+)
+def test_a_bad_checkpoint_stops_the_run(under_test: StoreUnderTest, body: bytes, match: str):
+    under_test.store.put(LAYOUT.checkpoint_key, body)
+    with pytest.raises(FatalError, match=match):
+        CheckpointStore(under_test.store, LAYOUT).load()
+
+
+# ------------------------------------------------------------------ the lease
+
+
+def lease(store: ObjectStore, run_id: str, ttl: int = 2, require: bool = True) -> Lease:
+    holder = {"run_id": run_id, "mode": "sync", "host": "test", "pid": 1}
+    return Lease(store, LAYOUT, ttl, holder, utc_now, require)
+
+
+def test_lease_is_exclusive_until_released(under_test: StoreUnderTest):
+    first, second = lease(under_test.store, "a"), lease(under_test.store, "b")
+    first.acquire()
+    with pytest.raises(LeaseHeld, match="run a"):
+        second.acquire()
+    first.renew()
+    first.release()
+    second.acquire()
+    stored = under_test.store.get(LAYOUT.lease_key)
+    assert stored is not None
+    document: dict[str, Any] = json.loads(stored.body)
+    assert {"run_id", "mode", "host", "pid", "expires_at", "ttl_seconds"} <= set(document)
+    assert document["run_id"] == "b"
+
+
+def test_a_stale_lease_is_taken_over_and_its_holder_is_fenced(under_test: StoreUnderTest):
+    holder, contender = lease(under_test.store, "a", ttl=1), lease(under_test.store, "b", ttl=1)
+    holder.acquire()
+    under_test.advance(2.5)  # the holder "pauses" past its ttl
+    contender.acquire()
+    with pytest.raises(LeaseLost):
+        holder.renew()
+    holder.release()  # must not delete the new holder's lease
+    info = contender.inspect()
+    assert info is not None and info.document["run_id"] == "b"
+    with pytest.raises(LeaseHeld):
+        lease(under_test.store, "c", ttl=1).acquire()
+
+
+def test_a_fresh_lease_is_not_taken_over(under_test: StoreUnderTest):
+    holder = lease(under_test.store, "a", ttl=30)
+    holder.acquire()
+    under_test.advance(1.2)
+    with pytest.raises(LeaseHeld):
+        lease(under_test.store, "b", ttl=30).acquire()
+
+
+def test_store_without_conditions_is_refused_unless_allowed():
+    store = MemoryObjectStore()
+    store.ignore_conditions = True
+    assert check_bucket(store, LAYOUT, "r") is False
+    with pytest.raises(UnguardedStore, match="require_conditional_writes"):
+        lease(store, "a").acquire()
+    assert store.get(LAYOUT.lease_key) is None  # it let go again
+    relaxed = lease(store, "a", require=False)
+    relaxed.acquire()
+    assert relaxed.held

@@ -1,0 +1,190 @@
+"""One cycle, with in-memory fakes for the API and the store (the real ones are in
+test_integration.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from poller.archive import Archive
+from poller.errors import ApiUnavailable, ArchiveUnavailable, LeaseLost
+from poller.records import Layout
+from poller.state import CheckpointStore, Lease
+from poller.store import MemoryObjectStore
+from poller.sync import Cycle, CycleSettings, Summary
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+LAYOUT = Layout()
+
+
+class FakeSource:
+    """Alerts by status; ``visible_at`` delays an alert; ``fail_after`` breaks paging."""
+
+    def __init__(self, clock: Any, page_size: int = 3) -> None:
+        self.clock = clock
+        self.page_size = page_size
+        self.alerts: list[tuple[str, dict[str, Any], datetime]] = []
+        self.requests_sent = 0
+        self.fail_after: int | None = None
+
+    def add(self, alert_id: str, created: datetime, status: str = "active",
+            visible_at: datetime | None = None, **extra: Any) -> dict[str, Any]:
+        doc = {"id": alert_id, "createdAt": created.isoformat(), "title": "t", "severity": 2,
+               **extra}
+        self.alerts.append((status, doc, visible_at or created))
+        return doc
+
+    def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
+        found = [doc for s, doc, visible in self.alerts
+                 if s == status and visible <= self.clock()
+                 and since <= datetime.fromisoformat(doc["createdAt"]) < until]
+        for start in range(0, max(len(found), 1), self.page_size):
+            self.requests_sent += 1
+            if self.fail_after is not None and self.requests_sent > self.fail_after:
+                raise ApiUnavailable("Threat Stack answered 503")
+            yield found[start: start + self.page_size]
+
+
+class FlakyStore(MemoryObjectStore):
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.fail_keys: set[str] = set()
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        if key in self.fail_keys:
+            raise ArchiveUnavailable(f"S3 failed writing {key}: SlowDown")
+        return super().put(key, body, **conditions)
+
+
+class World:
+    def __init__(self) -> None:
+        self.now = NOW
+        self.store = FlakyStore(lambda: self.now)
+        self.source = FakeSource(lambda: self.now)
+        self.lease = Lease(self.store, LAYOUT, 120, {"run_id": "r"}, lambda: self.now)
+        self.settings = CycleSettings(("active", "dismissed"), timedelta(seconds=900),
+                                      timedelta(seconds=60), "24h", 4)
+
+    def cycle(self) -> Summary:
+        self.lease.acquire()
+        try:
+            cycle = Cycle(self.source, Archive(self.store, LAYOUT, "org"),
+                          CheckpointStore(self.store, LAYOUT), self.lease, self.settings,
+                          lambda: self.now, lambda: self.store.requests, "run", "sync")
+            return cycle.run()
+        finally:
+            self.lease.release()
+
+    def checkpoint(self) -> dict[str, Any]:
+        return json.loads(self.store.snapshot()[LAYOUT.checkpoint_key])
+
+    def archived_ids(self) -> set[str]:
+        return {k.rsplit("/", 1)[1] for k in self.store.snapshot() if k.startswith("alerts/")}
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def ago(minutes: float) -> datetime:
+    return NOW - timedelta(minutes=minutes)
+
+
+def test_archives_new_alerts_then_rereads_cost_nothing(world: World):
+    for i in range(7):
+        world.source.add(f"alert{i:04d}", ago(10 + i))
+    world.source.add("dismissed01", ago(5), "dismissed")
+    first = world.cycle()
+    assert (first.listed, first.archived, first.already_archived) == (8, 8, 0)
+    assert world.archived_ids() == {f"alert{i:04d}" for i in range(7)} | {"dismissed01"}
+    assert world.checkpoint()["watermark"] == "2026-11-25T11:59:00Z"
+
+    world.now += timedelta(minutes=5)
+    before = world.store.requests
+    second = world.cycle()
+    assert (second.listed, second.archived, second.already_archived) == (8, 0, 8)
+    # lease put + probe put, checkpoint get, renew, checkpoint put, lease delete: no alert I/O
+    assert world.store.requests - before == 6
+
+
+def test_an_alert_in_both_lists_is_archived_once(world: World):
+    doc = world.source.add("moved00001", ago(3), "active")
+    world.source.alerts.append(("dismissed", doc, ago(3)))
+    summary = world.cycle()
+    assert (summary.listed, summary.archived) == (1, 1)
+
+
+def test_late_alert_within_lookback_is_archived_by_the_next_cycle(world: World):
+    world.source.add("ontime0001", ago(20))
+    world.source.add("late000001", ago(3), visible_at=NOW + timedelta(minutes=4))
+    world.cycle()
+    assert world.archived_ids() == {"ontime0001"}
+    world.now += timedelta(minutes=5)
+    summary = world.cycle()
+    assert summary.archived == 1
+    assert world.archived_ids() == {"ontime0001", "late000001"}
+
+
+def test_a_failed_write_leaves_the_checkpoint_where_it_was(world: World):
+    for i in range(10):
+        world.source.add(f"alert{i:04d}", ago(5 + i))
+    world.store.fail_keys.add(LAYOUT.alert_key("alert0004"))
+    with pytest.raises(ArchiveUnavailable):
+        world.cycle()
+    assert LAYOUT.checkpoint_key not in world.store.snapshot()
+    world.store.fail_keys.clear()
+    summary = world.cycle()
+    assert world.archived_ids() == {f"alert{i:04d}" for i in range(10)}
+    assert summary.archived + summary.already_archived == 10
+
+
+def test_an_api_failure_mid_window_commits_nothing(world: World):
+    for i in range(10):
+        world.source.add(f"alert{i:04d}", ago(5 + i))
+    world.cycle()
+    watermark = world.checkpoint()["watermark"]
+    world.now += timedelta(minutes=10)
+    world.source.add("newer00001", ago(1))
+    world.source.fail_after = world.source.requests_sent + 1
+    with pytest.raises(ApiUnavailable):
+        world.cycle()
+    assert world.checkpoint()["watermark"] == watermark
+
+
+def test_malformed_alerts_are_quarantined_and_do_not_block(world: World):
+    world.source.add("good000001", ago(5))
+    world.source.add("bad/id/001", ago(5))
+    world.source.alerts.append(("active", {"title": "no id", "createdAt": ago(5).isoformat()},
+                                ago(5)))
+    summary = world.cycle()
+    assert (summary.archived, summary.quarantined) == (1, 2)
+    keys = set(world.store.snapshot())
+    quarantined = {k for k in keys if k.startswith("_poller/quarantine/")}
+    assert {k.split("/")[2] for k in quarantined} == {"unsafe_id", "missing_id"}
+    body = json.loads(world.store.snapshot()[next(k for k in quarantined if "unsafe" in k)])
+    assert body["raw"]["id"] == "bad/id/001" and body["reason"] == "unsafe_id"
+    assert "watermark" in world.checkpoint()
+    # Read again in the overlap: no new quarantine write.
+    world.now += timedelta(minutes=2)
+    before = world.store.requests
+    world.cycle()
+    assert world.store.requests - before == 6
+
+
+def test_a_cycle_that_lost_its_lease_does_not_commit(world: World):
+    world.source.add("alert00001", ago(5))
+    world.lease.acquire()
+    cycle = Cycle(world.source, Archive(world.store, LAYOUT, "org"),
+                  CheckpointStore(world.store, LAYOUT), world.lease, world.settings,
+                  lambda: world.now, lambda: 0, "run")
+    # Another run takes over the lease while this one works.
+    world.store.put(LAYOUT.lease_key, b'{"run_id": "other"}')
+    with pytest.raises(LeaseLost):
+        cycle.run()
+    assert LAYOUT.checkpoint_key not in world.store.snapshot()
+    assert world.archived_ids() == {"alert00001"}  # create-only writes are harmless
