@@ -1,0 +1,174 @@
+"""End to end over real sockets: `poller` processes, the Threat Stack simulator, and a moto
+S3 server process, configured only through SPEC's environment names."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from conftest import (
+    MotoServer,
+    assert_exact_archive,
+    bucket_objects,
+    poller_env,
+    run_poller,
+    summary_of,
+)
+from poller.app import build, run_cycle
+from poller.config import load_settings
+from poller.simulator import Simulator
+from poller.sync import Summary
+from poller.timeutil import utc_now
+
+pytestmark = pytest.mark.integration
+
+
+def pages_for(sim: Simulator, statuses: tuple[str, ...] = ("active", "dismissed")) -> int:
+    counts = Counter(a.status for a in sim.alerts)
+    return sum(max(1, math.ceil(counts[s] / sim.page_size)) for s in statuses)
+
+
+def test_two_days_of_alerts_are_archived_exactly_then_nothing_more(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    now = utc_now()
+    simulator.generate(1000, now - timedelta(days=2), now - timedelta(minutes=2))
+    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__FIRST_RUN_SINCE="3d")
+
+    first = run_poller(["sync"], env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = summary_of(first)
+    assert (summary["listed"], summary["archived"], summary["quarantined"]) == (1000, 1000, 0)
+    assert summary["api_requests"] == pages_for(simulator)  # one list request per 100 alerts
+    assert summary["s3_requests"] <= 2 * 1000 + 10
+    assert set(summary) >= {"listed", "archived", "already_archived", "quarantined",
+                            "api_requests", "s3_requests", "window", "duration_s"}
+    assert_exact_archive(s3, bucket, simulator)
+    objects = s3.list_objects_v2(Bucket=bucket, Prefix="alerts/")["Contents"][:1]
+    head = s3.head_object(Bucket=bucket, Key=objects[0]["Key"])
+    assert head["ContentType"] == "application/json"
+
+    before = {k: v for k, v in bucket_objects(s3, bucket).items() if not k.startswith("_poller")}
+    second = run_poller(["sync"], env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = summary_of(second)
+    assert again["archived"] == 0
+    assert again["s3_requests"] <= 8  # lease, checkpoint, fence, commit: no alert write
+    after = {k: v for k, v in bucket_objects(s3, bucket).items() if not k.startswith("_poller")}
+    assert after == before
+
+
+def test_late_alert_within_lookback_is_archived_by_the_next_cycle(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    clock = [utc_now()]
+    simulator.clock = lambda: clock[0]
+    env = {**simulator.environment(), "TS_AWS_S3_BUCKET": bucket}
+    settings = load_settings(None, environ=env)
+
+    def cycle() -> Summary:
+        runtime = build(settings, "sync", clock=lambda: clock[0], s3=s3)
+        return run_cycle(runtime, Summary("sync", runtime.run_id))
+
+    start = clock[0]
+    simulator.generate(50, start - timedelta(hours=3), start - timedelta(minutes=5))
+    late = simulator.add(simulator.factory.alert(start - timedelta(minutes=3)),
+                         start - timedelta(minutes=3), "active",
+                         visible_at=start + timedelta(minutes=4))
+    assert cycle().archived == 50
+    keys = bucket_objects(s3, bucket)
+    assert f"alerts/{late.id[:2]}/{late.id[2:4]}/{late.id}" not in keys
+
+    clock[0] = start + timedelta(minutes=5)  # next cycle: the alert is visible now
+    second = cycle()
+    assert second.archived == 1
+    assert_exact_archive(s3, bucket, simulator)
+
+
+def test_hawk_failure_is_clear_exit_1_and_not_retried(
+    simulator: Simulator, moto_server: MotoServer, bucket: str
+):
+    now = utc_now()
+    simulator.generate(10, now - timedelta(hours=2), now - timedelta(hours=1))
+    env = poller_env(simulator, moto_server, bucket, THREATSTACK_API_KEY="wrong-key-0000")
+    result = run_poller(["sync"], env)
+    assert result.returncode == 1
+    summary = summary_of(result)
+    assert summary["ok"] is False and "401" in summary["error"]
+    assert "THREATSTACK_API_KEY" in summary["error"]
+    assert simulator.request_count() == 1  # no retry storm
+    assert "wrong-key-0000" not in result.stderr + result.stdout
+
+
+def test_wrong_organisation_is_refused(simulator: Simulator, moto_server: MotoServer,
+                                       bucket: str):
+    env = poller_env(simulator, moto_server, bucket, THREATSTACK_ORG_ID="5f1e0000000000000000ffff")
+    result = run_poller(["sync"], env)
+    assert result.returncode == 1
+    assert "401" in summary_of(result)["error"]
+
+
+def test_unsafe_ids_end_in_quarantine(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    now = utc_now()
+    simulator.generate(20, now - timedelta(hours=2), now - timedelta(hours=1))
+    for kind in ("slash_id", "dotdot_id", "missing_id", "bad_created_at"):
+        simulator.add_malformed(kind, now - timedelta(minutes=90))
+    env = poller_env(simulator, moto_server, bucket, TS_AWS_S3_PREFIX="acme/ts")
+    result = run_poller(["sync"], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = summary_of(result)
+    assert (summary["archived"], summary["quarantined"]) == (20, 4)
+    keys = bucket_objects(s3, bucket)
+    reasons = Counter(k.split("/")[4] for k in keys if k.startswith("acme/ts/_poller/quarantine/"))
+    assert reasons == {"unsafe_id": 2, "missing_id": 1, "bad_created_at": 1}
+    assert all(k.startswith("acme/ts/") for k in keys)
+    assert not any(".." in k or "//" in k for k in keys)
+    assert_exact_archive(s3, bucket, simulator, prefix="acme/ts")
+
+
+def test_bad_configuration_exits_2_naming_every_problem(moto_server: MotoServer, bucket: str):
+    with Simulator() as sim:
+        env = poller_env(sim, moto_server, bucket, POLLER_SYNC__INTERVAL_SECONDS="often",
+                         POLLER_S3__MAX_CONCURRENCY="-1")
+        del env["THREATSTACK_USER_ID"]
+        result = run_poller(["sync"], env)
+    assert result.returncode == 2
+    for expected in ("sync.interval_seconds", "s3.max_concurrency", "threatstack.user_id"):
+        assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_and_status(simulator: Simulator, moto_server: MotoServer, bucket: str):
+    env = poller_env(simulator, moto_server, bucket)
+    check = run_poller(["check"], env)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert json.loads(check.stdout) == {"config": "ok", "threatstack": "ok", "bucket": "ok",
+                                        "conditional_writes": True, "ok": True}
+    assert run_poller(["sync"], env).returncode == 0
+    status = json.loads(run_poller(["status"], env).stdout)
+    assert status["checkpoint"]["watermark"] is not None
+    assert status["lease"] is None
+    assert 55 <= status["lag_s"] < 120
+
+
+def test_check_reports_bad_credentials(simulator: Simulator, moto_server: MotoServer,
+                                       bucket: str):
+    env = poller_env(simulator, moto_server, bucket, THREATSTACK_API_KEY="nope-nope-nope")
+    result = run_poller(["check"], env)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["threatstack"].startswith("failed") and report["bucket"] == "ok"
+
+
+def test_missing_bucket_is_fatal_and_clear(simulator: Simulator, moto_server: MotoServer):
+    env = poller_env(simulator, moto_server, "no-such-bucket-here")
+    result = run_poller(["sync"], env)
+    assert result.returncode == 1
+    assert "NoSuchBucket" in summary_of(result)["error"]
