@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,24 @@ def summary_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def bucket_objects(s3: Any, bucket: str) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
+def bucket_listing(s3: Any, bucket: str) -> dict[str, tuple[str, Any]]:
+    """Key -> (ETag, LastModified): enough to prove nothing was rewritten, without GETs."""
+    out: dict[str, tuple[str, Any]] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
-            out[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            out[item["Key"]] = (item["ETag"], item["LastModified"])
     return out
+
+
+def bucket_objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    """Key -> body of every object (read in parallel: the bucket may hold thousands)."""
+    keys = list(bucket_listing(s3, bucket))
+
+    def read(key: str) -> bytes:
+        return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(keys, pool.map(read, keys), strict=True))
 
 
 def expected_archive(
