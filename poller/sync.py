@@ -101,8 +101,9 @@ class BoundedWriter:
 
     def _done(self, future: Future[Outcome]) -> None:
         with self._lock:
-            error = future.exception()
-            if error is not None:
+            if future.cancelled():
+                pass  # cancelled after an earlier failure; that failure is reported
+            elif (error := future.exception()) is not None:
                 self._error = self._error or error
             else:
                 self.outcomes[future.result()] += 1

@@ -34,7 +34,8 @@ def test_entrypoint_and_default_command_run_a_sync(
     assert command == ["python", "-m", "poller", "sync"]
     command[0] = sys.executable
     env = poller_env(simulator, moto_server, bucket)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)  # not the repo: the installed package must do
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )  # not the repo: the installed package must do
     assert result.returncode == 0, result.stderr[-2000:]
     assert_exact_archive(s3, bucket, simulator)

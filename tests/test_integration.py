@@ -47,8 +47,16 @@ def test_two_days_of_alerts_are_archived_exactly_then_nothing_more(
     assert (summary["listed"], summary["archived"], summary["quarantined"]) == (1000, 1000, 0)
     assert summary["api_requests"] == pages_for(simulator)  # one list request per 100 alerts
     assert summary["s3_requests"] <= 2 * 1000 + 10
-    assert set(summary) >= {"listed", "archived", "already_archived", "quarantined",
-                            "api_requests", "s3_requests", "window", "duration_s"}
+    assert set(summary) >= {
+        "listed",
+        "archived",
+        "already_archived",
+        "quarantined",
+        "api_requests",
+        "s3_requests",
+        "window",
+        "duration_s",
+    }
     assert_exact_archive(s3, bucket, simulator)
     objects = s3.list_objects_v2(Bucket=bucket, Prefix="alerts/")["Contents"][:1]
     head = s3.head_object(Bucket=bucket, Key=objects[0]["Key"])
@@ -78,9 +86,12 @@ def test_late_alert_within_lookback_is_archived_by_the_next_cycle(
 
     start = clock[0]
     simulator.generate(50, start - timedelta(hours=3), start - timedelta(minutes=5))
-    late = simulator.add(simulator.factory.alert(start - timedelta(minutes=3)),
-                         start - timedelta(minutes=3), "active",
-                         visible_at=start + timedelta(minutes=4))
+    late = simulator.add(
+        simulator.factory.alert(start - timedelta(minutes=3)),
+        start - timedelta(minutes=3),
+        "active",
+        visible_at=start + timedelta(minutes=4),
+    )
     assert cycle().archived == 50
     keys = bucket_objects(s3, bucket)
     assert f"alerts/{late.id[:2]}/{late.id[2:4]}/{late.id}" not in keys
@@ -106,8 +117,7 @@ def test_hawk_failure_is_clear_exit_1_and_not_retried(
     assert "wrong-key-0000" not in result.stderr + result.stdout
 
 
-def test_wrong_organisation_is_refused(simulator: Simulator, moto_server: MotoServer,
-                                       bucket: str):
+def test_wrong_organisation_is_refused(simulator: Simulator, moto_server: MotoServer, bucket: str):
     env = poller_env(simulator, moto_server, bucket, THREATSTACK_ORG_ID="5f1e0000000000000000ffff")
     result = run_poller(["sync"], env)
     assert result.returncode == 1
@@ -136,8 +146,13 @@ def test_unsafe_ids_end_in_quarantine(
 
 def test_bad_configuration_exits_2_naming_every_problem(moto_server: MotoServer, bucket: str):
     with Simulator() as sim:
-        env = poller_env(sim, moto_server, bucket, POLLER_SYNC__INTERVAL_SECONDS="often",
-                         POLLER_S3__MAX_CONCURRENCY="-1")
+        env = poller_env(
+            sim,
+            moto_server,
+            bucket,
+            POLLER_SYNC__INTERVAL_SECONDS="often",
+            POLLER_S3__MAX_CONCURRENCY="-1",
+        )
         del env["THREATSTACK_USER_ID"]
         result = run_poller(["sync"], env)
     assert result.returncode == 2
@@ -150,8 +165,13 @@ def test_check_and_status(simulator: Simulator, moto_server: MotoServer, bucket:
     env = poller_env(simulator, moto_server, bucket)
     check = run_poller(["check"], env)
     assert check.returncode == 0, check.stderr[-2000:]
-    assert json.loads(check.stdout) == {"config": "ok", "threatstack": "ok", "bucket": "ok",
-                                        "conditional_writes": True, "ok": True}
+    assert json.loads(check.stdout) == {
+        "config": "ok",
+        "threatstack": "ok",
+        "bucket": "ok",
+        "conditional_writes": True,
+        "ok": True,
+    }
     assert run_poller(["sync"], env).returncode == 0
     status = json.loads(run_poller(["status"], env).stdout)
     assert status["checkpoint"]["watermark"] is not None
@@ -159,8 +179,7 @@ def test_check_and_status(simulator: Simulator, moto_server: MotoServer, bucket:
     assert 55 <= status["lag_s"] < 120
 
 
-def test_check_reports_bad_credentials(simulator: Simulator, moto_server: MotoServer,
-                                       bucket: str):
+def test_check_reports_bad_credentials(simulator: Simulator, moto_server: MotoServer, bucket: str):
     env = poller_env(simulator, moto_server, bucket, THREATSTACK_API_KEY="nope-nope-nope")
     result = run_poller(["check"], env)
     assert result.returncode == 1

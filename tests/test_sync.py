@@ -31,22 +31,37 @@ class FakeSource:
         self.requests_sent = 0
         self.fail_after: int | None = None
 
-    def add(self, alert_id: str, created: datetime, status: str = "active",
-            visible_at: datetime | None = None, **extra: Any) -> dict[str, Any]:
-        doc = {"id": alert_id, "createdAt": created.isoformat(), "title": "t", "severity": 2,
-               **extra}
+    def add(
+        self,
+        alert_id: str,
+        created: datetime,
+        status: str = "active",
+        visible_at: datetime | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        doc = {
+            "id": alert_id,
+            "createdAt": created.isoformat(),
+            "title": "t",
+            "severity": 2,
+            **extra,
+        }
         self.alerts.append((status, doc, visible_at or created))
         return doc
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
-        found = [doc for s, doc, visible in self.alerts
-                 if s == status and visible <= self.clock()
-                 and since <= datetime.fromisoformat(doc["createdAt"]) < until]
+        found = [
+            doc
+            for s, doc, visible in self.alerts
+            if s == status
+            and visible <= self.clock()
+            and since <= datetime.fromisoformat(doc["createdAt"]) < until
+        ]
         for start in range(0, max(len(found), 1), self.page_size):
             self.requests_sent += 1
             if self.fail_after is not None and self.requests_sent > self.fail_after:
                 raise ApiUnavailable("Threat Stack answered 503")
-            yield found[start: start + self.page_size]
+            yield found[start : start + self.page_size]
 
 
 class FlakyStore(MemoryObjectStore):
@@ -66,15 +81,24 @@ class World:
         self.store = FlakyStore(lambda: self.now)
         self.source = FakeSource(lambda: self.now)
         self.lease = Lease(self.store, LAYOUT, 120, {"run_id": "r"}, lambda: self.now)
-        self.settings = CycleSettings(("active", "dismissed"), timedelta(seconds=900),
-                                      timedelta(seconds=60), "24h", 4)
+        self.settings = CycleSettings(
+            ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+        )
 
     def cycle(self) -> Summary:
         self.lease.acquire()
         try:
-            cycle = Cycle(self.source, Archive(self.store, LAYOUT, "org"),
-                          CheckpointStore(self.store, LAYOUT), self.lease, self.settings,
-                          lambda: self.now, lambda: self.store.requests, "run", "sync")
+            cycle = Cycle(
+                self.source,
+                Archive(self.store, LAYOUT, "org"),
+                CheckpointStore(self.store, LAYOUT),
+                self.lease,
+                self.settings,
+                lambda: self.now,
+                lambda: self.store.requests,
+                "run",
+                "sync",
+            )
             return cycle.run()
         finally:
             self.lease.release()
@@ -159,8 +183,9 @@ def test_an_api_failure_mid_window_commits_nothing(world: World):
 def test_malformed_alerts_are_quarantined_and_do_not_block(world: World):
     world.source.add("good000001", ago(5))
     world.source.add("bad/id/001", ago(5))
-    world.source.alerts.append(("active", {"title": "no id", "createdAt": ago(5).isoformat()},
-                                ago(5)))
+    world.source.alerts.append(
+        ("active", {"title": "no id", "createdAt": ago(5).isoformat()}, ago(5))
+    )
     summary = world.cycle()
     assert (summary.archived, summary.quarantined) == (1, 2)
     keys = set(world.store.snapshot())
@@ -179,9 +204,16 @@ def test_malformed_alerts_are_quarantined_and_do_not_block(world: World):
 def test_a_cycle_that_lost_its_lease_does_not_commit(world: World):
     world.source.add("alert00001", ago(5))
     world.lease.acquire()
-    cycle = Cycle(world.source, Archive(world.store, LAYOUT, "org"),
-                  CheckpointStore(world.store, LAYOUT), world.lease, world.settings,
-                  lambda: world.now, lambda: 0, "run")
+    cycle = Cycle(
+        world.source,
+        Archive(world.store, LAYOUT, "org"),
+        CheckpointStore(world.store, LAYOUT),
+        world.lease,
+        world.settings,
+        lambda: world.now,
+        lambda: 0,
+        "run",
+    )
     # Another run takes over the lease while this one works.
     world.store.put(LAYOUT.lease_key, b'{"run_id": "other"}')
     with pytest.raises(LeaseLost):
