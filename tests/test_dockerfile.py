@@ -10,8 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-
 from conftest import ROOT, MotoServer, assert_exact_archive, poller_env
+
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
 

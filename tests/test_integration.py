@@ -10,7 +10,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-
 from conftest import (
     MotoServer,
     assert_exact_archive,
@@ -20,6 +19,7 @@ from conftest import (
     run_poller,
     summary_of,
 )
+
 from poller.app import build, run_cycle
 from poller.config import load_settings
 from poller.simulator import Simulator
