@@ -1,0 +1,146 @@
+"""One writer at a time, with real processes racing over a moto server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from conftest import ROOT, MotoServer, assert_exact_archive, poller_env, summary_of
+
+from poller.simulator import Simulator
+from poller.timeutil import utc_now
+
+pytestmark = pytest.mark.integration
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "poller", "sync"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 300) -> tuple[int, dict[str, Any]]:
+    out, err = process.communicate(timeout=timeout)
+    result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return process.returncode, summary_of(result)
+
+
+def checkpoint_history(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    """Every version of the checkpoint ever written, oldest first (bucket versioning)."""
+    versions = s3.list_object_versions(Bucket=bucket, Prefix="_poller/checkpoint.json")
+    ordered = sorted(versions.get("Versions", []), key=lambda v: v["LastModified"])
+    history = []
+    for version in ordered:
+        body = s3.get_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+        history.append(json.loads(body["Body"].read()))
+    return history
+
+
+def wait_for_lease(s3: Any, bucket: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return json.loads(s3.get_object(Bucket=bucket, Key="_poller/lease.json")["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            time.sleep(0.05)
+    raise AssertionError("no lease appeared")
+
+
+def test_racing_processes_one_works_the_rest_exit_75(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__FIRST_RUN_SINCE="7d")
+    # The "catch-up-style" contender re-reads a whole day.
+    catch_up = {**env, "POLLER_SYNC__LOOKBACK_SECONDS": "86400"}
+    for round_number in range(6):
+        # New alerts inside the look-back of every contender, so whoever wins has work.
+        now = utc_now()
+        simulator.generate(120, now - timedelta(minutes=10), now - timedelta(minutes=2))
+        processes = [start(env) for _ in range(3)] + [start(catch_up)]
+        outcomes = [finish(p) for p in processes]
+        codes = sorted(code for code, _ in outcomes)
+        assert set(codes) <= {0, 75}, outcomes
+        workers = [s for code, s in outcomes if code == 0 and s["archived"] > 0]
+        assert len(workers) == 1, f"round {round_number}: {outcomes}"
+        assert codes.count(75) >= 1, f"round {round_number}: no contention happened"
+        for code, summary in outcomes:
+            if code == 75:
+                assert "another run holds the lease" in summary["error"]
+                assert summary["archived"] == 0 and summary["api_requests"] == 0
+        assert_exact_archive(s3, bucket, simulator, bodies=False)
+
+    assert_exact_archive(s3, bucket, simulator)
+    history = checkpoint_history(s3, bucket)
+    watermarks = [h["watermark"] for h in history]
+    assert watermarks == sorted(watermarks), "the checkpoint moved backwards"
+    assert len(history) >= 6
+
+
+@pytest.mark.crash
+def test_a_killed_holder_is_taken_over_after_expiry(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    now = utc_now()
+    simulator.generate(900, now - timedelta(days=1), now - timedelta(minutes=5))
+    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__LEASE_TTL_SECONDS="10")
+    holder = start(env)
+    lease = wait_for_lease(s3, bucket)
+    time.sleep(2)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert lease["pid"] == holder.pid
+
+    blocked = start(env)
+    code, summary = finish(blocked)
+    assert code == 75, summary  # the dead holder's lease is still fresh
+
+    time.sleep(11)  # past the ttl, by S3's clock
+    taker = start(env)
+    code, summary = finish(taker)
+    assert code == 0, summary
+    assert summary["archived"] + summary["already_archived"] == 900
+    assert_exact_archive(s3, bucket, simulator)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+
+
+@pytest.mark.crash
+def test_a_paused_holder_that_lost_its_lease_writes_no_checkpoint(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    now = utc_now()
+    simulator.generate(900, now - timedelta(days=1), now - timedelta(minutes=5))
+    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__LEASE_TTL_SECONDS="10")
+    paused = start(env)
+    wait_for_lease(s3, bucket)
+    time.sleep(2)
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        time.sleep(12)
+        taker = start(env)
+        code, summary = finish(taker)
+        assert code == 0, summary
+        checkpoint = s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")
+        etag_after_taker = checkpoint["ETag"]
+        assert json.loads(checkpoint["Body"].read())["updated_by"] == summary["run_id"]
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    code, paused_summary = finish(paused)
+    assert code == 1, paused_summary
+    assert "lease" in paused_summary["error"]
+    assert paused_summary["watermark"] is None
+    after = s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")
+    assert after["ETag"] == etag_after_taker  # the paused run wrote no checkpoint
+    assert_exact_archive(s3, bucket, simulator)
