@@ -55,7 +55,9 @@ class RetryPolicy:
             | tenacity.stop_after_delay(self.max_delay_seconds),
             wait=WaitForServer(
                 tenacity.wait_exponential_jitter(
-                    initial=self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
+                    multiplier=self.initial_backoff,
+                    max=self.max_backoff,
+                    jitter=self.initial_backoff,
                 )
             ),
             sleep=sleep,

@@ -309,6 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         length: int | None = None,
     ) -> None:
+        # Counted before the answer leaves, so a client that has its answer sees the count.
+        self.sim._record(self._arrived, self._request_path, status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -319,11 +321,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         sim = self.sim
-        arrived = time.time()
+        self._arrived = time.time()
         url = f"http://{self.headers.get('Host', '')}{self.path}"
         split = urlsplit(self.path)
-        status = self._serve(sim, arrived, url, split.path, parse_qs(split.query))
-        sim._record(arrived, split.path, status)
+        self._request_path = split.path
+        self._serve(sim, self._arrived, url, split.path, parse_qs(split.query))
 
     def _serve(
         self, sim: Simulator, arrived: float, url: str, path: str, query: dict[str, list[str]]
@@ -374,6 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(fault), b"<html><body>upstream error</body></html>", "text/html")
             return int(fault)
         if fault == "drop":
+            sim._record(arrived, path, 0)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return 0

@@ -1,0 +1,172 @@
+"""The simulator behaves like the API as far as threatstack-api.md knows it, and its faults
+reach the client as the right error classes."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import mohawk
+import pytest
+import requests
+
+from poller.budget import RequestBudget
+from poller.config import Secret, ThreatStackSettings
+from poller.errors import (
+    ApiAuthError,
+    ApiUnavailable,
+    MalformedResponse,
+    PollerError,
+    RateLimited,
+    RetriableError,
+)
+from poller.retrying import RetryPolicy
+from poller.simulator import Faults, Simulator
+from poller.threatstack import ThreatStackClient
+from poller.timeutil import utc_now
+
+pytestmark = pytest.mark.integration
+
+
+def client_for(
+    sim: Simulator, attempts: int = 1, timeout: float = 5.0, **overrides: str
+) -> ThreatStackClient:
+    creds = sim.credentials
+    settings = ThreatStackSettings(
+        base_url=sim.base_url,
+        user_id=overrides.get("user_id", creds.user_id),
+        org_id=overrides.get("org_id", creds.org_id),
+        api_key=Secret(overrides.get("api_key", creds.api_key)),
+        timeout_seconds=timeout,
+    )
+    return ThreatStackClient(
+        settings,
+        requests.Session(),
+        RequestBudget(10_000),
+        RetryPolicy(max_attempts=attempts, initial_backoff=0.01),
+        lambda _: None,
+    )
+
+
+def signed_get(sim: Simulator, path: str, timestamp: int | None = None) -> requests.Response:
+    url = sim.base_url + path
+    creds = sim.credentials
+    sender = mohawk.Sender(
+        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
+        url,
+        "GET",
+        always_hash_content=False,
+        ext=creds.org_id,
+        _timestamp=timestamp,
+    )
+    return requests.get(url, headers={"Authorization": sender.request_header}, timeout=5)
+
+
+def test_pages_of_100_with_tokens_until_the_end(simulator: Simulator):
+    now = utc_now()
+    simulator.generate(250, now - timedelta(hours=5), now - timedelta(hours=1), 0.0)
+    client = client_for(simulator)
+    pages = list(client.list_alerts("active", now - timedelta(days=1), now))
+    assert [len(p) for p in pages] == [100, 100, 50]
+    ids = [a["id"] for p in pages for a in p]
+    assert len(set(ids)) == 250
+    for alert in pages[0]:
+        created_hex = alert["id"][:8]
+        assert abs(int(created_hex, 16) - int(utc_now().timestamp())) < 6 * 3600
+        assert alert["severity"] in (1, 2, 3)
+
+
+def test_window_filters_from_inclusive_until_exclusive(simulator: Simulator):
+    t = utc_now().replace(microsecond=0) - timedelta(hours=1)
+    inside = simulator.add(simulator.factory.alert(t), t)
+    simulator.add(simulator.factory.alert(t + timedelta(seconds=10)), t + timedelta(seconds=10))
+    got = list(client_for(simulator).list_alerts("active", t, t + timedelta(seconds=10)))
+    assert [a["id"] for p in got for a in p] == [inside.id]
+
+
+def test_alerts_become_visible_late(simulator: Simulator):
+    now = utc_now()
+    simulator.add(
+        simulator.factory.alert(now - timedelta(minutes=5)),
+        now - timedelta(minutes=5),
+        visible_at=now + timedelta(hours=1),
+    )
+    assert list(client_for(simulator).list_alerts("active", now - timedelta(hours=1), now)) == [[]]
+
+
+@pytest.mark.parametrize(
+    "override", [{"api_key": "wrong-key"}, {"org_id": "someone-elses-org"}, {"user_id": "nobody"}]
+)
+def test_hawk_rejects_wrong_credentials(simulator: Simulator, override: dict[str, str]):
+    with pytest.raises(ApiAuthError):
+        client_for(simulator, **override).self_test()
+
+
+def test_hawk_rejects_stale_timestamps_and_replays(simulator: Simulator):
+    stale = signed_get(simulator, "/help/hawk/self-test", timestamp=int(time.time()) - 600)
+    assert stale.status_code == 401
+    assert "ts=" in stale.headers["WWW-Authenticate"]
+    url = simulator.base_url + "/help/hawk/self-test"
+    creds = simulator.credentials
+    header = mohawk.Sender(
+        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
+        url,
+        "GET",
+        always_hash_content=False,
+        ext=creds.org_id,
+    ).request_header
+    assert requests.get(url, headers={"Authorization": header}, timeout=5).status_code == 200
+    assert requests.get(url, headers={"Authorization": header}, timeout=5).status_code == 401
+
+
+def test_status_is_required_and_detail_routes_exist(simulator: Simulator):
+    assert signed_get(simulator, "/v2/alerts").status_code == 400
+    now = utc_now()
+    alert = simulator.generate(1, now - timedelta(hours=2), now - timedelta(hours=1))[0]
+    assert signed_get(simulator, f"/v2/alerts/{alert.id}").json()["id"] == alert.id
+    assert len(signed_get(simulator, f"/v2/alerts/{alert.id}/events").json()["events"]) == 2
+    agent = simulator.factory.agents[0]
+    assert signed_get(simulator, f"/v2/agents/{agent}").json()["id"] == agent
+    assert simulator.request_count("/v2/") == 4
+
+
+def test_org_wide_limit_answers_429_with_headers_and_no_json():
+    with Simulator(faults=Faults(org_limit_per_minute=5)) as sim:
+        codes = [signed_get(sim, "/help/hawk/self-test") for _ in range(6)]
+    assert [r.status_code for r in codes] == [200] * 5 + [429]
+    limited = codes[-1]
+    assert limited.headers["x-rate-limit-remaining"] == "0"
+    assert 0 < int(limited.headers["x-rate-limit-reset"]) <= 60_000
+    with pytest.raises(ValueError):
+        limited.json()
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("429", RateLimited),
+        ("500", ApiUnavailable),
+        ("502", ApiUnavailable),
+        ("503", ApiUnavailable),
+        ("slow", ApiUnavailable),
+        ("drop", ApiUnavailable),
+        ("truncate", PollerError),  # cut short: a transport error or a failed signature
+        ("bad_json", MalformedResponse),
+    ],
+)
+def test_each_fault_reaches_the_client_as_a_retriable_error(kind: str, error: type):
+    with (
+        Simulator(faults=Faults(rate={kind: 1.0}, slow_seconds=1.0)) as sim,
+        pytest.raises(error) as caught,
+    ):
+        client_for(sim, timeout=0.5).self_test()
+    assert isinstance(caught.value, RetriableError)
+
+
+def test_faults_can_be_switched_while_running(simulator: Simulator):
+    client = client_for(simulator)
+    simulator.faults.rate = {"503": 1.0}
+    with pytest.raises(ApiUnavailable):
+        client.self_test()
+    simulator.faults.rate = {}
+    assert client.self_test() == {"authenticated": True}
