@@ -86,6 +86,7 @@ class Runtime:
                 settle=timedelta(seconds=settings.sync.settle_seconds),
                 first_run_since=settings.sync.first_run_since,
                 max_concurrency=settings.s3.max_concurrency,
+                max_window=timedelta(seconds=settings.sync.max_window_seconds),
             ),
             clock=self.clock,
             s3_requests=self.s3_requests,

@@ -76,6 +76,7 @@ class SyncSettings:
     settle_seconds: int = 60
     first_run_since: str = "24h"
     lease_ttl_seconds: int = 120
+    max_window_seconds: int = 86_400
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "lookback_seconds": _int(0, 30 * 86_400),
         "settle_seconds": _int(0, 86_400),
         "first_run_since": _since,
-        "lease_ttl_seconds": _int(10, 86_400),
+        "lease_ttl_seconds": _int(3, 86_400),
+        "max_window_seconds": _int(60, 366 * 86_400),
     },
     "http": {"host": _text, "port": _int(0, 65_535)},
     "log": {"format": _choice("auto", "json", "text"), "level": _level},

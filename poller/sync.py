@@ -41,6 +41,7 @@ class CycleSettings:
     settle: timedelta
     first_run_since: str
     max_concurrency: int
+    max_window: timedelta = timedelta(days=1)
 
 
 @dataclass
@@ -75,6 +76,20 @@ def cycle_window(
     else:
         since = floor_second(checkpoint.watermark - settings.lookback)
     return since, until
+
+
+def chunks(
+    since: datetime, until: datetime, size: timedelta
+) -> Iterator[tuple[datetime, datetime]]:
+    """[since, until) cut into consecutive pieces of at most ``size``; an empty window gives
+    one empty piece, so the checkpoint still moves with the clock."""
+    start = since
+    while True:
+        end = min(until, start + size) if start < until else until
+        yield start, end
+        if end >= until:
+            return
+        start = end
 
 
 def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -> dict[str, int]:
@@ -167,17 +182,20 @@ class Cycle:
         since, until = cycle_window(checkpoint, now, self.settings)
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         log.info("cycle.start", extra={"fields": {"window": summary.window}})
-        seen_now: dict[str, int] = {}
-        if since < until:
-            seen_now = self._archive_window(checkpoint, since, until, now, summary)
-        watermark = max(until, checkpoint.watermark) if checkpoint.watermark else until
-        seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
-        self._fence()
-        committed = self.checkpoints.commit(
-            checkpoint, watermark, seen, self.run_id, self.mode, now
-        )
-        summary.watermark = iso_z(committed.watermark) if committed.watermark else None
-        log.info("cycle.committed", extra={"fields": {"watermark": summary.watermark}})
+        # A long window (a first run, a long outage) is read in chunks, oldest first, each
+        # committed on its own: a run killed halfway keeps the chunks it finished.
+        for chunk_since, chunk_until in chunks(since, until, self.settings.max_window):
+            seen_now: dict[str, int] = {}
+            if chunk_since < chunk_until:  # the API wants from < until
+                seen_now = self._archive_window(checkpoint, chunk_since, chunk_until, now, summary)
+            watermark = max(chunk_until, checkpoint.watermark or chunk_until)
+            seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
+            self._fence()
+            checkpoint = self.checkpoints.commit(
+                checkpoint, watermark, seen, self.run_id, self.mode, now
+            )
+            summary.watermark = iso_z(watermark)
+            log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
 
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that
@@ -217,9 +235,9 @@ class Cycle:
             writer.abort()
             raise
         finally:
-            summary.archived = writer.outcomes[Outcome.ARCHIVED]
+            summary.archived += writer.outcomes[Outcome.ARCHIVED]
             summary.already_archived += writer.outcomes[Outcome.ALREADY_ARCHIVED]
-            summary.quarantined = writer.outcomes[Outcome.QUARANTINED]
+            summary.quarantined += writer.outcomes[Outcome.QUARANTINED]
         return seen_now
 
     def _take(

@@ -170,6 +170,7 @@ def test_secrets_never_show(tmp_path: Path):
         ("POLLER_THREATSTACK__REQUESTS_PER_MINUTE", "0"),
         ("POLLER_THREATSTACK__VERIFY_RESPONSES", "maybe"),
         ("POLLER_SYNC__LEASE_TTL_SECONDS", "1"),
+        ("POLLER_SYNC__MAX_WINDOW_SECONDS", "10"),
         ("POLLER_LOG__FORMAT", "xml"),
     ],
 )

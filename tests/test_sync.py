@@ -220,3 +220,26 @@ def test_a_cycle_that_lost_its_lease_does_not_commit(world: World):
         cycle.run()
     assert LAYOUT.checkpoint_key not in world.store.snapshot()
     assert world.archived_ids() == {"alert00001"}  # create-only writes are harmless
+
+
+def test_a_long_window_is_committed_chunk_by_chunk(world: World):
+    world.settings = CycleSettings(
+        ("active",),
+        timedelta(seconds=900),
+        timedelta(seconds=60),
+        "3h",
+        4,
+        max_window=timedelta(hours=1),
+    )
+    for i in range(6):
+        world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=170 - 30 * i))
+    # The alert in the last hour cannot be written: the first two hours stay committed.
+    world.store.fail_keys.add(LAYOUT.alert_key("alert0005"))
+    with pytest.raises(ArchiveUnavailable):
+        world.cycle()
+    assert world.checkpoint()["watermark"] == "2026-11-25T11:00:00Z"
+    assert world.archived_ids() == {f"alert{i:04d}" for i in range(5)}
+    world.store.fail_keys.clear()
+    summary = world.cycle()
+    assert world.checkpoint()["watermark"] == "2026-11-25T11:59:00Z"
+    assert summary.archived == 1  # only what was missing; the rest skipped by the seen set

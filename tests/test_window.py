@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poller.state import Checkpoint
-from poller.sync import CycleSettings, cycle_window, prune_seen
+from poller.sync import CycleSettings, chunks, cycle_window, prune_seen
 from poller.timeutil import api_format, parse_instant, parse_span
 
 NOW = datetime(2026, 11, 25, 12, 0, 30, 750000, tzinfo=UTC)
@@ -108,3 +109,20 @@ def test_prune_keeps_exactly_what_the_next_window_can_reread(created: list[int],
     kept = prune_seen(seen, watermark, timedelta(seconds=lookback))
     horizon = int((watermark - timedelta(seconds=lookback)).timestamp())
     assert kept == {k: v for k, v in seen.items() if v >= horizon}
+
+
+@given(
+    start=moments,
+    length=st.integers(min_value=-100, max_value=10 * 86400),
+    size=st.integers(min_value=60, max_value=2 * 86400),
+)
+def test_chunks_cover_the_window_exactly_in_order(start: datetime, length: int, size: int):
+    until = start + timedelta(seconds=length)
+    pieces = list(chunks(start, until, timedelta(seconds=size)))
+    assert pieces[0][0] == start
+    if length <= 0:
+        assert pieces == [(start, until)]  # one empty piece: nothing is read
+    assert pieces[-1][1] == until
+    for (_, end), (next_start, _) in itertools.pairwise(pieces):
+        assert end == next_start
+    assert all(b - a <= timedelta(seconds=size) for a, b in pieces)
