@@ -9,7 +9,7 @@ import random
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,18 +37,23 @@ class Credentials:
 
 @dataclass
 class Faults:
-    """Faults, each with the share of requests it hits (0..1). Mutable while running."""
+    """Faults to inject. Mutable while the simulator runs.
 
-    rate: dict[str, float] = field(default_factory=dict)  # kind -> share, kinds: FAULT_KINDS
+    ``every``: every Nth request fails, the kind rotating through FAULT_KINDS (deterministic,
+    so a run of a few dozen requests meets each kind). ``rate``: a kind -> share of requests
+    drawn at random (``{"503": 1.0}`` breaks every request)."""
+
+    every: int | None = None
+    rate: dict[str, float] = field(default_factory=dict)
     slow_seconds: float = 3.0
     duplicates_across_pages: bool = False
     shuffle_pages: bool = False
     org_limit_per_minute: int | None = None  # the vendor's org-wide limit, e.g. 200
 
     @classmethod
-    def spread(cls, total: float, **extra: Any) -> Faults:
-        """``total`` share of requests failing, split evenly over every fault kind."""
-        return cls(rate={kind: total / len(FAULT_KINDS) for kind in FAULT_KINDS}, **extra)
+    def spread(cls, share: float, **extra: Any) -> Faults:
+        """``share`` of requests failing, in turn in every way FAULT_KINDS lists."""
+        return cls(every=round(1 / share) if share > 0 else None, **extra)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,9 @@ class Simulator:
         self._nonces: set[tuple[str, str, str]] = set()
         self._arrivals: deque[float] = deque()
         self.requests: list[RequestRecord] = []
+        self.org_limited = 0  # requests refused by the org-wide limit
+        self.faults_served: Counter[str] = Counter()
+        self._served = 0  # authenticated requests, for the fault rotation
         self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True
         self._server.simulator = self  # type: ignore[attr-defined]
@@ -190,13 +198,24 @@ class Simulator:
     # ------------------------------------------------------------------ faults
     def _roll_fault(self) -> str | None:
         with self._lock:
+            self._served += 1
+            served = self._served
             roll = self._fault_rng.random()
-        edge = 0.0
-        for kind in FAULT_KINDS:
-            edge += self.faults.rate.get(kind, 0.0)
-            if roll < edge:
-                return kind
-        return None
+        every = self.faults.every
+        fault = None
+        if every and served % every == 0:
+            fault = FAULT_KINDS[(served // every - 1) % len(FAULT_KINDS)]
+        else:
+            edge = 0.0
+            for kind in FAULT_KINDS:
+                edge += self.faults.rate.get(kind, 0.0)
+                if roll < edge:
+                    fault = kind
+                    break
+        if fault is not None:
+            with self._lock:
+                self.faults_served[fault] += 1
+        return fault
 
     def _over_org_limit(self, now: float) -> float | None:
         """Seconds until a slot frees when the org-wide limit is exhausted, else None."""
@@ -205,6 +224,7 @@ class Simulator:
             while self._arrivals and self._arrivals[0] <= now - 60:
                 self._arrivals.popleft()
             if limit is not None and len(self._arrivals) >= limit:
+                self.org_limited += 1
                 return self._arrivals[0] + 60 - now
             self._arrivals.append(now)
         return None
