@@ -181,9 +181,10 @@ def expected_archive(
 
 def assert_exact_archive(
     s3: Any, bucket: str, sim: Simulator, prefix: str = "", bodies: bool = True
-) -> None:
+) -> dict[str, Any]:
     """Every alert key present with the right body, and no other alert or webhook key.
-    ``bodies=False`` compares the keys only (cheap, for checks repeated within a test)."""
+    ``bodies=False`` compares the keys only (cheap, for checks repeated within a test).
+    Returns what the bucket holds (key -> body, or key -> (ETag, LastModified))."""
     layout = Layout(prefix)
     expected = expected_archive(sim, sim.credentials.org_id, layout)
     actual: dict[str, Any] = bucket_objects(s3, bucket) if bodies else bucket_listing(s3, bucket)
@@ -196,7 +197,7 @@ def assert_exact_archive(
     extra = sorted(record_keys - set(expected))
     assert not missing, f"{len(missing)} keys missing, e.g. {missing[:5]}"
     assert not extra, f"{len(extra)} unexpected keys, e.g. {extra[:5]}"
-    if not bodies:
-        return
-    for key, body in expected.items():
-        assert json.loads(actual[key]) == body, f"body differs at {key}"
+    if bodies:
+        for key, body in expected.items():
+            assert json.loads(actual[key]) == body, f"body differs at {key}"
+    return actual

@@ -40,7 +40,8 @@ def finish(process: subprocess.Popen[str], timeout: float = 300) -> tuple[int, d
 def checkpoint_history(s3: Any, bucket: str) -> list[dict[str, Any]]:
     """Every version of the checkpoint ever written, oldest first (bucket versioning)."""
     versions = s3.list_object_versions(Bucket=bucket, Prefix="_poller/checkpoint.json")
-    ordered = sorted(versions.get("Versions", []), key=lambda v: v["LastModified"])
+    # S3 lists a key's versions newest first (LastModified has only 1 s resolution).
+    ordered = list(reversed(versions.get("Versions", [])))
     history = []
     for version in ordered:
         body = s3.get_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])

@@ -39,7 +39,14 @@ def test_two_days_of_alerts_are_archived_exactly_then_nothing_more(
 ):
     now = utc_now()
     simulator.generate(1000, now - timedelta(days=2), now - timedelta(minutes=2))
-    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__FIRST_RUN_SINCE="3d")
+    # One chunk for the whole first window, so the list requests are pages and nothing else.
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_SYNC__FIRST_RUN_SINCE="3d",
+        POLLER_SYNC__MAX_WINDOW_SECONDS=str(4 * 86400),
+    )
 
     first = run_poller(["sync"], env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -58,6 +65,7 @@ def test_two_days_of_alerts_are_archived_exactly_then_nothing_more(
         "duration_s",
     }
     assert_exact_archive(s3, bucket, simulator)
+    assert simulator.credentials.api_key not in first.stderr + first.stdout
     objects = s3.list_objects_v2(Bucket=bucket, Prefix="alerts/")["Contents"][:1]
     head = s3.head_object(Bucket=bucket, Key=objects[0]["Key"])
     assert head["ContentType"] == "application/json"

@@ -1,0 +1,70 @@
+"""botocore errors are classified in one place; S3ObjectStore maps them (moto's mock_aws)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+from moto import mock_aws
+
+from poller.errors import ArchiveAccessError, ArchiveUnavailable, FatalError
+from poller.store import S3ObjectStore, classify_s3_error, count_requests
+
+
+def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (client_error("AccessDenied", 403), ArchiveAccessError),
+        (client_error("NoSuchBucket", 404), ArchiveAccessError),
+        (client_error("InvalidAccessKeyId", 403), ArchiveAccessError),
+        (client_error("SignatureDoesNotMatch", 403), ArchiveAccessError),
+        (client_error("SlowDown", 503), ArchiveUnavailable),
+        (client_error("InternalError", 500), ArchiveUnavailable),
+        (client_error("RequestTimeout", 400), ArchiveUnavailable),
+        (client_error("ConditionalRequestConflict", 409), ArchiveUnavailable),
+        (client_error("InvalidArgument", 400), FatalError),
+        (botocore.exceptions.NoCredentialsError(), ArchiveAccessError),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), ArchiveUnavailable),
+        (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), ArchiveUnavailable),
+    ],
+)
+def test_botocore_errors_are_classified(error: Exception, expected: type):
+    classified = classify_s3_error(error, "writing k")
+    assert type(classified) is expected
+    assert "writing k" in str(classified)
+
+
+def test_anything_else_is_not_swallowed():
+    with pytest.raises(KeyError):
+        classify_s3_error(KeyError("bug"), "writing k")
+
+
+@mock_aws
+def test_missing_bucket_is_an_access_error_with_its_code():
+    store = S3ObjectStore(boto3.client("s3", region_name="us-east-1"), "nope")
+    with pytest.raises(ArchiveAccessError, match="NoSuchBucket"):
+        store.put("k", b"{}", if_none_match=True)
+    with pytest.raises(ArchiveAccessError, match="NoSuchBucket"):
+        store.get("k")
+
+
+@mock_aws
+def test_requests_are_counted_and_objects_are_json():
+    client: Any = boto3.client("s3", region_name="us-east-1")
+    client.create_bucket(Bucket="bkt")
+    sent = count_requests(client)
+    store = S3ObjectStore(client, "bkt")
+    store.put("k", b"{}", if_none_match=True)
+    assert store.get("k") is not None
+    assert store.get("missing") is None
+    assert sent() == 3
+    assert client.head_object(Bucket="bkt", Key="k")["ContentType"] == "application/json"
