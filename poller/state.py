@@ -6,7 +6,8 @@ Checkpoint document, ``P/_poller/checkpoint.json`` (version 1)::
      "watermark": "2026-11-25T12:00:00Z",      # every alert created before it is archived
      "seen": {"<alert id>": 1764072000, ...},   # ids archived inside the lookback, with
                                                 # their creation time (unix seconds)
-     "updated_at": "...", "updated_by": "<run id>", "mode": "sync"}
+     "updated_at": "...", "updated_by": "<run id>", "mode": "sync",
+     "statuses": ["active", "dismissed"]}      # the alert lists the watermark covers
 
 Lease document, ``P/_poller/lease.json`` (version 1)::
 
@@ -89,6 +90,7 @@ class CheckpointStore:
         run_id: str,
         mode: str,
         now: datetime,
+        statuses: tuple[str, ...] = (),
     ) -> Checkpoint:
         """Replace ``previous`` if and only if it is still what is stored; never go backwards."""
         if previous.watermark is not None and watermark < previous.watermark:
@@ -100,6 +102,7 @@ class CheckpointStore:
             "updated_at": iso_z(now),
             "updated_by": run_id,
             "mode": mode,
+            "statuses": sorted(statuses),
         }
         body = json.dumps(document, sort_keys=True).encode("utf-8")
         try:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive import Archive, Outcome
-from poller.errors import LeaseLost
+from poller.errors import ConfigError, LeaseLost
 from poller.records import Alert, Rejected, classify
 from poller.state import Checkpoint, CheckpointStore, Lease
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
@@ -179,6 +179,7 @@ class Cycle:
     def _run(self, summary: Summary) -> None:
         now = self.clock()
         checkpoint = self.checkpoints.load()
+        self._check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         log.info("cycle.start", extra={"fields": {"window": summary.window}})
@@ -192,10 +193,26 @@ class Cycle:
             seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
             self._fence()
             checkpoint = self.checkpoints.commit(
-                checkpoint, watermark, seen, self.run_id, self.mode, now
+                checkpoint, watermark, seen, self.run_id, self.mode, now, self.settings.statuses
             )
             summary.watermark = iso_z(watermark)
             log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
+
+    def _check_statuses(self, checkpoint: Checkpoint) -> None:
+        """One watermark covers every status list: a run that polls fewer lists than the
+        checkpoint covers would move it past alerts it never read."""
+        covered = checkpoint.document.get("statuses")
+        if not isinstance(covered, list):
+            return
+        missing = sorted(set(map(str, covered)) - set(self.settings.statuses))
+        if missing:
+            raise ConfigError(
+                [
+                    f"threatstack.statuses: this run polls {list(self.settings.statuses)} but"
+                    f" the checkpoint also covers {missing}; polling fewer lists would skip"
+                    " their alerts for good (poll them all, or use another prefix)"
+                ]
+            )
 
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from poller.archive import Archive
-from poller.errors import ApiUnavailable, ArchiveUnavailable, LeaseLost
+from poller.errors import ApiUnavailable, ArchiveUnavailable, ConfigError, LeaseLost
 from poller.records import Layout
 from poller.state import CheckpointStore, Lease
 from poller.store import MemoryObjectStore
@@ -243,3 +243,15 @@ def test_a_long_window_is_committed_chunk_by_chunk(world: World):
     summary = world.cycle()
     assert world.checkpoint()["watermark"] == "2026-11-25T11:59:00Z"
     assert summary.archived == 1  # only what was missing; the rest skipped by the seen set
+
+
+def test_a_run_polling_fewer_lists_than_the_checkpoint_covers_is_refused(world: World):
+    world.source.add("alert00001", ago(5))
+    world.cycle()
+    assert world.checkpoint()["statuses"] == ["active", "dismissed"]
+    world.settings = CycleSettings(
+        ("active",), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    with pytest.raises(ConfigError, match=r"also covers \['dismissed'\]") as caught:
+        world.cycle()
+    assert caught.value.exit_code == 2
