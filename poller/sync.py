@@ -1,10 +1,11 @@
 """One incremental cycle: read the window, archive what is new, then commit the checkpoint.
 
 The cycle reads the clock once. Its window is ``[watermark - lookback, now - settle)`` (the
-first cycle starts at ``sync.first_run_since``). Alerts whose id is in the checkpoint's
+first cycle starts at ``sync.first_run_since``), read in chunks of at most ``max_window``. Alerts whose id is in the checkpoint's
 ``seen`` set were archived by an earlier cycle and cost no S3 request; the rest are written
 create-only, ``s3.max_concurrency`` at a time. Only when every alert of the window is
-archived or quarantined, and the lease is still ours, is the checkpoint moved forward.
+archived or quarantined, and the lease is still ours, is the checkpoint moved forward
+(chunk by chunk).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class Cycle:
 
     def run(self, summary: Summary | None = None) -> Summary:
         """One cycle under a lease the caller holds, filling ``summary`` as it goes.
-        Raises on failure, and then nothing is committed."""
+        Raises on failure; the chunk that failed, and any after it, are not committed."""
         started = time.monotonic()
         api_before, s3_before = self.source.requests_sent, self.s3_requests()
         summary = summary or Summary(mode=self.mode, run_id=self.run_id)
