@@ -90,16 +90,24 @@ def test_racing_processes_one_works_the_rest_exit_75(
     assert len(history) >= 6
 
 
-@pytest.mark.crash
-def test_a_killed_holder_is_taken_over_after_expiry(
+def start_holder_mid_work(
     simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
-):
+) -> tuple[dict[str, str], subprocess.Popen[str], dict[str, Any]]:
+    """A `poller sync` with a 10 s lease, two seconds into archiving 900 alerts."""
     now = utc_now()
-    simulator.generate(900, now - timedelta(days=1), now - timedelta(minutes=5))
+    simulator.generate(900, now - timedelta(hours=23), now - timedelta(minutes=5))
     env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__LEASE_TTL_SECONDS="10")
     holder = start(env)
     lease = wait_for_lease(s3, bucket)
     time.sleep(2)
+    return env, holder, lease
+
+
+@pytest.mark.crash
+def test_a_killed_holder_is_taken_over_after_expiry(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    env, holder, lease = start_holder_mid_work(simulator, moto_server, s3, bucket)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert lease["pid"] == holder.pid
@@ -121,12 +129,7 @@ def test_a_killed_holder_is_taken_over_after_expiry(
 def test_a_paused_holder_that_lost_its_lease_writes_no_checkpoint(
     simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
 ):
-    now = utc_now()
-    simulator.generate(900, now - timedelta(days=1), now - timedelta(minutes=5))
-    env = poller_env(simulator, moto_server, bucket, POLLER_SYNC__LEASE_TTL_SECONDS="10")
-    paused = start(env)
-    wait_for_lease(s3, bucket)
-    time.sleep(2)
+    env, paused, _ = start_holder_mid_work(simulator, moto_server, s3, bucket)
     os.kill(paused.pid, signal.SIGSTOP)
     try:
         time.sleep(12)

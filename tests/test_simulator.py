@@ -48,18 +48,23 @@ def client_for(
     )
 
 
+def hawk_header(sim: Simulator, url: str, timestamp: int | None = None) -> str:
+    creds = sim.credentials
+    return str(
+        mohawk.Sender(
+            {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
+            url,
+            "GET",
+            always_hash_content=False,
+            ext=creds.org_id,
+            _timestamp=timestamp,
+        ).request_header
+    )
+
+
 def signed_get(sim: Simulator, path: str, timestamp: int | None = None) -> requests.Response:
     url = sim.base_url + path
-    creds = sim.credentials
-    sender = mohawk.Sender(
-        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
-        url,
-        "GET",
-        always_hash_content=False,
-        ext=creds.org_id,
-        _timestamp=timestamp,
-    )
-    return requests.get(url, headers={"Authorization": sender.request_header}, timeout=5)
+    return requests.get(url, headers={"Authorization": hawk_header(sim, url, timestamp)}, timeout=5)
 
 
 def test_pages_of_100_with_tokens_until_the_end(simulator: Simulator):
@@ -107,14 +112,7 @@ def test_hawk_rejects_stale_timestamps_and_replays(simulator: Simulator):
     assert stale.status_code == 401
     assert "ts=" in stale.headers["WWW-Authenticate"]
     url = simulator.base_url + "/help/hawk/self-test"
-    creds = simulator.credentials
-    header = mohawk.Sender(
-        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
-        url,
-        "GET",
-        always_hash_content=False,
-        ext=creds.org_id,
-    ).request_header
+    header = hawk_header(simulator, url)
     assert requests.get(url, headers={"Authorization": header}, timeout=5).status_code == 200
     assert requests.get(url, headers={"Authorization": header}, timeout=5).status_code == 401
 
