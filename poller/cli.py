@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,12 @@ def cmd_sync(settings: Settings, run_id: str) -> int:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code
         level = logging.WARNING if code == 75 else logging.ERROR
         log.log(level, "sync.failed", extra={"fields": {"error": str(exc), "exit_code": code}})
+    except (Stopped, KeyboardInterrupt) as exc:
+        # SIGTERM (Kubernetes stopping the pod) or Ctrl-C: the lease was released on the way
+        # out, the unfinished chunk is not committed, and the next run picks it up.
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
+        summary.ok, summary.error = False, f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'}"
+        log.warning("sync.stopped", extra={"fields": {"exit_code": code}})
     except Exception as exc:  # a bug: still end with a summary and exit 1, nothing committed
         summary.ok, summary.error, code = False, f"unexpected {type(exc).__name__}: {exc}", 1
         log.exception("sync.crashed")
@@ -141,8 +148,17 @@ def cmd_check(settings: Settings, run_id: str) -> int:
 COMMANDS = {"sync": cmd_sync, "status": cmd_status, "check": cmd_check}
 
 
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM, so ``finally`` blocks (lease release) run."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         settings = load_settings(args.config, required=REQUIREMENTS[args.command])
     except ConfigError as exc:
@@ -159,3 +175,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Stopped:
+        return 143

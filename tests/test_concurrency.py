@@ -148,3 +148,18 @@ def test_a_paused_holder_that_lost_its_lease_writes_no_checkpoint(
     after = s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")
     assert after["ETag"] == etag_after_taker  # the paused run wrote no checkpoint
     assert_exact_archive(s3, bucket, simulator)
+
+
+@pytest.mark.crash
+def test_sigterm_releases_the_lease_and_loses_nothing(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    env, holder, _ = start_holder_mid_work(simulator, moto_server, s3, bucket)
+    holder.send_signal(signal.SIGTERM)
+    code, summary = finish(holder, timeout=60)
+    assert code == 143, summary
+    assert summary["error"] == "stopped by SIGTERM"
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+    code, summary = finish(start(env))  # no wait for a ttl: the lease is free at once
+    assert code == 0, summary
+    assert_exact_archive(s3, bucket, simulator)
