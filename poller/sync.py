@@ -2,10 +2,10 @@
 
 The cycle reads the clock once. Its window is ``[watermark - lookback, now - settle)`` (the
 first cycle starts at ``sync.first_run_since``), read in chunks of at most ``max_window``.
-Alerts whose id is in the checkpoint's ``seen`` set were archived by an earlier cycle and cost no S3 request; the rest are written
-create-only, ``s3.max_concurrency`` at a time. Only when every alert of the window is
-archived or quarantined, and the lease is still ours, is the checkpoint moved forward
-(chunk by chunk).
+Alerts whose id is in the checkpoint's ``seen`` set were archived by an earlier cycle and
+cost no S3 request; the rest are written create-only, ``s3.max_concurrency`` at a time.
+Only when every alert of a chunk is archived or quarantined, and the lease is still ours,
+is the checkpoint moved forward.
 """
 
 from __future__ import annotations
