@@ -3,12 +3,15 @@ test_integration.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.archive import Archive
 from poller.errors import ApiUnavailable, ArchiveUnavailable, ConfigError, LeaseLost
@@ -255,3 +258,66 @@ def test_a_run_polling_fewer_lists_than_the_checkpoint_covers_is_refused(world: 
     with pytest.raises(ConfigError, match=r"also covers \['dismissed'\]") as caught:
         world.cycle()
     assert caught.value.exit_code == 2
+
+
+class FailNthPut(FlakyStore):
+    """Fails the puts whose sequence numbers are in ``fail_at`` (a transient S3 error)."""
+
+    def __init__(self, clock: Any, fail_at: set[int]) -> None:
+        super().__init__(clock)
+        self.fail_at = fail_at
+        self.puts = 0
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        self.puts += 1
+        if self.puts in self.fail_at:
+            raise ArchiveUnavailable(f"S3 failed writing {key}: InternalError")
+        return super().put(key, body, **conditions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    alerts=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=3 * 3600),  # created this long before NOW
+            st.integers(min_value=0, max_value=900),  # visible this long after creation
+            st.sampled_from(["active", "dismissed"]),
+        ),
+        max_size=30,
+    ),
+    fail_at=st.sets(st.integers(min_value=1, max_value=120), max_size=6),
+)
+def test_any_late_arrivals_and_failures_end_in_the_exact_archive(
+    alerts: list[tuple[int, int, str]], fail_at: set[int]
+):
+    """Cycles every 5 minutes, alerts visible up to the look-back late, S3 failing at random
+    writes: once the clock has passed everything, the archive holds every alert, exactly."""
+    world = World()
+    world.store = FailNthPut(lambda: world.now, fail_at)
+    world.lease = Lease(world.store, LAYOUT, 120, {"run_id": "r"}, lambda: world.now)
+    world.settings = CycleSettings(
+        ("active", "dismissed"),
+        timedelta(seconds=900),
+        timedelta(seconds=60),
+        "4h",
+        4,
+        timedelta(hours=1),
+    )
+    start = NOW - timedelta(hours=3)
+    world.now = start
+    docs = {}
+    for i, (before, delay, status) in enumerate(alerts):
+        created = NOW - timedelta(seconds=before)
+        docs[f"alert{i:05d}"] = world.source.add(
+            f"alert{i:05d}", created, status, visible_at=created + timedelta(seconds=delay)
+        )
+    while world.now < NOW + timedelta(hours=1):
+        with contextlib.suppress(ArchiveUnavailable):
+            world.cycle()
+        world.now += timedelta(minutes=5)
+    objects = world.store.snapshot()
+    for alert_id, doc in docs.items():
+        assert json.loads(objects[LAYOUT.alert_key(alert_id)]) == doc
+    assert world.archived_ids() == set(docs)
+    webhooks = [k for k in objects if k.startswith("webhooks/")]
+    assert len(webhooks) == len(docs)
