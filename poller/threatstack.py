@@ -25,6 +25,7 @@ from poller.errors import (
     ApiAuthError,
     ApiRequestError,
     ApiUnavailable,
+    FatalError,
     MalformedResponse,
     PagingLoop,
     PollerError,
@@ -196,7 +197,11 @@ class ThreatStackClient:
     def _verify(sender: mohawk.Sender, response: requests.Response, body: bytes) -> None:
         header = response.headers.get("Server-Authorization")
         if not header:
-            raise MalformedResponse("Threat Stack response has no Server-Authorization header")
+            # Not transient: an endpoint that does not sign will never sign on a retry.
+            raise FatalError(
+                "Threat Stack's response carries no Server-Authorization header; if this"
+                " endpoint does not sign its responses, set threatstack.verify_responses: false"
+            )
         try:
             sender.accept_response(
                 header, content=body, content_type=response.headers.get("Content-Type", "")

@@ -18,6 +18,7 @@ from poller.errors import (
     ApiAuthError,
     ApiRequestError,
     ApiUnavailable,
+    FatalError,
     MalformedResponse,
     PagingLoop,
     RateLimited,
@@ -218,3 +219,12 @@ def test_self_test_has_no_v2_prefix():
 def test_client_repr_has_no_secret():
     client, _ = make_client()
     assert "k" * 40 not in repr(client)
+
+
+@responses.activate
+def test_an_unsigned_success_is_refused_at_once_with_the_way_out():
+    responses.add(responses.GET, f"{BASE}/v2/alerts", json={"alerts": [], "token": None})
+    client, _ = make_client()
+    with pytest.raises(FatalError, match="verify_responses"):
+        list(client.list_alerts("active", SINCE, UNTIL))
+    assert len(responses.calls) == 1
