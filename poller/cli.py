@@ -40,6 +40,14 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="config file (default: $POLLER_CONFIG, else ./config.yaml if it exists)",
     )
+    top.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set sync.first_run_since=7d (repeatable; wins over"
+        " file and environment)",
+    )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("sync", help="one incremental cycle, then exit (CronJob entry point)")
     commands.add_parser("status", help="print the checkpoint, the lease and the lag")
@@ -160,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        settings = load_settings(args.config, required=REQUIREMENTS[args.command])
+        settings = load_settings(args.config, required=REQUIREMENTS[args.command], flags=args.set)
     except ConfigError as exc:
         sys.stderr.write(f"poller: {exc}\n")
         return exc.exit_code

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,11 +340,30 @@ def _from_environment(
         raw[(section, option)] = _Raw(value, f"environment {name}")
 
 
+def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str]) -> None:
+    """``--set SECTION.KEY=VALUE`` flags, the last layer of precedence."""
+    for flag in flags:
+        name, sep, value = flag.partition("=")
+        section, _, option = name.strip().partition(".")
+        if not sep or not option:
+            problems.append(f"--set {flag!r}: expected SECTION.KEY=VALUE")
+        elif section not in PARSERS or option not in PARSERS[section]:
+            problems.append(f"--set {name}: no such setting")
+        elif option == "api_key":
+            # A flag shows in the process list: secrets come from the environment or a file.
+            problems.append(
+                "--set threatstack.api_key: not allowed; use THREATSTACK_API_KEY(_FILE)"
+            )
+        else:
+            raw[(section, option)] = _Raw(value, f"flag --set {name}")
+
+
 def load_settings(
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[Key, tuple[Any, str]] | None = None,
     required: tuple[Key, ...] = (),
+    flags: Sequence[str] = (),
 ) -> Settings:
     """Build Settings from every source; raise ConfigError naming each problem found."""
     environ = os.environ if environ is None else environ
@@ -357,6 +376,7 @@ def load_settings(
     _from_environment(environ, raw, problems)
     for target, (value, source) in (overrides or {}).items():
         raw[target] = _Raw(value, source)
+    _from_flags(flags, raw, problems)
 
     values: dict[str, dict[str, Any]] = {section: {} for section in PARSERS}
     for (section, option), item in raw.items():

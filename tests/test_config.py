@@ -177,3 +177,22 @@ def test_secrets_never_show(tmp_path: Path):
 def test_bad_values_are_refused(name: str, value: str):
     with pytest.raises(ConfigError, match=name):
         load_settings(None, environ={name: value})
+
+
+def test_set_flags_win_over_everything_and_are_checked(tmp_path: Path):
+    path = write(tmp_path, "sync:\n  first_run_since: 2d\n")
+    environ = {"POLLER_SYNC__FIRST_RUN_SINCE": "3d"}
+    settings = load_settings(path, environ=environ, flags=["sync.first_run_since=7d"])
+    assert settings.sync.first_run_since == "7d"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            None,
+            environ={},
+            flags=["sync.interval_seconds=x", "nokey", "s3.nope=1", f"threatstack.api_key={KEY}"],
+        )
+    problems = caught.value.problems
+    assert any("flag --set sync.interval_seconds" in p for p in problems)
+    assert any("'nokey'" in p and "SECTION.KEY=VALUE" in p for p in problems)
+    assert any("--set s3.nope: no such setting" in p for p in problems)
+    assert any("--set threatstack.api_key: not allowed" in p for p in problems)
+    assert KEY not in str(caught.value)

@@ -162,9 +162,14 @@ def test_bad_configuration_exits_2_naming_every_problem(moto_server: MotoServer,
             POLLER_S3__MAX_CONCURRENCY="-1",
         )
         del env["THREATSTACK_USER_ID"]
-        result = run_poller(["sync"], env)
+        result = run_poller(["--set", "sync.settle_seconds=-5", "sync"], env)
     assert result.returncode == 2
-    for expected in ("sync.interval_seconds", "s3.max_concurrency", "threatstack.user_id"):
+    for expected in (
+        "sync.interval_seconds",
+        "s3.max_concurrency",
+        "threatstack.user_id",
+        "sync.settle_seconds: must be between 0 and 86400, got -5 (from flag",
+    ):
         assert expected in result.stderr
     assert result.stdout == ""
 
