@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from botocore.config import Config
 from poller.archive import Archive
 from poller.budget import RequestBudget
 from poller.config import S3Settings, Settings
+from poller.errors import Stopped
 from poller.records import Layout
 from poller.retrying import RetryPolicy
 from poller.state import CheckpointStore, Lease, LeaseKeeper
@@ -26,6 +28,16 @@ from poller.store import ObjectStore, S3ObjectStore, count_requests
 from poller.sync import Cycle, CycleSettings, Summary
 from poller.threatstack import ThreatStackClient
 from poller.timeutil import Clock, utc_now
+
+
+def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
+    """A ``sleep`` for backoff and budget waits that a stop request cuts short."""
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise Stopped()
+
+    return sleep
 
 
 def new_run_id() -> str:
@@ -56,6 +68,7 @@ class Runtime:
     store: ObjectStore
     s3_requests: Callable[[], int]
     layout: Layout
+    stop: threading.Event
 
     def lease(self) -> Lease:
         holder = {
@@ -104,8 +117,12 @@ def build(
     session: requests.Session | None = None,
     s3: Any = None,
     run_id: str | None = None,
+    stop: threading.Event | None = None,
 ) -> Runtime:
     ts = settings.threatstack
+    stop = stop or threading.Event()
+    if sleep is time.sleep:
+        sleep = interruptible_sleep(stop)
     api = ThreatStackClient(
         ts,
         session or requests.Session(),
@@ -123,21 +140,24 @@ def build(
         store=S3ObjectStore(client, settings.s3.bucket),
         s3_requests=count_requests(client),
         layout=Layout(settings.s3.prefix),
+        stop=stop,
     )
 
 
 def run_cycle(runtime: Runtime, summary: Summary) -> Summary:
     """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
     (exit 75) when another run holds it."""
+    api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
     lease = runtime.lease()
     try:
         lease.acquire()
         cycle = runtime.cycle(lease)
         with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
             cycle.lease_lost = lambda: keeper.lost
+            cycle.should_stop = runtime.stop.is_set
             return cycle.run(summary)
     finally:
         lease.release()
-        # Whole-run figures: the lease's requests count too.
-        summary.api_requests = runtime.api.requests_sent
-        summary.s3_requests = runtime.s3_requests()
+        # Whole-run figures, the lease's requests included (deltas: the daemon reuses clients).
+        summary.api_requests = runtime.api.requests_sent - api_before
+        summary.s3_requests = runtime.s3_requests() - s3_before

@@ -15,7 +15,7 @@ from typing import Any
 from poller import __version__
 from poller.app import build, new_run_id, run_cycle
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
-from poller.errors import ConfigError, PollerError
+from poller.errors import ConfigError, PollerError, Stopped
 from poller.probe import check_bucket
 from poller.state import CheckpointStore
 from poller.sync import Summary
@@ -25,6 +25,7 @@ log = logging.getLogger("poller")
 
 REQUIREMENTS = {
     "sync": REQUIRED_API + REQUIRED_S3,
+    "run": REQUIRED_API + REQUIRED_S3,
     "check": REQUIRED_API + REQUIRED_S3,
     "status": REQUIRED_S3,
 }
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("sync", help="one incremental cycle, then exit (CronJob entry point)")
+    commands.add_parser(
+        "run", help="the daemon: a sync every sync.interval_seconds, health and metrics over HTTP"
+    )
     commands.add_parser("status", help="print the checkpoint, the lease and the lag")
     commands.add_parser(
         "check", help="validate config, call the Threat Stack self-test, probe the bucket"
@@ -84,6 +88,12 @@ def cmd_sync(settings: Settings, run_id: str) -> int:
         log.exception("sync.crashed")
     _emit(summary.as_dict())
     return code
+
+
+def cmd_run(settings: Settings, run_id: str) -> int:
+    from poller.scheduler import Daemon  # apscheduler is only needed here
+
+    return Daemon(build(settings, "run", run_id=run_id), utc_now).run()
 
 
 def cmd_status(settings: Settings, run_id: str) -> int:
@@ -153,11 +163,7 @@ def cmd_check(settings: Settings, run_id: str) -> int:
     return code
 
 
-COMMANDS = {"sync": cmd_sync, "status": cmd_status, "check": cmd_check}
-
-
-class Stopped(BaseException):
-    """Raised in the main thread by SIGTERM, so ``finally`` blocks (lease release) run."""
+COMMANDS = {"sync": cmd_sync, "run": cmd_run, "status": cmd_status, "check": cmd_check}
 
 
 def _stop(signum: int, _frame: object) -> None:

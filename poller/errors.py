@@ -17,6 +17,8 @@
         ├── MalformedResponse        200 whose body is not the expected JSON (or fails Hawk)
         └── ArchiveUnavailable       S3 5xx, throttling or network after botocore's retries
 
+    Stopped (a BaseException)        SIGTERM/SIGINT: unwinds a run so ``finally`` releases the lease
+
 Every error raised from a library exception keeps it as ``__cause__``. Messages never
 contain secrets: they are built from status codes, keys and our own words only.
 """
@@ -100,3 +102,8 @@ class MalformedResponse(RetriableError):
 
 class ArchiveUnavailable(RetriableError):
     """S3 failed transiently (5xx, throttling, network) beyond botocore's own retries."""
+
+
+class Stopped(BaseException):
+    """The process was asked to stop (SIGTERM/SIGINT). A BaseException, so that no
+    ``except Exception`` swallows it and every ``finally`` (lease release) runs."""

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive import Archive, Outcome
-from poller.errors import ConfigError, LeaseLost
+from poller.errors import ConfigError, LeaseLost, Stopped
 from poller.records import Alert, Rejected, classify
 from poller.state import Checkpoint, CheckpointStore, Lease
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
@@ -162,6 +162,7 @@ class Cycle:
         self.run_id = run_id
         self.mode = mode
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
+        self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
 
     def run(self, summary: Summary | None = None) -> Summary:
         """One cycle under a lease the caller holds, filling ``summary`` as it goes.
@@ -236,6 +237,8 @@ class Cycle:
         try:
             for status in self.settings.statuses:
                 for page in self.source.list_alerts(status, since, until):
+                    if self.should_stop():
+                        raise Stopped()
                     for raw in page:
                         self._take(raw, status, checkpoint, seen_now, writer, until, now, summary)
                     log.info(

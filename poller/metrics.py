@@ -1,0 +1,50 @@
+"""Prometheus metrics of the daemon, on a registry of its own (no module-level globals)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from poller.sync import Summary
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.cycles = Counter(
+            "poller_cycles", "Cycles run, by outcome", ["outcome"], registry=self.registry
+        )
+        self.alerts = Counter(
+            "poller_alerts", "Alerts handled, by result", ["result"], registry=self.registry
+        )
+        self.api_requests = Counter(
+            "poller_api_requests",
+            "Threat Stack HTTP requests, retries included",
+            registry=self.registry,
+        )
+        self.s3_requests = Counter(
+            "poller_s3_requests", "S3 HTTP requests, retries included", registry=self.registry
+        )
+        self.last_success = Gauge(
+            "poller_last_success_timestamp_seconds",
+            "End of the last successful cycle",
+            registry=self.registry,
+        )
+        self.watermark = Gauge(
+            "poller_watermark_timestamp_seconds",
+            "Every alert created before it is archived",
+            registry=self.registry,
+        )
+
+    def observe(self, summary: Summary, outcome: str, now: datetime) -> None:
+        self.cycles.labels(outcome).inc()
+        self.alerts.labels("archived").inc(summary.archived)
+        self.alerts.labels("already_archived").inc(summary.already_archived)
+        self.alerts.labels("quarantined").inc(summary.quarantined)
+        self.api_requests.inc(summary.api_requests)
+        self.s3_requests.inc(summary.s3_requests)
+        if outcome == "ok":
+            self.last_success.set(now.timestamp())
+        if summary.watermark:
+            self.watermark.set(datetime.fromisoformat(summary.watermark).timestamp())

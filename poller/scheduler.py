@@ -1,0 +1,153 @@
+"""The daemon: a ``sync`` cycle every ``sync.interval_seconds`` (APScheduler 3), health and
+metrics over HTTP, and a graceful stop on SIGTERM/SIGINT.
+
+APScheduler 3 installs no signal handlers, so we do: a signal sets the stop event (which
+cuts backoff sleeps short and stops the cycle between pages, releasing the lease) and shuts
+the scheduler down; the process exits once the running cycle has unwound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from poller.app import Runtime, run_cycle
+from poller.errors import LeaseHeld, PollerError, Stopped
+from poller.metrics import Metrics
+from poller.sync import Summary
+from poller.timeutil import Clock, iso_z
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, runtime: Runtime, clock: Clock) -> None:
+        self.runtime = runtime
+        self.clock = clock
+        self.metrics = Metrics()
+        self.interval = runtime.settings.sync.interval_seconds
+        self.last_outcome: str | None = None
+        self.last_success: datetime | None = None
+        self._cycle_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ one cycle
+    def cycle(self) -> None:
+        """One sync cycle; never raises (the next interval is the retry)."""
+        with self._cycle_lock:
+            if self.runtime.stop.is_set():
+                return
+            summary = Summary(mode="run", run_id=self.runtime.run_id)
+            outcome = "ok"
+            try:
+                run_cycle(self.runtime, summary)
+                log.info("cycle.done", extra={"fields": summary.as_dict()})
+            except LeaseHeld as exc:
+                outcome = "lease_held"  # another writer works; we are a healthy standby
+                log.info("cycle.skipped", extra={"fields": {"reason": str(exc)}})
+            except PollerError as exc:
+                outcome = "failed"
+                summary.ok, summary.error = False, str(exc)
+                log.error("cycle.failed", extra={"fields": {"error": str(exc)}})
+            except Stopped:
+                outcome = "stopped"
+                log.warning("cycle.stopped")
+            except Exception:  # a bug must not kill the daemon; it is logged and counted
+                outcome = "crashed"
+                log.exception("cycle.crashed")
+            now = self.clock()
+            self.last_outcome = outcome
+            if outcome in ("ok", "lease_held"):
+                self.last_success = now
+            self.metrics.observe(summary, outcome, now)
+
+    # ------------------------------------------------------------------ health
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once a cycle succeeded (or found another writer) within 3 intervals."""
+        state: dict[str, Any] = {
+            "last_outcome": self.last_outcome,
+            "last_success": iso_z(self.last_success) if self.last_success else None,
+        }
+        if self.last_success is None:
+            return False, state
+        fresh = self.clock() - self.last_success <= timedelta(seconds=3 * self.interval + 60)
+        return fresh, state
+
+    def serve_http(self, host: str, port: int) -> ThreadingHTTPServer | None:
+        if port == 0:
+            return None
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("http " + format, *args)
+
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, b'{"ok": true}', "application/json")
+                elif self.path == "/readyz":
+                    ok, state = daemon.ready()
+                    self._send(
+                        200 if ok else 503,
+                        json.dumps({"ok": ok, **state}).encode(),
+                        "application/json",
+                    )
+                elif self.path == "/metrics":
+                    self._send(200, generate_latest(daemon.metrics.registry), CONTENT_TYPE_LATEST)
+                else:
+                    self._send(404, b'{"error": "not found"}', "application/json")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        log.info("http.listening", extra={"fields": {"host": host, "port": server.server_port}})
+        return server
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        settings = self.runtime.settings
+        scheduler = BlockingScheduler(
+            timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
+        )
+        scheduler.add_job(
+            self.cycle,
+            IntervalTrigger(seconds=self.interval, timezone=UTC),
+            id="sync",
+            next_run_time=datetime.now(UTC),  # first cycle at once
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=self.interval,
+        )
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.warning("daemon.stopping", extra={"fields": {"signal": signum}})
+            self.runtime.stop.set()
+            scheduler.shutdown(wait=False)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server = self.serve_http(settings.http.host, settings.http.port)
+        log.info("daemon.started", extra={"fields": {"interval_s": self.interval}})
+        scheduler.start()  # returns after shutdown
+        with self._cycle_lock:  # wait for a running cycle to unwind and release its lease
+            pass
+        if server is not None:
+            server.shutdown()
+        log.info("daemon.stopped")
+        return 0
