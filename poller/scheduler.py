@@ -8,6 +8,7 @@ the scheduler down; the process exits once the running cycle has unwound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,12 +41,19 @@ class Daemon:
         self.last_outcome: str | None = None
         self.last_success: datetime | None = None
         self._cycle_lock = threading.Lock()
+        self._scheduler: BlockingScheduler | None = None
+
+    def _shutdown(self) -> None:
+        if self._scheduler is not None:
+            with contextlib.suppress(SchedulerNotRunningError):
+                self._scheduler.shutdown(wait=False)
 
     # ------------------------------------------------------------------ one cycle
     def cycle(self) -> None:
         """One sync cycle; never raises (the next interval is the retry)."""
         with self._cycle_lock:
             if self.runtime.stop.is_set():
+                self._shutdown()  # a stop that came before the scheduler was running
                 return
             summary = Summary(mode="run", run_id=self.runtime.run_id)
             outcome = "ok"
@@ -122,7 +131,7 @@ class Daemon:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         settings = self.runtime.settings
-        scheduler = BlockingScheduler(
+        scheduler = self._scheduler = BlockingScheduler(
             timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
         )
         scheduler.add_job(
@@ -138,7 +147,7 @@ class Daemon:
         def on_signal(signum: int, _frame: object) -> None:
             log.warning("daemon.stopping", extra={"fields": {"signal": signum}})
             self.runtime.stop.set()
-            scheduler.shutdown(wait=False)
+            self._shutdown()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
