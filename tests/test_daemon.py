@@ -38,6 +38,17 @@ def wait_until(condition: Any, timeout: float = 60) -> None:
     raise AssertionError("condition not met in time")
 
 
+def start_daemon(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "poller", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -60,14 +71,7 @@ def test_daemon_cycles_serves_health_and_stops_gracefully(
         POLLER_HTTP__PORT=str(port),
     )
     base = f"http://127.0.0.1:{port}"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "poller", "run"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    daemon = start_daemon(env)
     try:
         wait_until(lambda: requests.get(f"{base}/healthz", timeout=2).status_code == 200)
         wait_until(lambda: requests.get(f"{base}/readyz", timeout=2).status_code == 200)
@@ -111,14 +115,7 @@ def test_sigterm_in_the_middle_of_a_cycle_unwinds_it(
     now = utc_now()
     simulator.generate(1500, now - timedelta(hours=20), now - timedelta(minutes=5))
     env = poller_env(simulator, moto_server, bucket, POLLER_HTTP__PORT="0")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "poller", "run"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    daemon = start_daemon(env)
     wait_until(lambda: s3.list_objects_v2(Bucket=bucket, Prefix="alerts/")["KeyCount"] > 0)
     started = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
