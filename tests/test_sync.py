@@ -88,21 +88,23 @@ class World:
             ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
         )
 
+    def make_cycle(self) -> Cycle:
+        return Cycle(
+            self.source,
+            Archive(self.store, LAYOUT, "org"),
+            CheckpointStore(self.store, LAYOUT),
+            self.lease,
+            self.settings,
+            lambda: self.now,
+            lambda: self.store.requests,
+            "run",
+            "sync",
+        )
+
     def cycle(self) -> Summary:
         self.lease.acquire()
         try:
-            cycle = Cycle(
-                self.source,
-                Archive(self.store, LAYOUT, "org"),
-                CheckpointStore(self.store, LAYOUT),
-                self.lease,
-                self.settings,
-                lambda: self.now,
-                lambda: self.store.requests,
-                "run",
-                "sync",
-            )
-            return cycle.run()
+            return self.make_cycle().run()
         finally:
             self.lease.release()
 
@@ -207,16 +209,7 @@ def test_malformed_alerts_are_quarantined_and_do_not_block(world: World):
 def test_a_cycle_that_lost_its_lease_does_not_commit(world: World):
     world.source.add("alert00001", ago(5))
     world.lease.acquire()
-    cycle = Cycle(
-        world.source,
-        Archive(world.store, LAYOUT, "org"),
-        CheckpointStore(world.store, LAYOUT),
-        world.lease,
-        world.settings,
-        lambda: world.now,
-        lambda: 0,
-        "run",
-    )
+    cycle = world.make_cycle()
     # Another run takes over the lease while this one works.
     world.store.put(LAYOUT.lease_key, b'{"run_id": "other"}')
     with pytest.raises(LeaseLost):
