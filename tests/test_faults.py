@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -143,72 +143,133 @@ def test_a_page_that_stays_malformed_fails_cleanly(moto_server: MotoServer, s3: 
         assert_exact_archive(s3, bucket, sim)
 
 
-def creation_times(sim: Simulator) -> dict[str, Any]:
-    return {a.id: classify(a.doc).created for a in sim.alerts}  # all well-formed here
+def kill_after_pages(env: dict[str, str], pages: int, rng: random.Random) -> int | None:
+    """Start `poller sync` and SIGKILL it just after its ``pages``-th page read, a random
+    fraction of a page's writes later. Returns its exit code if it ended first, else None.
+
+    Kills are placed by the run's own progress (its log), not by wall-clock delays, so
+    which phase a kill lands in does not depend on how fast the machine is."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poller", "sync"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stderr is not None
+    read = 0
+    for line in process.stderr:
+        if '"event": "page.read"' in line:
+            read += 1
+            if read >= pages:
+                time.sleep(rng.uniform(0.0, 0.3))
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                process.stderr.close()
+                return None
+    process.stderr.close()
+    return process.wait()
+
+
+def assert_nothing_behind_the_watermark_missing(
+    s3: Any, bucket: str, sim: Simulator, added_at: dict[str, datetime]
+) -> None:
+    """The promise at every instant: an alert that was visible when the committed cycle
+    started (the checkpoint's ``updated_at``) and was created before its watermark is
+    archived. Alerts that arrived later, behind the watermark, are the next cycle's
+    look-back work (or verify's), and are judged by the final exact archive."""
+    keys = set(bucket_listing(s3, bucket))
+    if "_poller/checkpoint.json" not in keys:
+        return
+    checkpoint = json.loads(
+        s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")["Body"].read()
+    )
+    watermark = datetime.fromisoformat(checkpoint["watermark"].replace("Z", "+00:00"))
+    cycle_started = datetime.fromisoformat(checkpoint["updated_at"].replace("Z", "+00:00"))
+    layout = Layout()
+    missing = []
+    for sim_alert in sim.alerts:
+        item = classify(sim_alert.doc)
+        assert isinstance(item, Alert)
+        if item.created < watermark and added_at[item.id] <= cycle_started:
+            for key in (layout.alert_key(item.id), layout.webhook_key(item.id, item.created)):
+                if key not in keys:
+                    missing.append(key)
+    assert not missing, (checkpoint["watermark"], checkpoint["updated_at"], missing[:5])
+
+
+def run_until_done(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `poller sync` until it is not turned away by a dead run's still-fresh lease."""
+    deadline = time.monotonic() + 120
+    while True:
+        result = run_poller(["sync"], env)
+        if result.returncode != 75 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
 
 
 @pytest.mark.crash
 def test_twenty_sigkills_then_the_exact_archive(moto_server: MotoServer, s3: Any, bucket: str):
+    """Ten kills inside the chunks of a first run, then ten inside incremental runs that
+    have late alerts to archive; the invariant holds after each, the end is exact."""
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     rng = random.Random(2026)
     with Simulator(seed=33) as sim:
         now = utc_now()
-        sim.generate(3000, now - timedelta(days=2), now - timedelta(minutes=5))
+        # 48 one-hour chunks, two list pages each (one per status): about 96 page reads.
+        sim.generate(1500, now - timedelta(hours=48), now - timedelta(minutes=5))
+        added_at = dict.fromkeys((a.id for a in sim.alerts), utc_now())
         env = poller_env(
             sim,
             moto_server,
             bucket,
-            POLLER_SYNC__FIRST_RUN_SINCE="3d",
-            POLLER_SYNC__MAX_WINDOW_SECONDS="7200",
+            POLLER_SYNC__FIRST_RUN_SINCE="49h",
+            POLLER_SYNC__MAX_WINDOW_SECONDS="3600",
             POLLER_SYNC__LEASE_TTL_SECONDS="3",
-            POLLER_LOG__LEVEL="warning",
         )
-        created = creation_times(sim)
-        kills = 0
-        while kills < 20:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "poller", "sync"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-            time.sleep(rng.uniform(0.6, 3.5))
-            if process.poll() is not None:
-                # 75: the killed run's lease was still fresh. 0: it finished everything
-                # before it could be killed, so give the next runs more work.
-                assert process.returncode in (0, 75)
-                if process.returncode == 0:
-                    later = utc_now()
-                    sim.generate(500, later - timedelta(minutes=14), later - timedelta(minutes=2))
-                    created = creation_times(sim)
-                time.sleep(0.5)
-                continue
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            kills += 1
-            # Invariant at every kill: nothing before the watermark is missing.
-            keys = set(bucket_listing(s3, bucket))
-            if "_poller/checkpoint.json" in keys:
-                checkpoint = json.loads(
-                    s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")["Body"].read()
-                )
-                watermark = checkpoint["watermark"].replace("Z", "+00:00")
-                for alert_id, moment in created.items():
-                    if moment.isoformat() < watermark:
-                        assert Layout().alert_key(alert_id) in keys
-                        assert Layout().webhook_key(alert_id, moment) in keys
 
-        deadline = time.monotonic() + 300
-        while True:
-            result = run_poller(["sync"], env)
-            if result.returncode != 75 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        def kill_rounds(kills_wanted: int, pages: tuple[int, int], before: Any) -> int:
+            kills = finished = 0
+            for _ in range(kills_wanted * 4):
+                before()
+                code = kill_after_pages(env, rng.randint(*pages), rng)
+                if code is None:
+                    kills += 1
+                    assert_nothing_behind_the_watermark_missing(s3, bucket, sim, added_at)
+                    if kills == kills_wanted:
+                        break
+                    time.sleep(3)  # the dead run's lease goes stale (ttl 3 s)
+                else:
+                    # 75: a killed run's lease is still fresh. 0: it read fewer pages than
+                    # the kill waited for and finished.
+                    assert code in (0, 75)
+                    finished += code == 0
+                    time.sleep(0.5)
+            assert kills == kills_wanted
+            return finished
+
+        # Phase 1: a first run over 48 chunks, killed ten times after 2 to 8 page reads
+        # (at most four chunks a run), so every kill lands inside the first run.
+        finished = kill_rounds(10, (2, 8), lambda: None)
+        assert finished == 0, "the first run finished before ten kills"
+        assert run_until_done(env).returncode == 0
+
+        # Phase 2: incremental runs, each with a batch of late alerts created behind the
+        # watermark the last run committed (inside the look-back), killed after 1 to 3 pages.
+        def add_late_batch() -> None:
+            later = utc_now()
+            batch = sim.generate(120, later - timedelta(minutes=14), later - timedelta(minutes=2))
+            seen_at = utc_now()
+            added_at.update((a.id, seen_at) for a in batch)
+
+        kill_rounds(10, (1, 3), add_late_batch)
+
+        result = run_until_done(env)
         assert result.returncode == 0, result.stderr[-2000:]
         assert_exact_archive(s3, bucket, sim)
         # Nothing was ever overwritten: one version per archived object.
-        versions = Counter()
+        versions: Counter[str] = Counter()
         for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
             for version in page.get("Versions", []):
                 versions[version["Key"]] += 1
