@@ -2,6 +2,9 @@
 
 The cycle reads the clock once. Its window is ``[watermark - lookback, now - settle)`` (the
 first cycle starts at ``sync.first_run_since``), read in chunks of at most ``max_window``.
+The API says neither end of ``from``/``until`` is inclusive, so every window, chunk and
+cycle starts at least ``OVERLAP`` before the previous one ended; the seen set absorbs the
+overlap at no S3 cost.
 Alerts whose id is in the checkpoint's ``seen`` set were archived by an earlier cycle and
 cost no S3 request; the rest are written create-only, ``s3.max_concurrency`` at a time.
 Only when every alert of a chunk is archived or quarantined, and the lease is still ours,
@@ -26,6 +29,10 @@ from poller.state import Checkpoint, CheckpointStore, Lease
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
 
 log = logging.getLogger(__name__)
+
+# The API documents ``from`` as "created after" and ``until`` as "created before", with
+# whole seconds: consecutive reads overlap by a second so an alert at a cut is in one.
+OVERLAP = timedelta(seconds=1)
 
 
 class AlertSource(Protocol):
@@ -67,6 +74,11 @@ class Summary:
         return dict(self.__dict__)
 
 
+def reread(lookback: timedelta) -> timedelta:
+    """How far before the watermark the next cycle starts: the look-back, never under OVERLAP."""
+    return max(lookback, OVERLAP)
+
+
 def cycle_window(
     checkpoint: Checkpoint, now: datetime, settings: CycleSettings
 ) -> tuple[datetime, datetime]:
@@ -75,27 +87,31 @@ def cycle_window(
     if checkpoint.watermark is None:
         since = floor_second(parse_instant(settings.first_run_since, now))
     else:
-        since = floor_second(checkpoint.watermark - settings.lookback)
+        since = floor_second(checkpoint.watermark - reread(settings.lookback))
     return since, until
 
 
 def chunks(
     since: datetime, until: datetime, size: timedelta
 ) -> Iterator[tuple[datetime, datetime]]:
-    """[since, until) cut into consecutive pieces of at most ``size``; an empty window gives
-    one empty piece, so the checkpoint still moves with the clock."""
+    """[since, until) cut into pieces of at most ``size``, each starting OVERLAP before the
+    previous one ended; an empty window gives one empty piece, so the checkpoint still moves
+    with the clock. ``size`` must exceed OVERLAP (config keeps it at 60 s or more)."""
+    if size <= OVERLAP:
+        raise ValueError("a chunk must be longer than the overlap")
     start = since
     while True:
         end = min(until, start + size) if start < until else until
         yield start, end
         if end >= until:
             return
-        start = end
+        start = end - OVERLAP
 
 
 def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -> dict[str, int]:
-    """Keep the ids the next cycle can read again: created at or after its window start."""
-    horizon = int((watermark - lookback).timestamp())
+    """Keep the ids the next read can see again: created at or after the start of the next
+    chunk or cycle (``watermark - reread(lookback)``)."""
+    horizon = int((watermark - reread(lookback)).timestamp())
     return {key: created for key, created in seen.items() if created >= horizon}
 
 

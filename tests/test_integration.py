@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -78,6 +79,51 @@ def test_two_days_of_alerts_are_archived_exactly_then_nothing_more(
     assert again["s3_requests"] <= 8  # lease, checkpoint, fence, commit: no alert write
     after = {k: v for k, v in bucket_listing(s3, bucket).items() if not k.startswith("_poller")}
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("from_inclusive", "until_inclusive"),
+    [(True, False), (False, False), (True, True), (False, True)],
+    ids=["from-incl,until-excl", "both-excl", "both-incl", "from-excl,until-incl"],
+)
+def test_alerts_exactly_at_chunk_and_cycle_cuts_are_archived(
+    from_inclusive: bool, until_inclusive: bool, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """The API leaves both ends of from/until open to reading: whichever way it behaves, an
+    alert created on the very second of a chunk cut or a cycle boundary is archived, even
+    with no look-back at all."""
+    with Simulator(seed=11, from_inclusive=from_inclusive, until_inclusive=until_inclusive) as sim:
+        now = utc_now().replace(microsecond=0)
+        start = now - timedelta(hours=3)
+        for cut in (start + timedelta(hours=1), start + timedelta(hours=2)):
+            for offset in range(-2, 3):  # on, and around, the chunk boundaries
+                moment = cut + timedelta(seconds=offset)
+                sim.add(sim.factory.alert(moment), moment)
+        sim.generate(20, start, now - timedelta(minutes=1))
+        env = poller_env(
+            sim,
+            moto_server,
+            bucket,
+            POLLER_SYNC__FIRST_RUN_SINCE=start.isoformat(),
+            POLLER_SYNC__MAX_WINDOW_SECONDS="3600",
+            POLLER_SYNC__LOOKBACK_SECONDS="0",
+            POLLER_SYNC__SETTLE_SECONDS="0",
+        )
+        first = run_poller(["sync"], env)
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert_exact_archive(s3, bucket, sim, bodies=False)
+
+        # An alert on the very second the first run's window ended (which an exclusive
+        # `until` kept out of that run), read by the next cycle.
+        watermark = summary_of(first)["watermark"].replace("Z", "+00:00")
+        boundary = datetime.fromisoformat(watermark)
+        sim.add(sim.factory.alert(boundary, "dismissed"), boundary, "dismissed")
+        time.sleep(1.1)  # the next window ends after the boundary second
+        second = run_poller(["sync"], env)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert_exact_archive(s3, bucket, sim)
+        # The overlap cost no writes: only the new alert was archived.
+        assert summary_of(second)["archived"] == 1
 
 
 def test_late_alert_within_lookback_is_archived_by_the_next_cycle(

@@ -81,12 +81,28 @@ def test_pages_of_100_with_tokens_until_the_end(simulator: Simulator):
         assert alert["severity"] in (1, 2, 3)
 
 
-def test_window_filters_from_inclusive_until_exclusive(simulator: Simulator):
-    t = utc_now().replace(microsecond=0) - timedelta(hours=1)
-    inside = simulator.add(simulator.factory.alert(t), t)
-    simulator.add(simulator.factory.alert(t + timedelta(seconds=10)), t + timedelta(seconds=10))
-    got = list(client_for(simulator).list_alerts("active", t, t + timedelta(seconds=10)))
-    assert [a["id"] for p in got for a in p] == [inside.id]
+@pytest.mark.parametrize(
+    ("from_inclusive", "until_inclusive", "expected"),
+    [
+        (True, False, {"at_from"}),
+        (False, False, set()),
+        (True, True, {"at_from", "at_until"}),
+        (False, True, {"at_until"}),
+    ],
+)
+def test_window_ends_are_switchable(
+    from_inclusive: bool, until_inclusive: bool, expected: set[str]
+):
+    with Simulator(seed=3, from_inclusive=from_inclusive, until_inclusive=until_inclusive) as sim:
+        t = utc_now().replace(microsecond=0) - timedelta(hours=1)
+        names = {
+            sim.add(sim.factory.alert(t), t).id: "at_from",
+            sim.add(
+                sim.factory.alert(t + timedelta(seconds=10)), t + timedelta(seconds=10)
+            ).id: "at_until",
+        }
+        got = list(client_for(sim).list_alerts("active", t, t + timedelta(seconds=10)))
+        assert {names[a["id"]] for p in got for a in p} == expected
 
 
 def test_alerts_become_visible_late(simulator: Simulator):

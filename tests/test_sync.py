@@ -233,7 +233,8 @@ def test_a_long_window_is_committed_chunk_by_chunk(world: World):
     world.store.fail_keys.add(LAYOUT.alert_key("alert0005"))
     with pytest.raises(ArchiveUnavailable):
         world.cycle()
-    assert world.checkpoint()["watermark"] == "2026-11-25T11:00:00Z"
+    # Chunks of an hour, each starting a second before the last ended: 09:00, 09:59:59, ...
+    assert world.checkpoint()["watermark"] == "2026-11-25T10:59:59Z"
     assert world.archived_ids() == {f"alert{i:04d}" for i in range(5)}
     world.store.fail_keys.clear()
     summary = world.cycle()

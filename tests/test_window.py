@@ -83,15 +83,15 @@ moments = st.datetimes(
 def test_consecutive_windows_leave_no_gap(
     watermark: datetime, elapsed: int, lookback: int, settle: int
 ):
-    """The next window always starts at or before the previous one ended: no second of
-    creation time is ever skipped, and windows are whole seconds."""
+    """The next window always starts at least a second before the previous one ended,
+    even with no look-back: exclusive ends at both sides skip no alert."""
     settings = CycleSettings(
         ("active",), timedelta(seconds=lookback), timedelta(seconds=settle), "24h", 1
     )
     watermark = watermark.replace(microsecond=0)
     now = watermark + timedelta(seconds=settle + elapsed, microseconds=123)
     since, until = cycle_window(Checkpoint(watermark=watermark), now, settings)
-    assert since <= watermark
+    assert since <= watermark - timedelta(seconds=1)
     assert until >= watermark
     assert since.microsecond == until.microsecond == 0
 
@@ -107,7 +107,7 @@ def test_prune_keeps_exactly_what_the_next_window_can_reread(created: list[int],
         f"id{i:04d}": int((base + timedelta(seconds=s)).timestamp()) for i, s in enumerate(created)
     }
     kept = prune_seen(seen, watermark, timedelta(seconds=lookback))
-    horizon = int((watermark - timedelta(seconds=lookback)).timestamp())
+    horizon = int((watermark - timedelta(seconds=max(lookback, 1))).timestamp())
     assert kept == {k: v for k, v in seen.items() if v >= horizon}
 
 
@@ -124,5 +124,5 @@ def test_chunks_cover_the_window_exactly_in_order(start: datetime, length: int, 
         assert pieces == [(start, until)]  # one empty piece: nothing is read
     assert pieces[-1][1] == until
     for (_, end), (next_start, _) in itertools.pairwise(pieces):
-        assert end == next_start
+        assert next_start == end - timedelta(seconds=1)  # overlap: a cut second is in both
     assert all(b - a <= timedelta(seconds=size) for a, b in pieces)

@@ -30,9 +30,21 @@ def main() -> int:
         default=None,
         help="org-wide requests per minute before 429 (the vendor's is 200)",
     )
+    parser.add_argument(
+        "--ends",
+        choices=("[)", "()", "[]", "(]"),
+        default="[)",
+        help="whether from/until are inclusive ([ ]) or exclusive (( )); the API does not say",
+    )
     args = parser.parse_args()
     faults = Faults.spread(args.fault_rate, org_limit_per_minute=args.org_limit)
-    sim = Simulator(seed=args.seed, port=args.port, faults=faults)
+    sim = Simulator(
+        seed=args.seed,
+        port=args.port,
+        faults=faults,
+        from_inclusive=args.ends[0] == "[",
+        until_inclusive=args.ends[1] == "]",
+    )
     now = utc_now()
     sim.generate(args.alerts, now - timedelta(days=args.days), now)
     sim.start()

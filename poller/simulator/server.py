@@ -79,8 +79,14 @@ class Simulator:
         host: str = "127.0.0.1",
         port: int = 0,
         page_size: int = PAGE_SIZE,
+        from_inclusive: bool = True,
+        until_inclusive: bool = False,
     ) -> None:
         self.factory = AlertFactory(seed)
+        # The vendor says "created after" / "created before" and no more: each end can be
+        # switched, so tests prove the client is right whichever way the real API behaves.
+        self.from_inclusive = from_inclusive
+        self.until_inclusive = until_inclusive
         self.clock = clock
         self.credentials = credentials or Credentials()
         self.faults = faults or Faults()
@@ -182,14 +188,25 @@ class Simulator:
         self, status: str, since: datetime | None, until: datetime | None
     ) -> list[SimAlert]:
         now = self.clock()
+
+        def after_from(created: datetime) -> bool:
+            if since is None:
+                return True
+            return created >= since if self.from_inclusive else created > since
+
+        def before_until(created: datetime) -> bool:
+            if until is None:
+                return True
+            return created <= until if self.until_inclusive else created < until
+
         with self._lock:
             found = [
                 a
                 for a in self._alerts
                 if a.status == status
                 and a.visible_at <= now
-                and (since is None or a.created >= since)
-                and (until is None or a.created < until)
+                and after_from(a.created)
+                and before_until(a.created)
             ]
         # Newest first; the API documents no order, so clients must not rely on this one.
         found.sort(key=lambda a: (a.created, str(a.id)), reverse=True)
