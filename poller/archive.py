@@ -2,15 +2,29 @@
 
 First sight wins: every write carries ``If-None-Match: *``, so a 412 simply means "already
 archived" and re-reads, retries, restarts and concurrent runs never overwrite anything.
+Only poller errors leave ``take``: storage failures as they are (they fail the run), and a
+bug met by one alert quarantines that alert (``internal_error``) instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from enum import Enum
 
-from poller.records import Alert, Layout, Rejected, json_body, quarantine_record, webhook_record
+from poller.errors import FatalError, PollerError
+from poller.records import (
+    UNENCODABLE,
+    Alert,
+    Layout,
+    Rejected,
+    json_body,
+    quarantine_body,
+    webhook_record,
+)
 from poller.store import ObjectStore, PreconditionFailed
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(Enum):
@@ -32,17 +46,44 @@ class Archive:
             return False
         return True
 
-    def store_alert(self, alert: Alert) -> Outcome:
-        """Write the full record, then the webhook record; each only if it is not there yet."""
-        full = self._create(self.layout.alert_key(alert.id), json_body(alert.raw))
-        webhook = self._create(
-            self.layout.webhook_key(alert.id, alert.created),
-            json_body(webhook_record(alert, self._organization_id)),
-        )
+    def take(self, item: Alert | Rejected, status: str, seen_at: datetime) -> Outcome:
+        """Archive an alert or quarantine a rejected object. Raises only PollerError."""
+        try:
+            if isinstance(item, Rejected):
+                return self.quarantine(item, status, seen_at)
+            return self.store_alert(item, status, seen_at)
+        except PollerError:
+            raise
+        except Exception as exc:
+            alert_id = item.id if isinstance(item, Alert) else None
+            log.exception("alert.failed", extra={"fields": {"id": alert_id, "status": status}})
+            try:
+                detail = f"{type(exc).__name__} while archiving"
+                return self.quarantine(
+                    Rejected("internal_error", detail, item.raw), status, seen_at
+                )
+            except PollerError:
+                raise
+            except Exception as again:
+                raise FatalError(f"cannot quarantine an object ({type(again).__name__})") from again
+
+    def store_alert(self, alert: Alert, status: str, seen_at: datetime) -> Outcome:
+        """Write the full record, then the webhook record; each only if it is not there yet.
+        Both bodies are rendered first: an alert with no faithful JSON form is quarantined
+        whole (``unencodable``), never half archived."""
+        try:
+            full_body = json_body(alert.raw)
+            webhook_body = json_body(webhook_record(alert, self._organization_id))
+        except UNENCODABLE as exc:
+            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+            log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
+            return self.quarantine(Rejected("unencodable", detail, alert.raw), status, seen_at)
+        full = self._create(self.layout.alert_key(alert.id), full_body)
+        webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
         return Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED
 
     def quarantine(self, rejected: Rejected, status: str, seen_at: datetime) -> Outcome:
         """Keep what cannot be archived, with its reason, under ``_poller/quarantine/``."""
         key = self.layout.quarantine_key(rejected.reason, rejected.digest)
-        self._create(key, json_body(quarantine_record(rejected, status, seen_at)))
+        self._create(key, quarantine_body(rejected, status, seen_at))
         return Outcome.QUARANTINED

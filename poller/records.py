@@ -68,9 +68,10 @@ class Rejected:
 
     @property
     def digest(self) -> str:
-        """Content address: the same bad object always lands on the same key."""
+        """Content address: the same bad object always lands on the same key.
+        ``surrogatepass`` keeps a lone surrogate hashable without changing other digests."""
         canonical = json.dumps(self.raw, sort_keys=True, ensure_ascii=False, default=str)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
     @property
     def seen_key(self) -> str:
@@ -78,7 +79,15 @@ class Rejected:
 
 
 def classify(raw: Any) -> Alert | Rejected:
-    """Decide whether an object from the API is archivable, and if not, why."""
+    """Decide whether an object from the API is archivable, and if not, why. Never raises:
+    a bug met by one odd object quarantines that object instead of stopping the run."""
+    try:
+        return _classify(raw)
+    except Exception as exc:  # noqa: BLE001 - one object's oddity must not stop the archive
+        return Rejected("internal_error", f"{type(exc).__name__} while classifying", raw)
+
+
+def _classify(raw: Any) -> Alert | Rejected:
     if not isinstance(raw, dict):
         return Rejected("not_an_object", f"expected a JSON object, got {type(raw).__name__}", raw)
     alert_id = raw.get("id")
@@ -100,8 +109,19 @@ def classify(raw: Any) -> Alert | Rejected:
     return Alert(alert_id, created, raw)
 
 
+# What json_body raises for an object that has no faithful JSON form.
+UNENCODABLE = (ValueError, TypeError, RecursionError)
+
+
 def json_body(document: Any) -> bytes:
-    return json.dumps(document, ensure_ascii=False).encode("utf-8")
+    """Strict JSON in UTF-8, JSON-equal to ``document``. Text UTF-8 cannot carry (a lone
+    surrogate, which a ``\\ud83d`` escape in the API's JSON legally produces) is kept as
+    its ``\\u`` escape instead. NaN and Infinity are not JSON: they raise ValueError."""
+    text = json.dumps(document, ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(document, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def _severity(value: Any) -> int | None:
@@ -174,3 +194,14 @@ def quarantine_record(rejected: Rejected, status: str, seen_at: datetime) -> dic
         "seen_at": iso_z(seen_at),
         "raw": rejected.raw,
     }
+
+
+def quarantine_body(rejected: Rejected, status: str, seen_at: datetime) -> bytes:
+    """The quarantine record; an object with no JSON form is kept as its Python repr."""
+    record = quarantine_record(rejected, status, seen_at)
+    try:
+        return json_body(record)
+    except UNENCODABLE:
+        record["raw"] = repr(rejected.raw)
+        record["raw_is_repr"] = True
+        return json_body(record)

@@ -305,6 +305,4 @@ class Cycle:
                 "alert.quarantined",
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
-            writer.submit(lambda: self.archive.quarantine(item, status, now))
-        else:
-            writer.submit(lambda: self.archive.store_alert(item))
+        writer.submit(lambda: self.archive.take(item, status, now))

@@ -251,3 +251,48 @@ def test_missing_bucket_is_fatal_and_clear(simulator: Simulator, moto_server: Mo
     result = run_poller(["sync"], env)
     assert result.returncode == 1
     assert "NoSuchBucket" in summary_of(result)["error"]
+
+
+HOSTILE_TEXT = {
+    "lone_high_surrogate": "rm -rf /tmp/\ud83d",
+    "lone_low_surrogate": "\ude00 trailing",
+    "emoji_and_astral": "deploy 🚀 by \U0001d518\U0001d530\U0001d522\U0001d52f — ok",
+    "nul_and_controls": "a\x00b\x07c\x1b[31mred\x7f",
+    "rtl_override": "invoice\u202egnp.exe",
+    "bom_and_zero_width": "\ufeffzero\u200bwidth",
+}
+
+
+def test_hostile_text_is_archived_as_the_api_sent_it(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Text written by monitored hosts is hostile: every one of these is stored JSON-equal to
+    the API's object; an object with no JSON form at all (NaN) is quarantined with its
+    reason; and nothing stops the run or the checkpoint."""
+    now = utc_now()
+    moment = now - timedelta(minutes=30)
+    hostile = {}
+    for i, (name, text) in enumerate(HOSTILE_TEXT.items()):
+        doc = simulator.factory.alert(moment + timedelta(seconds=i))
+        doc["title"] = text
+        doc["aggregates"] = [{"fieldName": name, "fieldValue": text}]
+        hostile[doc["id"]] = simulator.add(doc, moment + timedelta(seconds=i))
+    not_json = simulator.factory.alert(moment)
+    not_json["severity"] = float("nan")  # the simulator sends `NaN`, which json.loads accepts
+    simulator.add(not_json, moment)
+    simulator.generate(30, now - timedelta(hours=2), now - timedelta(minutes=2))
+    env = poller_env(simulator, moto_server, bucket)
+
+    result = run_poller(["sync"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(result)
+    assert (summary["archived"], summary["quarantined"]) == (30 + len(HOSTILE_TEXT), 1)
+    objects = bucket_objects(s3, bucket)
+    for alert_id, sim_alert in hostile.items():
+        stored = json.loads(objects[f"alerts/{alert_id[:2]}/{alert_id[2:4]}/{alert_id}"])
+        assert stored == sim_alert.doc
+    quarantined = [k for k in objects if k.startswith("_poller/quarantine/unencodable/")]
+    assert len(quarantined) == 1
+    record = json.loads(objects[quarantined[0]])
+    assert record["reason"] == "unencodable" and not_json["id"] in record["raw"]
+    assert summary_of(run_poller(["sync"], env))["ok"]  # the next cycle goes on, too

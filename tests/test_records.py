@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from poller.records import Alert, Layout, Rejected, classify, webhook_record
+from poller.records import Alert, Layout, Rejected, classify, json_body, webhook_record
 
 ID = "587c0159a907346eccb84004"  # threatstack-to-s3 README: created 2017-01-15 23:10:17Z
 
@@ -164,3 +166,37 @@ def test_created_time_is_utc_aware():
     item = classify(alert())
     assert isinstance(item, Alert)
     assert item.created == datetime(2017, 1, 15, 23, 10, 17, 237000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "\ud83d",
+        "\ude00x",
+        "🚀\U0001d518",
+        "a\x00b\x1b[0m",
+        "\u202egnp.exe",
+        "\ufeff\u200b",
+        "",
+    ],
+)
+def test_json_body_is_json_equal_for_any_text(text: str):
+    document = {"id": "abcd", "title": text, "nested": [{"v": text}]}
+    body = json_body(document)
+    assert json.loads(body) == document
+    body.decode("utf-8")  # always valid UTF-8, lone surrogates kept as \u escapes
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_json_body_refuses_what_json_cannot_hold(value: float):
+    with pytest.raises(ValueError):
+        json_body({"severity": value})
+
+
+def test_classify_never_raises():
+    class Hostile(dict):  # type: ignore[type-arg]
+        def get(self, *_: Any) -> Any:
+            raise RuntimeError("boom")
+
+    assert classify(Hostile()).reason == "internal_error"  # type: ignore[union-attr]

@@ -315,3 +315,26 @@ def test_any_late_arrivals_and_failures_end_in_the_exact_archive(
     assert world.archived_ids() == set(docs)
     webhooks = [k for k in objects if k.startswith("webhooks/")]
     assert len(webhooks) == len(docs)
+
+
+def test_a_bug_in_one_alerts_handling_quarantines_that_alert_only(
+    world: World, monkeypatch: pytest.MonkeyPatch
+):
+    import poller.archive
+
+    real = poller.archive.webhook_record
+
+    def broken_for_one(alert: Any, org: str) -> dict[str, Any]:
+        if alert.id == "alert0002":
+            raise KeyError("a bug")
+        return real(alert, org)
+
+    monkeypatch.setattr(poller.archive, "webhook_record", broken_for_one)
+    for i in range(1, 4):
+        world.source.add(f"alert000{i}", ago(10 + i))
+    summary = world.cycle()
+    assert (summary.archived, summary.quarantined) == (2, 1)
+    assert world.archived_ids() == {"alert0001", "alert0003"}
+    keys = [k for k in world.store.snapshot() if k.startswith("_poller/quarantine/")]
+    assert [k.split("/")[2] for k in keys] == ["internal_error"]
+    assert world.checkpoint()["watermark"] is not None
