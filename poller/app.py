@@ -25,7 +25,7 @@ from poller.records import Layout
 from poller.retrying import RetryPolicy
 from poller.state import CheckpointStore, Lease, LeaseKeeper
 from poller.store import ObjectStore, S3ObjectStore, count_requests
-from poller.sync import Cycle, CycleSettings, Summary
+from poller.sync import PAGES_PER_LISTING, Cycle, CycleSettings, Summary
 from poller.threatstack import ThreatStackClient
 from poller.timeutil import Clock, utc_now
 
@@ -38,6 +38,13 @@ def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
             raise Stopped()
 
     return sleep
+
+
+def longest_request_seconds(settings: Settings) -> float:
+    """The longest one API request can take, retries included: its whole retry span, one
+    last attempt's deadline, and a full wait for the request budget."""
+    ts = settings.threatstack
+    return ts.max_retry_seconds + ts.request_deadline_seconds + 61
 
 
 def new_run_id() -> str:
@@ -100,6 +107,13 @@ class Runtime:
                 first_run_since=settings.sync.first_run_since,
                 max_concurrency=settings.s3.max_concurrency,
                 max_window=timedelta(seconds=settings.sync.max_window_seconds),
+                max_cycle=timedelta(seconds=settings.sync.max_cycle_seconds)
+                if settings.sync.max_cycle_seconds
+                else None,
+                seconds_per_listing=PAGES_PER_LISTING
+                * 60
+                / settings.threatstack.requests_per_minute,
+                deadline_floor_seconds=longest_request_seconds(settings),
             ),
             clock=self.clock,
             s3_requests=self.s3_requests,
@@ -144,9 +158,11 @@ def build(
     )
 
 
-def run_cycle(runtime: Runtime, summary: Summary) -> Summary:
+def run_cycle(
+    runtime: Runtime, summary: Summary, on_progress: Callable[[], None] = lambda: None
+) -> Summary:
     """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
-    (exit 75) when another run holds it."""
+    (exit 75) when another run holds it. ``on_progress`` is told of every page and commit."""
     api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
     lease = runtime.lease()
     try:
@@ -155,6 +171,7 @@ def run_cycle(runtime: Runtime, summary: Summary) -> Summary:
         with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
             cycle.lease_lost = lambda: keeper.lost
             cycle.should_stop = runtime.stop.is_set
+            cycle.on_progress = on_progress
             return cycle.run(summary)
     finally:
         lease.release()

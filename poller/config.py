@@ -55,6 +55,10 @@ class ThreatStackSettings:
     statuses: tuple[str, ...] = ("active", "dismissed")
     requests_per_minute: int = 100
     timeout_seconds: float = 30.0
+    # A whole request (connect, headers, body) ends within this, however slowly the body
+    # trickles in; and no body may be larger than this.
+    request_deadline_seconds: float = 120.0
+    max_response_bytes: int = 16 * 1024 * 1024
     max_attempts: int = 8
     max_retry_seconds: float = 600.0
     verify_responses: bool = True
@@ -77,6 +81,7 @@ class SyncSettings:
     first_run_since: str = "24h"
     lease_ttl_seconds: int = 120
     max_window_seconds: int = 86_400
+    max_cycle_seconds: int = 0  # 0: derived from the cycle's work (see poller.sync)
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,8 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "statuses": _statuses,
         "requests_per_minute": _int(1, 100_000),
         "timeout_seconds": _float(0.1, 600),
+        "request_deadline_seconds": _float(1, 3600),
+        "max_response_bytes": _int(1024, 1024**3),
         "max_attempts": _int(1, 100),
         "max_retry_seconds": _float(0, 86_400),
         "verify_responses": _bool,
@@ -233,6 +240,7 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "first_run_since": _since,
         "lease_ttl_seconds": _int(3, 86_400),
         "max_window_seconds": _int(60, 366 * 86_400),
+        "max_cycle_seconds": _int(0, 30 * 86_400),
     },
     "http": {"host": _text, "port": _int(0, 65_535)},
     "log": {"format": _choice("auto", "json", "text"), "level": _level},

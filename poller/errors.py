@@ -6,7 +6,8 @@
     ├── FatalError                   will not get better by retrying (exit 1)
     │   ├── ApiAuthError             Threat Stack 401/403 (credentials, clock, permission)
     │   ├── ApiRequestError          Threat Stack 400/404/other 4xx: our request is wrong
-    │   ├── PagingLoop               the API repeated a page token
+    │   ├── PagingLoop               paging makes no progress (a repeated token, stale pages)
+    │   ├── CycleTimeout             a cycle ran past the deadline derived from its work
     │   ├── ArchiveAccessError       S3 AccessDenied, NoSuchBucket, bad credentials
     │   ├── CheckpointConflict       someone else moved the checkpoint under us
     │   ├── LeaseLost                our lease was taken over; we must not commit
@@ -61,7 +62,11 @@ class ApiRequestError(FatalError):
 
 
 class PagingLoop(FatalError):
-    """The API returned a page token it had already returned: refusing to loop."""
+    """Paging makes no progress (a repeated token, pages with nothing new): refusing to loop."""
+
+
+class CycleTimeout(FatalError):
+    """A cycle ran past its deadline; it stopped, kept its committed chunks, freed the lease."""
 
 
 class ArchiveAccessError(FatalError):

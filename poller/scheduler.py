@@ -23,7 +23,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from poller.app import Runtime, run_cycle
+from poller.app import Runtime, longest_request_seconds, run_cycle
 from poller.errors import LeaseHeld, PollerError, Stopped
 from poller.metrics import Metrics
 from poller.sync import Summary
@@ -40,6 +40,12 @@ class Daemon:
         self.interval = runtime.settings.sync.interval_seconds
         self.last_outcome: str | None = None
         self.last_success: datetime | None = None
+        # Liveness: something must happen (a page read, a chunk committed, a cycle ended)
+        # at least this often, or /healthz fails and Kubernetes restarts the pod.
+        self.stall_after = timedelta(
+            seconds=self.interval + longest_request_seconds(runtime.settings) + 60
+        )
+        self.last_progress = clock()
         self._cycle_lock = threading.Lock()
         self._scheduler: BlockingScheduler | None = None
 
@@ -58,7 +64,7 @@ class Daemon:
             summary = Summary(mode="run", run_id=self.runtime.run_id)
             outcome = "ok"
             try:
-                run_cycle(self.runtime, summary)
+                run_cycle(self.runtime, summary, self._progress)
                 log.info("cycle.done", extra={"fields": summary.as_dict()})
             except LeaseHeld as exc:
                 outcome = "lease_held"  # another writer works; we are a healthy standby
@@ -74,12 +80,27 @@ class Daemon:
                 outcome = "crashed"
                 log.exception("cycle.crashed")
             now = self.clock()
+            self.last_progress = now
             self.last_outcome = outcome
             if outcome in ("ok", "lease_held"):
                 self.last_success = now
             self.metrics.observe(summary, outcome, now)
 
+    def _progress(self) -> None:
+        self.last_progress = self.clock()
+
     # ------------------------------------------------------------------ health
+    def alive(self) -> tuple[bool, dict[str, Any]]:
+        """Alive unless nothing has progressed for ``stall_after`` (a hung cycle, or a
+        scheduler that stopped scheduling)."""
+        idle = self.clock() - self.last_progress
+        state = {
+            "last_progress": iso_z(self.last_progress),
+            "idle_s": round(idle.total_seconds(), 1),
+            "stall_after_s": round(self.stall_after.total_seconds()),
+        }
+        return idle <= self.stall_after, state
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ready once a cycle succeeded (or found another writer) within 3 intervals."""
         state: dict[str, Any] = {
@@ -102,7 +123,12 @@ class Daemon:
 
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    self._send(200, b'{"ok": true}', "application/json")
+                    ok, state = daemon.alive()
+                    self._send(
+                        200 if ok else 503,
+                        json.dumps({"ok": ok, **state}).encode(),
+                        "application/json",
+                    )
                 elif self.path == "/readyz":
                     ok, state = daemon.ready()
                     self._send(

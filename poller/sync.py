@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive import Archive, Outcome
-from poller.errors import ConfigError, LeaseLost, Stopped
+from poller.errors import ConfigError, CycleTimeout, LeaseLost, Stopped
 from poller.records import Alert, Rejected, classify
 from poller.state import Checkpoint, CheckpointStore, Lease
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
@@ -50,6 +50,10 @@ class CycleSettings:
     first_run_since: str
     max_concurrency: int
     max_window: timedelta = timedelta(days=1)
+    # The cycle's deadline (see cycle_deadline): None derives it from the work.
+    max_cycle: timedelta | None = None
+    seconds_per_listing: float = 60.0  # PAGES_PER_LISTING requests at the budget
+    deadline_floor_seconds: float = 780.0  # one whole retry span of a request, and margin
 
 
 @dataclass
@@ -72,6 +76,26 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# A listing (one chunk, one status) is given time for this many pages at the request budget.
+PAGES_PER_LISTING = 100
+
+
+def cycle_deadline(settings: CycleSettings, chunk_count: int) -> float:
+    """Seconds a cycle may run: every listing of its chunks at the budget's pace
+    (PAGES_PER_LISTING pages, 10,000 alerts, each), plus the floor, which covers one request
+    retried for its whole ``max_retry_seconds``. ``sync.max_cycle_seconds`` overrides it."""
+    if settings.max_cycle is not None:
+        return settings.max_cycle.total_seconds()
+    listings = chunk_count * len(settings.statuses)
+    return settings.deadline_floor_seconds + listings * settings.seconds_per_listing
+
+
+def poll_order(statuses: tuple[str, ...]) -> tuple[str, ...]:
+    """``active`` before ``dismissed``, whatever the configured order: an alert dismissed
+    between the two reads then moves into the list read second, and is seen there."""
+    return tuple(sorted(statuses, key=lambda status: status != "active"))
 
 
 def reread(lookback: timedelta) -> timedelta:
@@ -179,6 +203,10 @@ class Cycle:
         self.mode = mode
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
         self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
+        self.on_progress: Callable[[], None] = lambda: None  # a page read, a chunk committed
+        self.monotonic: Callable[[], float] = time.monotonic
+        self._deadline = float("inf")
+        self._deadline_seconds = 0.0
 
     def run(self, summary: Summary | None = None) -> Summary:
         """One cycle under a lease the caller holds, filling ``summary`` as it goes.
@@ -200,7 +228,19 @@ class Cycle:
         self._check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
-        log.info("cycle.start", extra={"fields": {"window": summary.window}})
+        chunk_count = sum(1 for _ in chunks(since, until, self.settings.max_window))
+        self._deadline_seconds = cycle_deadline(self.settings, chunk_count)
+        self._deadline = self.monotonic() + self._deadline_seconds
+        log.info(
+            "cycle.start",
+            extra={
+                "fields": {
+                    "window": summary.window,
+                    "chunks": chunk_count,
+                    "deadline_s": round(self._deadline_seconds),
+                }
+            },
+        )
         # A long window (a first run, a long outage) is read in chunks, oldest first, each
         # committed on its own: a run killed halfway keeps the chunks it finished.
         for chunk_since, chunk_until in chunks(since, until, self.settings.max_window):
@@ -214,6 +254,7 @@ class Cycle:
                 checkpoint, watermark, seen, self.run_id, self.mode, now, self.settings.statuses
             )
             summary.watermark = iso_z(watermark)
+            self.on_progress()
             log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
 
     def _check_statuses(self, checkpoint: Checkpoint) -> None:
@@ -230,6 +271,15 @@ class Cycle:
                     f" the checkpoint also covers {missing}; polling fewer lists would skip"
                     " their alerts for good (poll them all, or use another prefix)"
                 ]
+            )
+
+    def _check_deadline(self) -> None:
+        if self.monotonic() > self._deadline:
+            raise CycleTimeout(
+                f"the cycle ran past its deadline of {self._deadline_seconds:.0f}s (derived from"
+                " its chunks and the request budget); committed chunks are kept and the next"
+                " run goes on from them. If the API is this slow, lower"
+                " sync.max_window_seconds or raise sync.max_cycle_seconds"
             )
 
     def _fence(self) -> None:
@@ -251,10 +301,12 @@ class Cycle:
         seen_now: dict[str, int] = {}
         writer = BoundedWriter(self.settings.max_concurrency)
         try:
-            for status in self.settings.statuses:
+            for status in poll_order(self.settings.statuses):
                 for page in self.source.list_alerts(status, since, until):
                     if self.should_stop():
                         raise Stopped()
+                    self._check_deadline()
+                    self.on_progress()
                     for raw in page:
                         self._take(raw, status, checkpoint, seen_now, writer, until, now, summary)
                     log.info(

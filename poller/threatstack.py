@@ -7,8 +7,10 @@ paging with ``token``; ``null`` or ``""`` ends), §4 (429 bodies are not JSON).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -17,6 +19,7 @@ from urllib.parse import urlencode
 import mohawk
 import mohawk.exc
 import requests
+import urllib3.exceptions
 
 from poller import __version__
 from poller.budget import RequestBudget, retry_after_seconds
@@ -38,6 +41,19 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"poller/{__version__} (+threatstack-archiver)"
 Validator = Callable[[Any], None]
+
+# Pages in a row that bring no alert the listing has not already brought, before paging is
+# declared broken (a server or proxy that ignores ``token`` answers page one forever).
+STALE_PAGE_LIMIT = 3
+READ_SIZE = 64 * 1024
+
+
+def _identity(raw: Any) -> str:
+    """What makes an object on a page "new": its id, else a hash of its content."""
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        return "id:" + str(raw["id"])
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _server_errors(response: requests.Response) -> str:
@@ -115,19 +131,35 @@ class ThreatStackClient:
         return f"{self._settings.base_url}{path}" + (f"?{query}" if query else "")
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
-        """Yield ``/v2/alerts`` page by page for one status and the window [since, until)."""
+        """Yield ``/v2/alerts`` page by page for one status and the window [since, until).
+
+        Paging must make progress: a repeated token, or STALE_PAGE_LIMIT pages in a row that
+        bring nothing new, raise PagingLoop instead of looping forever. The sets this keeps
+        are one listing's (one chunk, one status), never the whole range's."""
         params = [("status", status), ("from", api_format(since)), ("until", api_format(until))]
         seen_tokens: set[str] = set()
+        seen_items: set[str] = set()
+        stale_pages = 0
         token: str | None = None
         page_number = 0
         while True:
             page_params = params + ([("token", token)] if token else [])
             document = self._get_json("/v2/alerts", page_params, _validate_alert_page)
             page_number += 1
+            before = len(seen_items)
+            seen_items.update(_identity(raw) for raw in document["alerts"])
             yield document["alerts"]
             next_token = document.get("token")
             if next_token is None or next_token == "":
                 return
+            stale_pages = stale_pages + 1 if len(seen_items) == before else 0
+            if stale_pages >= STALE_PAGE_LIMIT:
+                raise PagingLoop(
+                    f"paging went wrong: {stale_pages} pages in a row of status={status}"
+                    f" brought no alert that earlier pages had not (page {page_number}, window"
+                    f" {api_format(since)}..{api_format(until)}); a server or proxy may be"
+                    " ignoring the page token. Stopping instead of looping"
+                )
             token = str(next_token)
             if token in seen_tokens:
                 raise PagingLoop(
@@ -155,6 +187,7 @@ class ThreatStackClient:
             ext=settings.org_id,
         )
         self.requests_sent += 1
+        started = time.monotonic()
         try:
             response = self._session.get(
                 url,
@@ -164,34 +197,68 @@ class ThreatStackClient:
                     "User-Agent": USER_AGENT,
                 },
                 timeout=settings.timeout_seconds,
+                stream=True,  # the body is read by _read_body, within its bounds
             )
         except requests.Timeout as exc:
             raise ApiUnavailable(
                 f"Threat Stack did not answer within {settings.timeout_seconds}s"
             ) from exc
         except requests.RequestException as exc:
-            # Dropped connections, resets and bodies cut short (ChunkedEncodingError) land here.
+            # Dropped connections and resets land here.
             raise ApiUnavailable(
                 f"connection to Threat Stack failed ({type(exc).__name__})"
             ) from exc
-        self._budget.observe(response.headers)
-        error = classify_response(response)
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            self._budget.pause(error.retry_after)
-        if error is not None:
-            raise error
-        body = response.content
+        with response:
+            self._budget.observe(response.headers)
+            error = classify_response(response)
+            if isinstance(error, RateLimited) and error.retry_after is not None:
+                self._budget.pause(error.retry_after)
+            if error is not None:
+                raise error
+            body = self._read_body(response, started)
         if settings.verify_responses:
             self._verify(sender, response, body)
         try:
             document = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise MalformedResponse(
                 f"Threat Stack answered {response.status_code} with a body that is not JSON"
                 f" ({len(body)} bytes)"
             ) from exc
         validate(document)
         return document
+
+    def _read_body(self, response: requests.Response, started: float) -> bytes:
+        """The whole body, or an error: never longer than ``request_deadline_seconds`` from
+        the request's start (a body that trickles in), never more than
+        ``max_response_bytes``. Each socket read is bounded by ``timeout_seconds``."""
+        limit = self._settings.max_response_bytes
+        deadline = started + self._settings.request_deadline_seconds
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MalformedResponse(f"Threat Stack announced a body over {limit} bytes")
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read  # read1: what one recv brings
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while chunk := read(READ_SIZE):
+                size += len(chunk)
+                if size > limit:
+                    raise MalformedResponse(f"Threat Stack sent a body over {limit} bytes")
+                if time.monotonic() > deadline:
+                    raise ApiUnavailable(
+                        "Threat Stack's answer did not finish within"
+                        f" {self._settings.request_deadline_seconds:g}s"
+                        f" ({size} bytes so far)"
+                    )
+                parts.append(chunk)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            # Bodies cut short, resets and read timeouts in the middle of the body.
+            raise ApiUnavailable(
+                f"Threat Stack's answer was cut short ({type(exc).__name__})"
+            ) from exc
+        return b"".join(parts)
 
     @staticmethod
     def _verify(sender: mohawk.Sender, response: requests.Response, body: bytes) -> None:

@@ -296,3 +296,24 @@ def test_hostile_text_is_archived_as_the_api_sent_it(
     record = json.loads(objects[quarantined[0]])
     assert record["reason"] == "unencodable" and not_json["id"] in record["raw"]
     assert summary_of(run_poller(["sync"], env))["ok"]  # the next cycle goes on, too
+
+
+def test_a_server_that_ignores_the_page_token_fails_the_run_and_frees_the_lease(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Page one with a fresh token forever: the run stops after a bounded number of pages,
+    says paging went wrong, keeps what it archived, and leaves the lease free."""
+    now = utc_now()
+    simulator.generate(250, now - timedelta(hours=5), now - timedelta(hours=1), 0.0)
+    simulator.faults.ignore_token = True
+    env = poller_env(simulator, moto_server, bucket)
+    result = run_poller(["sync"], env, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    summary = summary_of(result)
+    assert "paging went wrong" in summary["error"]
+    assert summary["api_requests"] == 4  # page one, then three that brought nothing new
+    assert "_poller/checkpoint.json" not in bucket_listing(s3, bucket)
+    assert "_poller/lease.json" not in bucket_listing(s3, bucket)
+    simulator.faults.ignore_token = False
+    assert run_poller(["sync"], env).returncode == 0
+    assert_exact_archive(s3, bucket, simulator)

@@ -23,7 +23,8 @@ def make_daemon(
     now = [T0]
     runtime: Any = SimpleNamespace(settings=Settings(), stop=threading.Event(), run_id="r")
 
-    def fake_cycle(_runtime: Any, summary: Any) -> Any:
+    def fake_cycle(_runtime: Any, summary: Any, on_progress: Any) -> Any:
+        on_progress()
         if outcome is not None:
             raise outcome
         summary.archived, summary.watermark = 3, "2026-11-25T11:59:00Z"
@@ -70,3 +71,20 @@ def test_a_stopped_daemon_runs_no_more_cycles(monkeypatch: pytest.MonkeyPatch):
     daemon.runtime.stop.set()
     daemon.cycle()
     assert daemon.last_outcome is None
+
+
+def test_healthz_fails_when_nothing_progresses_for_the_stall_bound(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """interval 300 + longest request (600 retry span + 120 deadline + 61 budget) + 60."""
+    daemon, now = make_daemon(monkeypatch, None)
+    assert daemon.stall_after == timedelta(seconds=300 + 600 + 120 + 61 + 60)
+    assert daemon.alive()[0] is True
+    daemon.cycle()
+    now[0] = T0 + daemon.stall_after
+    assert daemon.alive()[0] is True
+    now[0] += timedelta(seconds=1)  # a cycle hung, or the scheduler stopped scheduling
+    ok, state = daemon.alive()
+    assert ok is False and state["stall_after_s"] == 1141
+    daemon._progress()  # any page read or commit brings it back
+    assert daemon.alive()[0] is True

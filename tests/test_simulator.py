@@ -3,6 +3,7 @@ reach the client as the right error classes."""
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -29,7 +30,11 @@ pytestmark = pytest.mark.integration
 
 
 def client_for(
-    sim: Simulator, attempts: int = 1, timeout: float = 5.0, **overrides: str
+    sim: Simulator,
+    attempts: int = 1,
+    timeout: float = 5.0,
+    request_deadline_seconds: float = 120.0,
+    **overrides: str,
 ) -> ThreatStackClient:
     creds = sim.credentials
     settings = ThreatStackSettings(
@@ -38,6 +43,7 @@ def client_for(
         org_id=overrides.get("org_id", creds.org_id),
         api_key=Secret(overrides.get("api_key", creds.api_key)),
         timeout_seconds=timeout,
+        request_deadline_seconds=request_deadline_seconds,
     )
     return ThreatStackClient(
         settings,
@@ -184,3 +190,18 @@ def test_faults_can_be_switched_while_running(simulator: Simulator):
         client.self_test()
     simulator.faults.rate = {}
     assert client.self_test() == {"authenticated": True}
+
+
+def test_a_body_that_trickles_in_is_cut_off_at_the_request_deadline(simulator: Simulator):
+    """Every read brings a few bytes within the socket timeout, so only the total bound
+    stops it: the request fails after about request_deadline_seconds, not after the body."""
+    now = utc_now()
+    simulator.generate(50, now - timedelta(hours=2), now - timedelta(hours=1))
+    simulator.faults.trickle_seconds = 8.0
+    client = client_for(simulator, timeout=2.0, request_deadline_seconds=1.0)
+    with pytest.raises(ApiUnavailable, match=r"did not finish within 1s") as caught:
+        list(client.list_alerts("active", now - timedelta(days=1), now))
+    simulator.faults.trickle_seconds = 0.0
+    received = int(re.search(r"\((\d+) bytes so far\)", str(caught.value)).group(1))  # type: ignore[union-attr]
+    whole = len(signed_get(simulator, "/v2/alerts?status=active").content)
+    assert received < whole / 2  # it gave up long before the body was complete

@@ -14,11 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.archive import Archive
-from poller.errors import ApiUnavailable, ArchiveUnavailable, ConfigError, LeaseLost
+from poller.errors import (
+    ApiUnavailable,
+    ArchiveUnavailable,
+    ConfigError,
+    CycleTimeout,
+    LeaseLost,
+)
 from poller.records import Layout
 from poller.state import CheckpointStore, Lease
 from poller.store import MemoryObjectStore
-from poller.sync import Cycle, CycleSettings, Summary
+from poller.sync import Cycle, CycleSettings, Summary, cycle_deadline
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LAYOUT = Layout()
@@ -338,3 +344,61 @@ def test_a_bug_in_one_alerts_handling_quarantines_that_alert_only(
     keys = [k for k in world.store.snapshot() if k.startswith("_poller/quarantine/")]
     assert [k.split("/")[2] for k in keys] == ["internal_error"]
     assert world.checkpoint()["watermark"] is not None
+
+
+def test_a_cycle_past_its_deadline_stops_keeps_committed_chunks_and_frees_the_lease(
+    world: World,
+):
+    world.settings = CycleSettings(
+        ("active",),
+        timedelta(seconds=900),
+        timedelta(seconds=60),
+        "3h",
+        4,
+        max_window=timedelta(hours=1),
+        max_cycle=timedelta(seconds=250),
+    )
+    for i in range(6):
+        world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=170 - 30 * i))
+    ticks = iter(range(0, 10_000, 100))  # every page read costs 100 s of monotonic time
+    cycle = world.make_cycle()
+    cycle.monotonic = lambda: float(next(ticks))
+    world.lease.acquire()
+    try:
+        with pytest.raises(CycleTimeout, match="deadline of 250s"):
+            cycle.run()
+    finally:
+        world.lease.release()
+    # Pages at 100 s and 200 s were in time: two chunks committed; the third page was not.
+    assert world.checkpoint()["watermark"] == "2026-11-25T10:59:59Z"
+    assert LAYOUT.lease_key not in world.store.snapshot()
+
+
+def test_the_derived_deadline_grows_with_the_work():
+    settings = CycleSettings(
+        ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    assert cycle_deadline(settings, 1) == 780 + 2 * 60
+    assert cycle_deadline(settings, 365) == 780 + 365 * 2 * 60
+
+
+class DismissedBetweenReads(FakeSource):
+    """An alert moves from the active list to the dismissed list right after the first
+    listing of the cycle is read."""
+
+    def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
+        yield from super().list_alerts(status, since, until)
+        self.alerts = [
+            ("dismissed" if doc["id"] == "moving0001" else s, doc, visible)
+            for s, doc, visible in self.alerts
+        ]
+
+
+def test_active_is_read_before_dismissed_whatever_the_configured_order(world: World):
+    world.source = DismissedBetweenReads(lambda: world.now)
+    world.source.add("moving0001", ago(5))
+    world.settings = CycleSettings(
+        ("dismissed", "active"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    world.cycle()
+    assert world.archived_ids() == {"moving0001"}

@@ -228,3 +228,52 @@ def test_an_unsigned_success_is_refused_at_once_with_the_way_out():
     with pytest.raises(FatalError, match="verify_responses"):
         list(client.list_alerts("active", SINCE, UNTIL))
     assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_a_server_that_ignores_the_token_fails_the_listing_instead_of_looping():
+    """Every answer is page one with a fresh token: three pages in a row that bring nothing
+    new end the listing with a PagingLoop, after a bounded number of requests."""
+    served = {"n": 0}
+
+    def page_one_forever(request: Any) -> tuple[int, dict[str, str], str]:
+        served["n"] += 1
+        alerts = [{"id": f"alert{i:020d}"} for i in range(3)]
+        return signed(request, 200, {"alerts": alerts, "token": f"fresh-{served['n']}"})
+
+    responses.add_callback(responses.GET, f"{BASE}/v2/alerts", callback=page_one_forever)
+    client, _ = make_client()
+    with pytest.raises(PagingLoop, match="paging went wrong: 3 pages in a row"):
+        for _ in client.list_alerts("active", SINCE, UNTIL):
+            assert served["n"] < 10, "paging did not stop"
+    assert served["n"] == 4
+
+
+@responses.activate
+def test_pages_with_some_repeats_are_progress():
+    """Repeats across pages (the API may shift while paging) are fine while anything is new."""
+    served = {"n": 0}
+
+    def overlapping(request: Any) -> tuple[int, dict[str, str], str]:
+        n = served["n"]
+        served["n"] += 1
+        alerts = [{"id": f"alert{i:020d}"} for i in range(n, n + 3)]  # two repeats, one new
+        return signed(request, 200, {"alerts": alerts, "token": f"t{n}" if n < 8 else None})
+
+    responses.add_callback(responses.GET, f"{BASE}/v2/alerts", callback=overlapping)
+    client, _ = make_client()
+    assert len(list(client.list_alerts("active", SINCE, UNTIL))) == 9
+
+
+@responses.activate
+def test_a_body_over_the_size_bound_is_refused_without_keeping_it():
+    settings = ThreatStackSettings(**{**SETTINGS.__dict__, "max_response_bytes": 1024})
+
+    def big(request: Any) -> tuple[int, dict[str, str], str]:
+        return signed(request, 200, {"alerts": [{"id": "x" * 2000}], "token": None})
+
+    responses.add_callback(responses.GET, f"{BASE}/v2/alerts", callback=big)
+    client, _ = make_client(settings)
+    with pytest.raises(MalformedResponse, match="over 1024 bytes"):
+        list(client.list_alerts("active", SINCE, UNTIL))
+    assert len(responses.calls) == 4  # retried (a proxy hiccup may pass), then given up

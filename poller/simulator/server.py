@@ -49,6 +49,8 @@ class Faults:
     duplicates_across_pages: bool = False
     shuffle_pages: bool = False
     org_limit_per_minute: int | None = None  # the vendor's org-wide limit, e.g. 200
+    trickle_seconds: float = 0.0  # send each 200 body in 20 pieces spread over this long
+    ignore_token: bool = False  # answer page one, with a fresh token, whatever is asked
 
     @classmethod
     def spread(cls, share: float, **extra: Any) -> Faults:
@@ -101,6 +103,7 @@ class Simulator:
         self.org_limited = 0  # requests refused by the org-wide limit
         self.faults_served: Counter[str] = Counter()
         self._served = 0  # authenticated requests, for the fault rotation
+        self._served_pages = 0  # pages answered while ignoring the token
         self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True
         self._server.simulator = self  # type: ignore[attr-defined]
@@ -306,7 +309,7 @@ class Simulator:
         except ValueError:
             return 400, {"errors": ["from and until must be ISO-8601"]}
         offset = 0
-        if "token" in query:
+        if "token" in query and not self.faults.ignore_token:
             try:
                 offset = int(base64.b64decode(query["token"][0], validate=True).split(b":")[0])
             except ValueError:
@@ -321,7 +324,11 @@ class Simulator:
                 self._fault_rng.shuffle(docs)
         next_offset = offset + self.page_size
         token = None
-        if next_offset < len(found):
+        if self.faults.ignore_token:
+            with self._lock:
+                self._served_pages += 1
+                token = base64.b64encode(f"fresh:{self._served_pages}".encode()).decode()
+        elif next_offset < len(found):
             # Standard base64 has '+', '/' and '=': clients must URL-encode it.
             token = base64.b64encode(f"{next_offset}:~{next_offset * 7919}".encode()).decode()
         return 200, {"alerts": docs, "token": token}
@@ -354,7 +361,18 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        trickle = self.sim.faults.trickle_seconds
+        if trickle > 0 and status == 200 and body:
+            step = max(1, len(body) // 20)
+            for start in range(0, len(body), step):
+                try:
+                    self.wfile.write(body[start : start + step])
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client gave up, as it should
+                time.sleep(trickle / 20)
+        else:
+            self.wfile.write(body)
 
     def do_GET(self) -> None:
         sim = self.sim
