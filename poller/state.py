@@ -38,6 +38,16 @@ CHECKPOINT_VERSION = 1
 LEASE_VERSION = 1
 
 
+def our_write_landed(store: ObjectStore, key: str, body: bytes) -> str | None:
+    """After a 412, the ETag of ``key`` if it holds exactly ``body``, else None.
+
+    botocore retries a PUT whose response was lost; when the first attempt had landed, the
+    retry meets its own write and gets 412. Our documents carry our run id and timestamps,
+    so byte-equal content is our write, not another writer's."""
+    stored = store.get(key)
+    return stored.etag if stored is not None and stored.body == body else None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     watermark: datetime | None = None
@@ -105,16 +115,19 @@ class CheckpointStore:
             "statuses": sorted(statuses),
         }
         body = json.dumps(document, sort_keys=True).encode("utf-8")
+        etag: str | None
         try:
             if previous.etag is None:
                 etag = self._store.put(self._key, body, if_none_match=True)
             else:
                 etag = self._store.put(self._key, body, if_match=previous.etag)
         except PreconditionFailed as exc:
-            raise CheckpointConflict(
-                f"the checkpoint {self._key} changed while this run worked: another writer"
-                " moved it, so this run leaves it alone"
-            ) from exc
+            etag = our_write_landed(self._store, self._key, body)
+            if etag is None:
+                raise CheckpointConflict(
+                    f"the checkpoint {self._key} changed while this run worked: another"
+                    " writer moved it, so this run leaves it alone"
+                ) from exc
         return Checkpoint(watermark, seen, etag, document)
 
 
@@ -183,8 +196,9 @@ class Lease:
         """Take the lease, or take over a stale one; raise LeaseHeld when another holds it."""
         for _ in range(3):  # the lease may vanish between our write and our read
             self._acquired_at = self._clock()
+            body = self._body()
             try:
-                self._etag = self._store.put(self._key, self._body(), if_none_match=True)
+                self._etag = self._store.put(self._key, body, if_none_match=True)
             except PreconditionFailed:
                 pass
             else:
@@ -193,6 +207,10 @@ class Lease:
             stored = self._store.get(self._key)
             if stored is None:
                 continue
+            if stored.body == body:  # our own write, whose response was lost
+                self._etag = stored.etag
+                self._check_conditions_honoured()
+                return
             info = self._info(stored)
             if not info.stale:
                 holder = info.document
@@ -202,10 +220,13 @@ class Lease:
                     " renewed"
                     f" {info.age_seconds:.0f}s ago (ttl {self._ttl}s)"
                 )
+            body = self._body()
             try:
-                self._etag = self._store.put(self._key, self._body(), if_match=stored.etag)
+                self._etag = self._store.put(self._key, body, if_match=stored.etag)
             except PreconditionFailed:
-                raise LeaseHeld("another run took over the stale lease first") from None
+                self._etag = our_write_landed(self._store, self._key, body)
+                if self._etag is None:
+                    raise LeaseHeld("another run took over the stale lease first") from None
             log.warning(
                 "lease.taken_over",
                 extra={"fields": {"previous": info.document, "age_s": round(info.age_seconds)}},
@@ -236,10 +257,13 @@ class Lease:
         with self._lock:
             if self._etag is None:
                 raise LeaseLost("this run does not hold the lease")
+            body = self._body()
             try:
-                self._etag = self._store.put(self._key, self._body(), if_match=self._etag)
+                self._etag = self._store.put(self._key, body, if_match=self._etag)
             except PreconditionFailed as exc:
-                self._etag = None
+                self._etag = our_write_landed(self._store, self._key, body)
+                if self._etag is not None:
+                    return
                 raise LeaseLost(
                     "this run's lease was taken over by another run; it stops without"
                     " writing the checkpoint"

@@ -190,3 +190,56 @@ def test_store_without_conditions_is_refused_unless_allowed():
     relaxed = lease(store, "a", require=False)
     relaxed.acquire()
     assert relaxed.held
+
+
+# ------------------------------------------------------------------ lost responses
+
+
+class LostResponses:
+    """Wraps a store: chosen writes land, but their response is lost and the retry (as
+    botocore sends it, same body, same condition) meets our own write and gets 412."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.lose = 0  # how many of the next writes lose their response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        etag = self.inner.put(key, body, **conditions)
+        if self.lose:
+            self.lose -= 1
+            return self.inner.put(key, body, **conditions)  # the retry: raises 412
+        return etag
+
+
+def test_a_lost_response_to_our_own_writes_is_not_a_conflict(under_test: StoreUnderTest):
+    store = LostResponses(under_test.store)
+    lease = Lease(store, LAYOUT, 60, {"run_id": "mine"}, utc_now)  # type: ignore[arg-type]
+    store.lose = 1
+    lease.acquire()  # not "another run holds the lease: run mine"
+    assert lease.held
+    store.lose = 1
+    lease.renew()  # not LeaseLost
+    checkpoints = CheckpointStore(store, LAYOUT)  # type: ignore[arg-type]
+    store.lose = 1
+    first = checkpoints.commit(checkpoints.load(), T0, {}, "mine", "sync", T0)
+    store.lose = 1
+    second = checkpoints.commit(first, T0 + timedelta(minutes=5), {}, "mine", "sync", T0)
+    assert checkpoints.load().etag == second.etag
+    assert checkpoints.load().watermark == T0 + timedelta(minutes=5)
+    lease.release()
+    assert under_test.store.get(LAYOUT.lease_key) is None  # nothing orphaned
+
+
+def test_a_real_conflict_is_still_a_conflict(under_test: StoreUnderTest):
+    store = under_test.store
+    checkpoints = CheckpointStore(store, LAYOUT)
+    first = checkpoints.commit(checkpoints.load(), T0, {}, "mine", "sync", T0)
+    checkpoints.commit(first, T0 + timedelta(minutes=1), {}, "theirs", "sync", T0)
+    with pytest.raises(CheckpointConflict):
+        checkpoints.commit(first, T0 + timedelta(minutes=2), {}, "mine", "sync", T0)
+    Lease(store, LAYOUT, 60, {"run_id": "theirs"}, utc_now).acquire()
+    with pytest.raises(LeaseHeld, match="run theirs"):
+        Lease(store, LAYOUT, 60, {"run_id": "mine"}, utc_now).acquire()
