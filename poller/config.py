@@ -286,14 +286,25 @@ def default_config_path(environ: Mapping[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, never the text around it: the failing line may hold a secret."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return type(exc).__name__
+
+
 def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problems.append(f"config file {path}: cannot read it ({exc.strerror or exc})")
         return
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: not UTF-8 text (byte {exc.start})")
+        return
     except yaml.YAMLError as exc:
-        problems.append(f"config file {path}: not valid YAML ({exc})")
+        problems.append(f"config file {path}: not valid YAML: {_yaml_problem(exc)}")
         return
     if document is None:
         return
@@ -321,7 +332,9 @@ def _read_secret_file(name: str, path: str, problems: list[str]) -> str | None:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         problems.append(f"{name}: cannot read file {path} ({exc.strerror or exc})")
-        return None
+    except UnicodeDecodeError as exc:
+        problems.append(f"{name}: file {path} is not UTF-8 text (byte {exc.start})")
+    return None
 
 
 def _from_environment(

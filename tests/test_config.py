@@ -196,3 +196,40 @@ def test_set_flags_win_over_everything_and_are_checked(tmp_path: Path):
     assert any("--set s3.nope: no such setting" in p for p in problems)
     assert any("--set threatstack.api_key: not allowed" in p for p in problems)
     assert KEY not in str(caught.value)
+
+
+SECRET = "sk-live-0123456789abcdefSECRET"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'threatstack:\n  api_key: "{SECRET}\n  user_id: u\n',  # a missing closing quote
+        f"threatstack:\n  api_key: {SECRET}\n   user_id: [u\n",
+        f"threatstack:\n\tapi_key: {SECRET}\n",  # a tab
+        f"threatstack: {{api_key: {SECRET}\n",
+    ],
+)
+def test_a_yaml_error_never_echoes_the_line_it_failed_on(tmp_path: Path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    message = str(caught.value)
+    assert "not valid YAML" in message and "line " in message
+    assert SECRET not in message and SECRET[:8] not in message
+
+
+def test_files_that_are_not_utf8_are_configuration_errors(tmp_path: Path):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"sync:\n  interval_seconds: 60 # caf\xe9\n")
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"\xff\xfek\x00e\x00y\x00")  # UTF-16, as some editors save
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={"THREATSTACK_API_KEY_FILE": str(key_file)})
+    assert caught.value.exit_code == 2
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        f"config file {config}",
+        "THREATSTACK_API_KEY_FILE",
+    ]
+    assert all("not UTF-8 text" in p for p in caught.value.problems)
