@@ -72,6 +72,7 @@ class Runtime:
     mode: str
     clock: Clock
     api: ThreatStackClient
+    budget: RequestBudget
     store: ObjectStore
     s3_requests: Callable[[], int]
     layout: Layout
@@ -91,6 +92,7 @@ class Runtime:
             holder,
             self.clock,
             self.settings.s3.require_conditional_writes,
+            recent_requests=self.budget.recent,
         )
 
     def cycle(self, lease: Lease) -> Cycle:
@@ -137,10 +139,11 @@ def build(
     stop = stop or threading.Event()
     if sleep is time.sleep:
         sleep = interruptible_sleep(stop)
+    budget = RequestBudget(ts.requests_per_minute, sleep=sleep)
     api = ThreatStackClient(
         ts,
         session or requests.Session(),
-        RequestBudget(ts.requests_per_minute, sleep=sleep),
+        budget,
         RetryPolicy(max_attempts=ts.max_attempts, max_delay_seconds=ts.max_retry_seconds),
         sleep,
     )
@@ -151,6 +154,7 @@ def build(
         mode=mode,
         clock=clock,
         api=api,
+        budget=budget,
         store=S3ObjectStore(client, settings.s3.bucket),
         s3_requests=count_requests(client),
         layout=Layout(settings.s3.prefix),
@@ -167,6 +171,8 @@ def run_cycle(
     lease = runtime.lease()
     try:
         lease.acquire()
+        # The budget holds across processes taking turns: count the last holder's requests.
+        runtime.budget.inherit(lease.inherited_requests)
         cycle = runtime.cycle(lease)
         with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
             cycle.lease_lost = lambda: keeper.lost

@@ -44,12 +44,14 @@ class RequestBudget:
         per_minute: int,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
         self.per_minute = per_minute
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
         self._started: deque[float] = deque()
         self._not_before = 0.0
         self._lock = threading.Lock()
@@ -74,6 +76,27 @@ class RequestBudget:
                     self._started.append(self._clock())
                     return
             self._sleep(wait)
+
+    def recent(self) -> list[float]:
+        """Wall-clock (epoch) start times of the requests still inside the window, for the
+        next process that takes its turn (carried in the lease document)."""
+        with self._lock:
+            now, wall = self._clock(), self._wall()
+            horizon = now - WINDOW_SECONDS - MARGIN_SECONDS
+            starts = [t for t in self._started if t > horizon][-self.per_minute :]
+        return [round(wall - (now - t), 3) for t in starts]
+
+    def inherit(self, starts: list[float]) -> None:
+        """Count requests an earlier process started (epoch times): a process that takes its
+        turn right after another must not send a second budget within the same minute."""
+        with self._lock:
+            now, wall = self._clock(), self._wall()
+            carried = [
+                now - max(wall - float(t), 0.0)
+                for t in starts
+                if isinstance(t, (int, float)) and not isinstance(t, bool)
+            ]
+            self._started = deque(sorted([*carried, *self._started]))
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Learn from the server's rate-limit headers (any response, 429 or not)."""

@@ -12,7 +12,13 @@ Checkpoint document, ``P/_poller/checkpoint.json`` (version 1)::
 Lease document, ``P/_poller/lease.json`` (version 1)::
 
     {"version": 1, "run_id": "...", "mode": "sync", "host": "...", "pid": 123,
-     "acquired_at": "...", "renewed_at": "...", "ttl_seconds": 120, "expires_at": "..."}
+     "acquired_at": "...", "renewed_at": "...", "ttl_seconds": 120, "expires_at": "...",
+     "recent_requests": [1764072000.123, ...],   # API request starts of the last minute
+     "released": true}                           # only once its holder let go
+
+A holder lets go by overwriting the lease (``If-Match``) with ``released: true`` rather than
+deleting it, so the next run, which takes a released lease at once, inherits the request
+times of the last minute and the request budget holds across processes taking turns.
 
 Whether a lease is stale is judged by S3's clock only: the age of the object is the
 ``Date`` of the read minus its ``Last-Modified``, both stamped by the server.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -139,6 +146,14 @@ class LeaseInfo:
     age_seconds: float
     stale: bool
 
+    @property
+    def released(self) -> bool:
+        return self.document.get("released") is True
+
+    @property
+    def free(self) -> bool:
+        return self.released or self.stale
+
 
 class Lease:
     """A lease on the prefix, taken with a create-only write and renewed under its ETag."""
@@ -151,6 +166,7 @@ class Lease:
         holder: dict[str, Any],
         clock: Clock,
         require_conditional_writes: bool = True,
+        recent_requests: Callable[[], list[float]] = list,
     ) -> None:
         self._store = store
         self._key = layout.lease_key
@@ -161,21 +177,27 @@ class Lease:
         self._etag: str | None = None
         self._acquired_at: datetime | None = None
         self._lock = threading.Lock()
+        self._recent_requests = recent_requests
+        # Request start times (epoch) the previous holder recorded, for the request budget.
+        self.inherited_requests: list[float] = []
 
     @property
     def held(self) -> bool:
         return self._etag is not None
 
-    def _body(self) -> bytes:
+    def _body(self, released: bool = False) -> bytes:
         now = self._clock()
-        document = {
+        document: dict[str, Any] = {
             "version": LEASE_VERSION,
             **self._holder,
             "acquired_at": iso_z(self._acquired_at or now),
             "renewed_at": iso_z(now),
             "ttl_seconds": self._ttl,
             "expires_at": iso_z(now + timedelta(seconds=self._ttl)),
+            "recent_requests": self._recent_requests(),
         }
+        if released:
+            document["released"] = True
         return json.dumps(document, sort_keys=True).encode("utf-8")
 
     def inspect(self) -> LeaseInfo | None:
@@ -212,7 +234,7 @@ class Lease:
                 self._check_conditions_honoured()
                 return
             info = self._info(stored)
-            if not info.stale:
+            if not info.free:
                 holder = info.document
                 raise LeaseHeld(
                     f"another run holds the lease: run {holder.get('run_id')}"
@@ -226,11 +248,16 @@ class Lease:
             except PreconditionFailed:
                 self._etag = our_write_landed(self._store, self._key, body)
                 if self._etag is None:
-                    raise LeaseHeld("another run took over the stale lease first") from None
-            log.warning(
-                "lease.taken_over",
-                extra={"fields": {"previous": info.document, "age_s": round(info.age_seconds)}},
-            )
+                    raise LeaseHeld("another run took over the free lease first") from None
+            inherited = info.document.get("recent_requests")
+            self.inherited_requests = list(inherited) if isinstance(inherited, list) else []
+            if not info.released:
+                log.warning(
+                    "lease.taken_over",
+                    extra={
+                        "fields": {"previous": info.document, "age_s": round(info.age_seconds)}
+                    },
+                )
             return
         raise LeaseHeld("the lease keeps changing hands; giving up this time")
 
@@ -270,14 +297,16 @@ class Lease:
                 ) from exc
 
     def release(self) -> None:
+        """Let go: mark the lease released (``If-Match``), keeping this run's recent request
+        times for the next holder. The next run may take it at once."""
         with self._lock:
             etag, self._etag = self._etag, None
         if etag is None:
             return
         try:
-            self._store.delete(self._key, if_match=etag)
+            self._store.put(self._key, self._body(released=True), if_match=etag)
         except PreconditionFailed:
-            pass  # someone else holds it now: theirs to release
+            pass  # someone else holds it now (or our own write's response was lost)
         except Exception as exc:  # noqa: BLE001 - releasing is best effort; the ttl covers it
             log.warning("lease.release_failed", extra={"fields": {"error": str(exc)}})
 

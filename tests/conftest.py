@@ -201,3 +201,13 @@ def assert_exact_archive(
         for key, body in expected.items():
             assert json.loads(actual[key]) == body, f"body differs at {key}"
     return actual
+
+
+def lease_released(s3: Any, bucket: str, prefix: str = "") -> bool:
+    """The lease is free for the next run at once: its holder marked it released."""
+    key = Layout(prefix).lease_key
+    try:
+        document = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return True
+    return document.get("released") is True

@@ -133,3 +133,45 @@ def test_429_waits_as_the_response_says():
     RetryPolicy().call(call, fake.sleep, "x")
     assert 12.5 <= fake.sleeps[0] < 12.7
     assert fake.sleeps[1] >= MIN_RATE_LIMIT_WAIT
+
+
+def test_a_process_taking_its_turn_counts_the_last_ones_requests():
+    """Two processes, their monotonic clocks unrelated, one wall clock: the second inherits
+    the first's request times and together they never exceed the budget in any window."""
+    wall = [5_000_000.0]
+    first_time, second_time = FakeTime(), FakeTime()
+    second_time.now = 77.0  # another process: another monotonic origin
+
+    def first_wall() -> float:
+        return wall[0] + (first_time.now - 1000.0)
+
+    first = RequestBudget(5, clock=first_time.clock, sleep=first_time.sleep, wall=first_wall)
+    starts = []
+    for _ in range(4):
+        first.acquire()
+        starts.append(first_wall())
+        first_time.now += 1.0
+    carried = first.recent()
+    assert carried == [round(s, 3) for s in starts]
+
+    handover = first_wall() + 2.0  # the next run starts two seconds later
+    second = RequestBudget(
+        5,
+        clock=second_time.clock,
+        sleep=second_time.sleep,
+        wall=lambda: handover + (second_time.now - 77.0),
+    )
+    second.inherit(carried)
+    for _ in range(3):
+        second.acquire()
+        starts.append(handover + (second_time.now - 77.0))
+    for i, start in enumerate(starts):
+        assert len([s for s in starts[i:] if s < start + WINDOW_SECONDS]) <= 5
+    # The 6th request overall waited for the first one to leave the window.
+    assert second_time.sleeps and starts[-1] >= starts[1] + WINDOW_SECONDS
+
+
+def test_inherit_ignores_what_is_not_a_time():
+    budget = RequestBudget(5)
+    budget.inherit(["x", None, True, 1.5e9])  # type: ignore[list-item]
+    assert budget.next_wait() == 0

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import ROOT, MotoServer, assert_exact_archive, poller_env, summary_of
+from conftest import ROOT, MotoServer, assert_exact_archive, lease_released, poller_env, summary_of
 
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
@@ -128,7 +128,7 @@ def test_a_killed_holder_is_taken_over_after_expiry(
     assert code == 0, summary
     assert summary["archived"] + summary["already_archived"] == 900
     assert_exact_archive(s3, bucket, simulator)
-    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+    assert lease_released(s3, bucket)
 
 
 @pytest.mark.crash
@@ -165,7 +165,7 @@ def test_sigterm_releases_the_lease_and_loses_nothing(
     code, summary = finish(holder, timeout=60)
     assert code == 143, summary
     assert summary["error"] == "stopped by SIGTERM"
-    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+    assert lease_released(s3, bucket)
     code, summary = finish(start(env))  # no wait for a ttl: the lease is free at once
     assert code == 0, summary
     assert_exact_archive(s3, bucket, simulator)

@@ -17,6 +17,7 @@ from conftest import (
     MotoServer,
     assert_exact_archive,
     bucket_listing,
+    lease_released,
     poller_env,
     run_poller,
     summary_of,
@@ -113,7 +114,7 @@ def test_daemon_cycles_serves_health_and_stops_gracefully(
         out, err = daemon.communicate(timeout=30)
     assert daemon.returncode == 0, err[-2000:]
     assert '"event": "daemon.stopped"' in err
-    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+    assert lease_released(s3, bucket)
     assert simulator.credentials.api_key not in out + err
 
 
@@ -131,7 +132,7 @@ def test_sigterm_in_the_middle_of_a_cycle_unwinds_it(
     assert '"event": "cycle.stopped"' in err  # it stopped mid-window, not after it
     archived = [k for k in bucket_listing(s3, bucket) if k.startswith("alerts/")]
     assert len(archived) < 1500
-    assert s3.list_objects_v2(Bucket=bucket, Prefix="_poller/lease.json")["KeyCount"] == 0
+    assert lease_released(s3, bucket)
     result = run_poller(["sync"], env)  # the next run completes the window
     assert result.returncode == 0, result.stderr[-2000:]
     assert_exact_archive(s3, bucket, simulator)

@@ -275,3 +275,19 @@ def test_twenty_sigkills_then_the_exact_archive(moto_server: MotoServer, s3: Any
                 versions[version["Key"]] += 1
         rewritten = [k for k, n in versions.items() if n > 1 and not k.startswith("_poller/")]
         assert not rewritten
+
+
+@pytest.mark.faults
+def test_the_budget_holds_across_runs_taking_turns(moto_server: MotoServer, s3: Any, bucket: str):
+    """A CronJob Job retried right after a run that used its budget: a fresh process, a
+    fresh limiter, but the same 3 requests per minute by the server's clock."""
+    with Simulator(seed=9) as sim:
+        now = utc_now()
+        sim.generate(10, now - timedelta(hours=3), now - timedelta(hours=1))
+        env = poller_env(sim, moto_server, bucket, POLLER_THREATSTACK__REQUESTS_PER_MINUTE="3")
+        for _ in range(2):  # each run: one list request per status
+            result = run_poller(["sync"], env, timeout=180)
+            assert result.returncode == 0, result.stderr[-2000:]
+        assert sim.request_count("/v2/alerts") == 4
+        assert sim.max_requests_in_any_window(60.0) <= 3
+        assert_exact_archive(s3, bucket, sim)

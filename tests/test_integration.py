@@ -16,6 +16,7 @@ from conftest import (
     assert_exact_archive,
     bucket_listing,
     bucket_objects,
+    lease_released,
     poller_env,
     run_poller,
     summary_of,
@@ -313,7 +314,7 @@ def test_a_server_that_ignores_the_page_token_fails_the_run_and_frees_the_lease(
     assert "paging went wrong" in summary["error"]
     assert summary["api_requests"] == 4  # page one, then three that brought nothing new
     assert "_poller/checkpoint.json" not in bucket_listing(s3, bucket)
-    assert "_poller/lease.json" not in bucket_listing(s3, bucket)
+    assert lease_released(s3, bucket)
     simulator.faults.ignore_token = False
     assert run_poller(["sync"], env).returncode == 0
     assert_exact_archive(s3, bucket, simulator)

@@ -22,6 +22,11 @@ LAYOUT = Layout("tenant")
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
 
+def released(store: ObjectStore) -> bool:
+    stored = store.get(LAYOUT.lease_key)
+    return stored is None or json.loads(stored.body).get("released") is True
+
+
 class StoreUnderTest:
     """A store plus a way to let time pass as *that store* sees it."""
 
@@ -186,7 +191,7 @@ def test_store_without_conditions_is_refused_unless_allowed():
     assert check_bucket(store, LAYOUT, "r") is False
     with pytest.raises(UnguardedStore, match="require_conditional_writes"):
         lease(store, "a").acquire()
-    assert store.get(LAYOUT.lease_key) is None  # it let go again
+    assert released(store)  # it let go again
     relaxed = lease(store, "a", require=False)
     relaxed.acquire()
     assert relaxed.held
@@ -230,7 +235,7 @@ def test_a_lost_response_to_our_own_writes_is_not_a_conflict(under_test: StoreUn
     assert checkpoints.load().etag == second.etag
     assert checkpoints.load().watermark == T0 + timedelta(minutes=5)
     lease.release()
-    assert under_test.store.get(LAYOUT.lease_key) is None  # nothing orphaned
+    assert released(under_test.store)  # nothing orphaned
 
 
 def test_a_real_conflict_is_still_a_conflict(under_test: StoreUnderTest):
@@ -243,3 +248,19 @@ def test_a_real_conflict_is_still_a_conflict(under_test: StoreUnderTest):
     Lease(store, LAYOUT, 60, {"run_id": "theirs"}, utc_now).acquire()
     with pytest.raises(LeaseHeld, match="run theirs"):
         Lease(store, LAYOUT, 60, {"run_id": "mine"}, utc_now).acquire()
+
+
+def test_a_released_lease_is_taken_at_once_and_hands_over_the_request_times(
+    under_test: StoreUnderTest,
+):
+    store = under_test.store
+    first = Lease(store, LAYOUT, 60, {"run_id": "a"}, utc_now, recent_requests=lambda: [1.5, 2.5])
+    first.acquire()
+    first.release()
+    second = Lease(store, LAYOUT, 60, {"run_id": "b"}, utc_now)
+    second.acquire()  # no wait for a ttl: released means free
+    assert second.inherited_requests == [1.5, 2.5]
+    with pytest.raises(LeaseHeld, match="run b"):
+        Lease(store, LAYOUT, 60, {"run_id": "c"}, utc_now).acquire()
+    second.release()
+    assert released(store)
