@@ -191,3 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Stopped:
         return 143
+    except Exception:  # a bug: logged with its traceback (JSON logs too), exit 1
+        log.exception("crashed", extra={"fields": {"command": args.command}})
+        return 1

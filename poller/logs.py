@@ -39,6 +39,8 @@ class JsonFormatter(logging.Formatter):
         line.update(_fields(record))
         if record.exc_info and record.exc_info[1] is not None:
             line["exception"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            # The whole traceback, in the one JSON line: a crash must be diagnosable.
+            line["traceback"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
 
 
@@ -46,7 +48,10 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
         fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        return f"{stamp} {record.levelname:<7} {record.getMessage()} {fields}".rstrip()
+        text = f"{stamp} {record.levelname:<7} {record.getMessage()} {fields}".rstrip()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 def configure(level: str, fmt: str, run_id: str, stream: TextIO | None = None) -> None:
