@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+MIN_VENV ?= .venv-min
 
-.PHONY: test lint unit integration faults crash bench clean
+.PHONY: test lint unit test-min integration faults crash bench clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +20,19 @@ lint: $(BIN)/activate
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-test: lint
+test: lint test-min
 	$(BIN)/pytest
+
+# The unit tests on the lowest versions pyproject.toml allows: the floors are true.
+$(MIN_VENV)/bin/activate: requirements-min.txt requirements-test.txt pyproject.toml
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/pip install --quiet -r requirements-min.txt -r requirements-test.txt -c requirements-min.txt
+	$(MIN_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(MIN_VENV)/bin/activate
+
+test-min: $(MIN_VENV)/bin/activate
+	$(MIN_VENV)/bin/pytest -p no:cacheprovider -m "not integration and not faults and not crash"
 
 unit: $(BIN)/activate
 	$(BIN)/pytest -m "not integration and not faults and not crash"
@@ -35,4 +47,4 @@ bench: $(BIN)/activate
 	$(BIN)/python bench/benchmark.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

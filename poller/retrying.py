@@ -55,7 +55,7 @@ class RetryPolicy:
             | tenacity.stop_after_delay(self.max_delay_seconds),
             wait=WaitForServer(
                 tenacity.wait_exponential_jitter(
-                    multiplier=self.initial_backoff,
+                    initial=self.initial_backoff,
                     max=self.max_backoff,
                     jitter=self.initial_backoff,
                 )

@@ -237,8 +237,7 @@ class ThreatStackClient:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise MalformedResponse(f"Threat Stack announced a body over {limit} bytes")
-        raw = response.raw
-        read = getattr(raw, "read1", None) or raw.read  # read1: what one recv brings
+        read = response.raw.read1  # what one recv brings (urllib3 >= 2.2)
         parts: list[bytes] = []
         size = 0
         try:
