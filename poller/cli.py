@@ -117,7 +117,12 @@ def cmd_status(settings: Settings, run_id: str) -> int:
             },
             "lease": None
             if lease is None
-            else {**lease.document, "age_s": round(lease.age_seconds, 1), "stale": lease.stale},
+            else {
+                **lease.document,
+                "age_s": round(lease.age_seconds, 1),
+                "stale": lease.stale,
+                "free": lease.free,  # released by its holder, or stale
+            },
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
         }
     )

@@ -7,6 +7,7 @@ backoff interruptible.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ T = TypeVar("T")
 
 # A 429 without usable headers waits at least this long (threatstack-api.md §4.2).
 MIN_RATE_LIMIT_WAIT = 5.0
+
+# tenacity 9.0-9.1 call the first wait ``initial``; 9.2 renamed it ``multiplier`` and
+# deprecated the old name. Both are within our floor, so ask the installed version.
+_FIRST_WAIT = (
+    "multiplier"
+    if "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters
+    else "initial"
+)
 
 
 class WaitForServer(tenacity.wait.wait_base):
@@ -55,7 +64,7 @@ class RetryPolicy:
             | tenacity.stop_after_delay(self.max_delay_seconds),
             wait=WaitForServer(
                 tenacity.wait_exponential_jitter(
-                    initial=self.initial_backoff,
+                    **{_FIRST_WAIT: self.initial_backoff},
                     max=self.max_backoff,
                     jitter=self.initial_backoff,
                 )

@@ -248,15 +248,15 @@ class Lease:
             except PreconditionFailed:
                 self._etag = our_write_landed(self._store, self._key, body)
                 if self._etag is None:
-                    raise LeaseHeld("another run took over the free lease first") from None
+                    raise LeaseHeld(
+                        "another run holds the lease: it took the free lease first"
+                    ) from None
             inherited = info.document.get("recent_requests")
             self.inherited_requests = list(inherited) if isinstance(inherited, list) else []
             if not info.released:
                 log.warning(
                     "lease.taken_over",
-                    extra={
-                        "fields": {"previous": info.document, "age_s": round(info.age_seconds)}
-                    },
+                    extra={"fields": {"previous": info.document, "age_s": round(info.age_seconds)}},
                 )
             return
         raise LeaseHeld("the lease keeps changing hands; giving up this time")
