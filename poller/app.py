@@ -25,7 +25,7 @@ from poller.records import Layout
 from poller.retrying import RetryPolicy
 from poller.state import CheckpointStore, Lease, LeaseKeeper
 from poller.store import ObjectStore, S3ObjectStore, count_requests
-from poller.sync import PAGES_PER_LISTING, Cycle, CycleSettings, Summary
+from poller.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
 from poller.threatstack import ThreatStackClient
 from poller.timeutil import Clock, utc_now
 
@@ -162,11 +162,9 @@ def build(
     )
 
 
-def run_cycle(
-    runtime: Runtime, summary: Summary, on_progress: Callable[[], None] = lambda: None
-) -> Summary:
+def run_cycle(runtime: Runtime, summary: Summary, observer: CycleObserver | None = None) -> Summary:
     """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
-    (exit 75) when another run holds it. ``on_progress`` is told of every page and commit."""
+    (exit 75) when another run holds it. ``observer`` is told of every page and commit."""
     api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
     lease = runtime.lease()
     try:
@@ -177,7 +175,8 @@ def run_cycle(
         with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
             cycle.lease_lost = lambda: keeper.lost
             cycle.should_stop = runtime.stop.is_set
-            cycle.on_progress = on_progress
+            if observer is not None:
+                cycle.observer = observer
             return cycle.run(summary)
     finally:
         lease.release()

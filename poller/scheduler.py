@@ -64,7 +64,7 @@ class Daemon:
             summary = Summary(mode="run", run_id=self.runtime.run_id)
             outcome = "ok"
             try:
-                run_cycle(self.runtime, summary, self._progress)
+                run_cycle(self.runtime, summary, self)
                 log.info("cycle.done", extra={"fields": summary.as_dict()})
             except LeaseHeld as exc:
                 outcome = "lease_held"  # another writer works; we are a healthy standby
@@ -86,7 +86,14 @@ class Daemon:
                 self.last_success = now
             self.metrics.observe(summary, outcome, now)
 
-    def _progress(self) -> None:
+    # A CycleObserver: every page and commit is progress, for liveness.
+    def started(self, summary: Summary, chunk_count: int) -> None:
+        self.last_progress = self.clock()
+
+    def page(self, summary: Summary) -> None:
+        self.last_progress = self.clock()
+
+    def committed(self, summary: Summary, chunks_done: int) -> None:
         self.last_progress = self.clock()
 
     # ------------------------------------------------------------------ health

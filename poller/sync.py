@@ -42,6 +42,30 @@ class AlertSource(Protocol):
         """Pages of raw alert objects for one status, created in [since, until)."""
 
 
+class CycleObserver(Protocol):
+    """Told how a cycle goes: for the daemon's liveness and the terminal's progress bar."""
+
+    def started(self, summary: Summary, chunk_count: int) -> None:
+        """The window is known: ``chunk_count`` chunks to read."""
+
+    def page(self, summary: Summary) -> None:
+        """A page was read and its alerts handed to the writer."""
+
+    def committed(self, summary: Summary, chunks_done: int) -> None:
+        """A chunk was committed; ``summary.watermark`` is the new watermark."""
+
+
+class Unobserved:
+    def started(self, summary: Summary, chunk_count: int) -> None:
+        pass
+
+    def page(self, summary: Summary) -> None:
+        pass
+
+    def committed(self, summary: Summary, chunks_done: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class CycleSettings:
     statuses: tuple[str, ...]
@@ -203,7 +227,7 @@ class Cycle:
         self.mode = mode
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
         self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
-        self.on_progress: Callable[[], None] = lambda: None  # a page read, a chunk committed
+        self.observer: CycleObserver = Unobserved()
         self.monotonic: Callable[[], float] = time.monotonic
         self._deadline = float("inf")
         self._deadline_seconds = 0.0
@@ -231,6 +255,7 @@ class Cycle:
         chunk_count = sum(1 for _ in chunks(since, until, self.settings.max_window))
         self._deadline_seconds = cycle_deadline(self.settings, chunk_count)
         self._deadline = self.monotonic() + self._deadline_seconds
+        self.observer.started(summary, chunk_count)
         log.info(
             "cycle.start",
             extra={
@@ -243,7 +268,9 @@ class Cycle:
         )
         # A long window (a first run, a long outage) is read in chunks, oldest first, each
         # committed on its own: a run killed halfway keeps the chunks it finished.
-        for chunk_since, chunk_until in chunks(since, until, self.settings.max_window):
+        for done, (chunk_since, chunk_until) in enumerate(
+            chunks(since, until, self.settings.max_window), start=1
+        ):
             seen_now: dict[str, int] = {}
             if chunk_since < chunk_until:  # the API wants from < until
                 seen_now = self._archive_window(checkpoint, chunk_since, chunk_until, now, summary)
@@ -254,7 +281,7 @@ class Cycle:
                 checkpoint, watermark, seen, self.run_id, self.mode, now, self.settings.statuses
             )
             summary.watermark = iso_z(watermark)
-            self.on_progress()
+            self.observer.committed(summary, done)
             log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
 
     def _check_statuses(self, checkpoint: Checkpoint) -> None:
@@ -306,9 +333,9 @@ class Cycle:
                     if self.should_stop():
                         raise Stopped()
                     self._check_deadline()
-                    self.on_progress()
                     for raw in page:
                         self._take(raw, status, checkpoint, seen_now, writer, until, now, summary)
+                    self.observer.page(summary)
                     log.info(
                         "page.read",
                         extra={

@@ -13,6 +13,7 @@ from poller import scheduler
 from poller.config import Settings
 from poller.errors import ApiAuthError, LeaseHeld, Stopped
 from poller.scheduler import Daemon
+from poller.sync import Summary
 
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
@@ -23,8 +24,8 @@ def make_daemon(
     now = [T0]
     runtime: Any = SimpleNamespace(settings=Settings(), stop=threading.Event(), run_id="r")
 
-    def fake_cycle(_runtime: Any, summary: Any, on_progress: Any) -> Any:
-        on_progress()
+    def fake_cycle(_runtime: Any, summary: Any, observer: Any) -> Any:
+        observer.page(summary)
         if outcome is not None:
             raise outcome
         summary.archived, summary.watermark = 3, "2026-11-25T11:59:00Z"
@@ -86,5 +87,5 @@ def test_healthz_fails_when_nothing_progresses_for_the_stall_bound(
     now[0] += timedelta(seconds=1)  # a cycle hung, or the scheduler stopped scheduling
     ok, state = daemon.alive()
     assert ok is False and state["stall_after_s"] == 1141
-    daemon._progress()  # any page read or commit brings it back
+    daemon.page(Summary(mode="run", run_id="r"))  # any page read or commit brings it back
     assert daemon.alive()[0] is True
