@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 MIN_VENV ?= .venv-min
 
-.PHONY: test lint unit test-min integration faults crash bench clean
+.PHONY: demo test lint unit test-min integration faults crash bench clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(BIN)/activate
+
+# The first command on a fresh machine: the real daemon against a local Threat Stack
+# simulator and a local S3 server (moto, from the same pinned environment). Ctrl-C stops it.
+demo: $(BIN)/activate
+	$(BIN)/poller demo
 
 lint: $(BIN)/activate
 	$(BIN)/ruff check poller tests bench

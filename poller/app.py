@@ -65,6 +65,17 @@ def s3_client(settings: S3Settings) -> Any:
     return boto3.session.Session().client("s3", config=config)
 
 
+def local_s3_client(endpoint_url: str) -> Any:
+    """A client for a local S3 server (the demo's), with throwaway credentials."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="demo",
+        aws_secret_access_key="demo",  # noqa: S106 - a local server's dummy credentials
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings

@@ -15,10 +15,19 @@ from typing import Any
 from poller import __version__
 from poller.app import build, new_run_id, run_cycle
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
-from poller.errors import ConfigError, PollerError, Stopped
+from poller.errors import (
+    ApiAuthError,
+    ApiUnavailable,
+    ArchiveAccessError,
+    ArchiveUnavailable,
+    ConfigError,
+    PollerError,
+    Stopped,
+)
 from poller.probe import check_bucket
 from poller.state import CheckpointStore
 from poller.sync import Summary
+from poller.terminal import ChunkProgress, console_for, render_check, render_status, wants_text
 from poller.timeutil import iso_z, utc_now
 
 log = logging.getLogger("poller")
@@ -28,6 +37,7 @@ REQUIREMENTS = {
     "run": REQUIRED_API + REQUIRED_S3,
     "check": REQUIRED_API + REQUIRED_S3,
     "status": REQUIRED_S3,
+    "demo": (),
 }
 
 
@@ -54,10 +64,29 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "run", help="the daemon: a sync every sync.interval_seconds, health and metrics over HTTP"
     )
-    commands.add_parser("status", help="print the checkpoint, the lease and the lag")
-    commands.add_parser(
-        "check", help="validate config, call the Threat Stack self-test, probe the bucket"
+    for name, text in (
+        ("status", "print the checkpoint, the lease and the lag"),
+        ("check", "validate config, call the Threat Stack self-test, probe the bucket"),
+    ):
+        command = commands.add_parser(name, help=text)
+        output = command.add_mutually_exclusive_group()
+        output.add_argument(
+            "--json", dest="output", action="store_const", const="json", help="print JSON"
+        )
+        output.add_argument(
+            "--text",
+            dest="output",
+            action="store_const",
+            const="text",
+            help="print text (the default on a terminal; JSON otherwise)",
+        )
+    demo = commands.add_parser(
+        "demo", help="the real daemon against a local simulator and S3 server, no setup"
     )
+    demo.add_argument("--alerts", type=int, default=300, help="alerts of the past day (300)")
+    demo.add_argument("--interval", type=int, default=10, help="seconds between cycles (10)")
+    demo.add_argument("--port", type=int, default=8080, help="the daemon's HTTP port (8080)")
+    demo.add_argument("--keep", type=Path, metavar="DIR", help="copy the archive here at the end")
     return top
 
 
@@ -66,12 +95,14 @@ def _emit(document: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def cmd_sync(settings: Settings, run_id: str) -> int:
+def cmd_sync(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     runtime = build(settings, "sync", run_id=run_id)
     summary = Summary(mode="sync", run_id=runtime.run_id)
     code = 0
+    # A long first run or catch-up shows a progress bar when a person watches stderr.
+    progress = ChunkProgress(console_for(sys.stderr)) if sys.stderr.isatty() else None
     try:
-        run_cycle(runtime, summary)
+        run_cycle(runtime, summary, progress)
         log.info("sync.done", extra={"fields": summary.as_dict()})
     except PollerError as exc:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code
@@ -86,23 +117,34 @@ def cmd_sync(settings: Settings, run_id: str) -> int:
     except Exception as exc:  # a bug: still end with a summary and exit 1, nothing committed
         summary.ok, summary.error, code = False, f"unexpected {type(exc).__name__}: {exc}", 1
         log.exception("sync.crashed")
+    finally:
+        if progress is not None:
+            progress.close()
     _emit(summary.as_dict())
     return code
 
 
-def cmd_run(settings: Settings, run_id: str) -> int:
+def cmd_run(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     from poller.scheduler import Daemon  # apscheduler is only needed here
 
     return Daemon(build(settings, "run", run_id=run_id), utc_now).run()
 
 
-def cmd_status(settings: Settings, run_id: str) -> int:
+def _report(document: dict[str, Any], output: str | None, render: Any) -> None:
+    """Text for people, JSON for programs (see poller.terminal for the rule)."""
+    if wants_text(sys.stdout, output):
+        console_for(sys.stdout).print(render(document))
+    else:
+        _emit(document)
+
+
+def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     runtime = build(settings, "status", run_id=run_id)
     checkpoint = CheckpointStore(runtime.store, runtime.layout).load()
     lease = runtime.lease().inspect()
     now = utc_now()
     watermark = checkpoint.watermark
-    _emit(
+    _report(
         {
             "bucket": settings.s3.bucket,
             "prefix": settings.s3.prefix,
@@ -114,6 +156,7 @@ def cmd_status(settings: Settings, run_id: str) -> int:
                 "updated_at": checkpoint.document.get("updated_at"),
                 "updated_by": checkpoint.document.get("updated_by"),
                 "mode": checkpoint.document.get("mode"),
+                "run": checkpoint.document.get("run"),
             },
             "lease": None
             if lease is None
@@ -124,20 +167,47 @@ def cmd_status(settings: Settings, run_id: str) -> int:
                 "free": lease.free,  # released by its holder, or stale
             },
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
-        }
+        },
+        args.output,
+        lambda document: render_status(document, now),
     )
     return 0
 
 
-def cmd_check(settings: Settings, run_id: str) -> int:
+def fix_for(error: PollerError) -> str:
+    """What to do about a failed check, in one line."""
+    text = str(error)
+    if isinstance(error, ApiAuthError):
+        if "403" in text:
+            return "give the API key's user permission to read alerts in this organisation"
+        return (
+            "check THREATSTACK_USER_ID, THREATSTACK_ORG_ID and THREATSTACK_API_KEY (or their"
+            " _FILE forms), and this machine's clock"
+        )
+    if isinstance(error, ApiUnavailable):
+        return "check THREATSTACK_BASE_URL and that this machine can reach it (proxy, firewall)"
+    if isinstance(error, ArchiveAccessError):
+        if "NoSuchBucket" in text:
+            return "create the bucket, or set TS_AWS_S3_BUCKET to an existing one"
+        if "credentials" in text:
+            return "provide AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID, or IRSA in Kubernetes)"
+        return "allow s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket on the prefix"
+    if isinstance(error, ArchiveUnavailable):
+        return "check AWS_ENDPOINT_URL_S3, the region, and that this machine can reach S3"
+    return "see the message above"
+
+
+def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     runtime = build(settings, "check", run_id=run_id)
     report: dict[str, Any] = {"config": "ok"}
+    fixes: dict[str, str] = {}
     code = 0
     try:
         runtime.api.self_test()
         report["threatstack"] = "ok"
     except PollerError as exc:
         report["threatstack"] = f"failed: {exc}"
+        fixes["threatstack"] = fix_for(exc)
         code = 1
     try:
         honoured = check_bucket(runtime.store, runtime.layout, runtime.run_id)
@@ -145,8 +215,9 @@ def cmd_check(settings: Settings, run_id: str) -> int:
         report["conditional_writes"] = honoured
         if not honoured:
             if settings.s3.require_conditional_writes:
-                report["bucket"] = (
-                    "refused: the store ignores conditional writes; set"
+                report["bucket"] = "refused: the store ignores conditional writes"
+                fixes["bucket"] = (
+                    "use a store that honours If-None-Match/If-Match, or set"
                     " s3.require_conditional_writes=false to run without guards"
                 )
                 code = 1
@@ -162,10 +233,19 @@ def cmd_check(settings: Settings, run_id: str) -> int:
                 )
     except PollerError as exc:
         report["bucket"] = f"failed: {exc}"
+        fixes["bucket"] = fix_for(exc)
         code = 1
     report["ok"] = code == 0
-    _emit(report)
+    if fixes:
+        report["fix"] = fixes
+    _report(report, args.output, render_check)
     return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from poller.demo import run_demo  # the simulator and moto are only needed here
+
+    return run_demo(alerts=args.alerts, interval=args.interval, port=args.port, keep=args.keep)
 
 
 COMMANDS = {"sync": cmd_sync, "run": cmd_run, "status": cmd_status, "check": cmd_check}
@@ -178,6 +258,14 @@ def _stop(signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
+    if args.command == "demo":  # nothing to configure: it brings its own world
+        from poller import logs
+
+        logs.configure("WARNING", "auto", new_run_id())
+        try:
+            return cmd_demo(args)
+        except KeyboardInterrupt:
+            return 130
     try:
         settings = load_settings(args.config, required=REQUIREMENTS[args.command], flags=args.set)
     except ConfigError as exc:
@@ -188,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = new_run_id()
     logs.configure(settings.log.level, settings.log.format, run_id)
     try:
-        return COMMANDS[args.command](settings, run_id)
+        return COMMANDS[args.command](settings, run_id, args)
     except PollerError as exc:
         log.error("failed", extra={"fields": {"error": str(exc), "exit_code": exc.exit_code}})
         return exc.exit_code

@@ -54,11 +54,22 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time, so a progress bar that redirects
+    stderr to print log lines above itself gets them."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str, fmt: str, run_id: str, stream: TextIO | None = None) -> None:
-    stream = stream or sys.stderr
+    target: Any = stream or _CurrentStderr()
     if fmt == "auto":
-        fmt = "text" if stream.isatty() else "json"
-    handler = logging.StreamHandler(stream)
+        fmt = "text" if (stream or sys.stderr).isatty() else "json"
+    handler = logging.StreamHandler(target)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RunFilter(run_id))
     root = logging.getLogger()

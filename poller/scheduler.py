@@ -48,6 +48,7 @@ class Daemon:
         self.last_progress = clock()
         self._cycle_lock = threading.Lock()
         self._scheduler: BlockingScheduler | None = None
+        self.http_port: int | None = None  # the port actually bound (http.port may be busy)
 
     def _shutdown(self) -> None:
         if self._scheduler is not None:
@@ -157,6 +158,7 @@ class Daemon:
 
         server = ThreadingHTTPServer((host, port), Handler)
         server.daemon_threads = True
+        self.http_port = server.server_port
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         log.info("http.listening", extra={"fields": {"host": host, "port": server.server_port}})
         return server

@@ -7,7 +7,8 @@ Checkpoint document, ``P/_poller/checkpoint.json`` (version 1)::
      "seen": {"<alert id>": 1764072000, ...},   # ids archived inside the lookback, with
                                                 # their creation time (unix seconds)
      "updated_at": "...", "updated_by": "<run id>", "mode": "sync",
-     "statuses": ["active", "dismissed"]}      # the alert lists the watermark covers
+     "statuses": ["active", "dismissed"],      # the alert lists the watermark covers
+     "run": {"listed": 3, "archived": 3, ...}}  # counts of the committing run so far
 
 Lease document, ``P/_poller/lease.json`` (version 1)::
 
@@ -108,6 +109,7 @@ class CheckpointStore:
         mode: str,
         now: datetime,
         statuses: tuple[str, ...] = (),
+        counts: dict[str, int] | None = None,
     ) -> Checkpoint:
         """Replace ``previous`` if and only if it is still what is stored; never go backwards."""
         if previous.watermark is not None and watermark < previous.watermark:
@@ -121,6 +123,8 @@ class CheckpointStore:
             "mode": mode,
             "statuses": sorted(statuses),
         }
+        if counts is not None:
+            document["run"] = dict(counts)  # the committing run's counts so far (for status)
         body = json.dumps(document, sort_keys=True).encode("utf-8")
         etag: str | None
         try:
@@ -252,7 +256,11 @@ class Lease:
                         "another run holds the lease: it took the free lease first"
                     ) from None
             inherited = info.document.get("recent_requests")
-            self.inherited_requests = list(inherited) if isinstance(inherited, list) else []
+            # The daemon keeps one budget across its cycles: its own times are counted already.
+            if isinstance(inherited, list) and info.document.get("run_id") != self._holder.get(
+                "run_id"
+            ):
+                self.inherited_requests = list(inherited)
             if not info.released:
                 log.warning(
                     "lease.taken_over",

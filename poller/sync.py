@@ -101,6 +101,14 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def counts(self) -> dict[str, int]:
+        return {
+            "listed": self.listed,
+            "archived": self.archived,
+            "already_archived": self.already_archived,
+            "quarantined": self.quarantined,
+        }
+
 
 # A listing (one chunk, one status) is given time for this many pages at the request budget.
 PAGES_PER_LISTING = 100
@@ -278,7 +286,14 @@ class Cycle:
             seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
             self._fence()
             checkpoint = self.checkpoints.commit(
-                checkpoint, watermark, seen, self.run_id, self.mode, now, self.settings.statuses
+                checkpoint,
+                watermark,
+                seen,
+                self.run_id,
+                self.mode,
+                now,
+                self.settings.statuses,
+                summary.counts(),
             )
             summary.watermark = iso_z(watermark)
             self.observer.committed(summary, done)

@@ -1,0 +1,190 @@
+"""What a person reads on a terminal: progress of long walks, and readable reports of
+``status`` and ``check``. rich renders everything here; nothing here decides anything.
+
+The rule for every command that has both: JSON with ``--json``, text with ``--text``, and
+otherwise text when stdout is a terminal, JSON when it is not (a pipe, a file, a CronJob's
+log), so scripts never parse text by accident.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from poller.sync import Summary
+
+
+def wants_text(stream: TextIO, output: str | None) -> bool:
+    """``output`` is "json", "text" or None (decide by whether ``stream`` is a terminal)."""
+    if output is not None:
+        return output == "text"
+    return stream.isatty()
+
+
+def span(seconds: float | None) -> str:
+    """A duration for people: ``2h 05m``, ``3m 12s``, ``45s``."""
+    if seconds is None:
+        return "-"
+    whole = round(abs(seconds))
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    sign = "-" if seconds < 0 else ""
+    if days:
+        return f"{sign}{days}d {hours:02d}h"
+    if hours:
+        return f"{sign}{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{sign}{minutes}m {secs:02d}s"
+    return f"{sign}{secs}s"
+
+
+class ChunkProgress:
+    """A progress bar over the chunks of a long window (a CycleObserver), on stderr.
+    A one-chunk cycle shows nothing: it is over in seconds."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def started(self, summary: Summary, chunk_count: int) -> None:
+        if chunk_count < 2:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("chunks · {task.fields[alerts]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(
+            summary.mode, total=chunk_count, alerts=self._alerts(summary)
+        )
+        self._progress.start()
+
+    def page(self, summary: Summary) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, alerts=self._alerts(summary))
+
+    def committed(self, summary: Summary, chunks_done: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=chunks_done, alerts=self._alerts(summary))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    @staticmethod
+    def _alerts(summary: Summary) -> str:
+        return (
+            f"{summary.archived} archived, {summary.already_archived} already,"
+            f" {summary.quarantined} quarantined"
+        )
+
+
+COUNT_ORDER = ("listed", "archived", "already_archived", "quarantined")
+
+
+def render_status(report: dict[str, Any], now: datetime) -> Table:
+    """``poller status`` for people: where the archive is, how far behind, who holds it."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+
+    def row(label: str, value: str | Text) -> None:
+        table.add_row(label, value if isinstance(value, Text) else Text(value))  # no markup
+
+    prefix = report.get("prefix") or ""
+    row("archive", f"s3://{report['bucket']}/{prefix}")
+    checkpoint = report.get("checkpoint")
+    if checkpoint is None:
+        row("checkpoint", "none yet: the first run starts at sync.first_run_since")
+    else:
+        lag = report.get("lag_s")
+        row("watermark", f"{checkpoint['watermark']}  (lag {span(lag)})")
+        run = checkpoint.get("run") or {}
+        counts = ", ".join(
+            f"{run[name]} {name.replace('_', ' ')}" for name in COUNT_ORDER if name in run
+        )
+        row(
+            "last commit",
+            f"{checkpoint.get('updated_at')} by run {checkpoint.get('updated_by')}"
+            f" ({checkpoint.get('mode')})" + (f": {counts}" if counts else ""),
+        )
+        row("seen ids", str(checkpoint.get("seen_ids", 0)))
+    row("lease", _lease_line(report.get("lease")))
+    return table
+
+
+def _lease_line(lease: dict[str, Any] | None) -> Text:
+    if lease is None:
+        return Text("free (never taken)", style="green")
+    who = (
+        f"run {lease.get('run_id')} ({lease.get('mode')})"
+        f" on {lease.get('host')} pid {lease.get('pid')}"
+    )
+    age = span(lease.get("age_s"))
+    if lease.get("released"):
+        return Text(f"free: released by {who}, {age} ago", style="green")
+    if lease.get("stale"):
+        return Text(f"free: stale, held by {who}, last renewed {age} ago", style="yellow")
+    ttl = lease.get("ttl_seconds")
+    return Text(f"held by {who}, renewed {age} ago (ttl {ttl}s)", style="cyan")
+
+
+CHECK_LABELS = (
+    ("config", "configuration"),
+    ("threatstack", "Threat Stack"),
+    ("bucket", "bucket"),
+)
+
+
+def render_check(report: dict[str, Any]) -> Group:
+    """``poller check`` for people: a line per check with its verdict, and the fix."""
+    lines: list[Text] = []
+    fixes = report.get("fix") or {}
+    for key, label in CHECK_LABELS:
+        verdict = str(report.get(key, "not run"))
+        ok = verdict == "ok"
+        line = Text()
+        line.append("✓ " if ok else "✗ ", style="bold green" if ok else "bold red")
+        line.append(f"{label:<14}", style="bold")
+        detail = verdict
+        if key == "bucket" and ok:
+            detail = (
+                "ok: writable, conditional writes honoured"
+                if report.get("conditional_writes")
+                else "ok: writable, conditional writes IGNORED (running unguarded)"
+            )
+        line.append(detail)
+        lines.append(line)
+        if not ok and key in fixes:
+            lines.append(Text(f"  {'':<14}fix: {fixes[key]}", style="yellow"))
+    passed = bool(report.get("ok"))
+    summary = Text(
+        "all checks passed" if passed else "some checks failed",
+        style="bold green" if passed else "bold red",
+    )
+    return Group(*lines, summary)
+
+
+def console_for(stream: TextIO) -> Console:
+    return Console(file=stream, highlight=False, soft_wrap=True)
