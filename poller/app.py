@@ -17,17 +17,17 @@ import boto3
 import requests
 from botocore.config import Config
 
-from poller.archive import Archive
-from poller.budget import RequestBudget
+from poller.archive.records import Layout
+from poller.archive.state import CheckpointStore, Lease, LeaseKeeper
+from poller.archive.store import ObjectStore, S3ObjectStore, count_requests
+from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
-from poller.records import Layout
-from poller.retrying import RetryPolicy
-from poller.state import CheckpointStore, Lease, LeaseKeeper
-from poller.store import ObjectStore, S3ObjectStore, count_requests
-from poller.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
-from poller.threatstack import ThreatStackClient
+from poller.threatstack.budget import RequestBudget
+from poller.threatstack.client import ThreatStackClient
+from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
+from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
 
 
 def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:

@@ -14,6 +14,8 @@ from typing import Any
 
 from poller import __version__
 from poller.app import build, new_run_id, run_cycle
+from poller.archive.probe import check_bucket
+from poller.archive.state import CheckpointStore
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import (
     ApiAuthError,
@@ -24,11 +26,9 @@ from poller.errors import (
     PollerError,
     Stopped,
 )
-from poller.probe import check_bucket
-from poller.state import CheckpointStore
-from poller.sync import Summary
 from poller.terminal import ChunkProgress, console_for, render_check, render_status, wants_text
 from poller.timeutil import iso_z, utc_now
+from poller.walks.sync import Summary
 
 log = logging.getLogger("poller")
 
@@ -125,7 +125,7 @@ def cmd_sync(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
-    from poller.scheduler import Daemon  # apscheduler is only needed here
+    from poller.serving.daemon import Daemon  # apscheduler is only needed here
 
     return Daemon(build(settings, "run", run_id=run_id), utc_now).run()
 

@@ -81,7 +81,7 @@ class SyncSettings:
     first_run_since: str = "24h"
     lease_ttl_seconds: int = 120
     max_window_seconds: int = 86_400
-    max_cycle_seconds: int = 0  # 0: derived from the cycle's work (see poller.sync)
+    max_cycle_seconds: int = 0  # 0: derived from the cycle's work (see poller.walks.sync)
 
 
 @dataclass(frozen=True)

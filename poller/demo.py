@@ -29,6 +29,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from poller.app import Runtime, build, local_s3_client
+from poller.archive.records import Alert, Layout, classify
 from poller.config import (
     HttpSettings,
     LogSettings,
@@ -38,8 +39,7 @@ from poller.config import (
     SyncSettings,
     ThreatStackSettings,
 )
-from poller.records import Alert, Layout, classify
-from poller.scheduler import Daemon
+from poller.serving.daemon import Daemon
 from poller.simulator import Simulator
 from poller.terminal import span
 from poller.timeutil import utc_now

@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from poller.sync import Summary
+from poller.walks.sync import Summary
 
 
 def wants_text(stream: TextIO, output: str | None) -> bool:

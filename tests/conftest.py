@@ -18,7 +18,7 @@ import boto3
 import pytest
 import requests
 
-from poller.records import Alert, Layout, classify, webhook_record
+from poller.archive.records import Alert, Layout, classify, webhook_record
 from poller.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent

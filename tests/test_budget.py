@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from poller.budget import MARGIN_SECONDS, WINDOW_SECONDS, RequestBudget, retry_after_seconds
 from poller.errors import (
     ApiAuthError,
     ApiUnavailable,
     MalformedResponse,
     RateLimited,
 )
-from poller.retrying import MIN_RATE_LIMIT_WAIT, RetryPolicy
+from poller.threatstack.budget import (
+    MARGIN_SECONDS,
+    WINDOW_SECONDS,
+    RequestBudget,
+    retry_after_seconds,
+)
+from poller.threatstack.retrying import MIN_RATE_LIMIT_WAIT, RetryPolicy
 
 
 class FakeTime:

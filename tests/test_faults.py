@@ -26,7 +26,7 @@ from conftest import (
     summary_of,
 )
 
-from poller.records import Alert, Layout, classify
+from poller.archive.records import Alert, Layout, classify
 from poller.simulator import Faults, Simulator
 from poller.simulator.server import FAULT_KINDS
 from poller.timeutil import utc_now

@@ -25,8 +25,8 @@ from conftest import (
 from poller.app import build, run_cycle
 from poller.config import load_settings
 from poller.simulator import Simulator
-from poller.sync import Summary
 from poller.timeutil import utc_now
+from poller.walks.sync import Summary
 
 pytestmark = pytest.mark.integration
 

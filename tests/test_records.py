@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from poller.records import Alert, Layout, Rejected, classify, json_body, webhook_record
+from poller.archive.records import Alert, Layout, Rejected, classify, json_body, webhook_record
 
 ID = "587c0159a907346eccb84004"  # threatstack-to-s3 README: created 2017-01-15 23:10:17Z
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from poller import scheduler
 from poller.config import Settings
 from poller.errors import ApiAuthError, LeaseHeld, Stopped
-from poller.scheduler import Daemon
-from poller.sync import Summary
+from poller.serving import daemon as scheduler
+from poller.serving.daemon import Daemon
+from poller.walks.sync import Summary
 
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
 

@@ -11,7 +11,6 @@ import mohawk
 import pytest
 import requests
 
-from poller.budget import RequestBudget
 from poller.config import Secret, ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
@@ -21,9 +20,10 @@ from poller.errors import (
     RateLimited,
     RetriableError,
 )
-from poller.retrying import RetryPolicy
 from poller.simulator import Faults, Simulator
-from poller.threatstack import ThreatStackClient
+from poller.threatstack.budget import RequestBudget
+from poller.threatstack.client import ThreatStackClient
+from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import utc_now
 
 pytestmark = pytest.mark.integration

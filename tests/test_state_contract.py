@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from poller.archive.probe import check_bucket
+from poller.archive.records import Layout
+from poller.archive.state import CheckpointStore, Lease
+from poller.archive.store import MemoryObjectStore, ObjectStore, PreconditionFailed, S3ObjectStore
 from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
-from poller.probe import check_bucket
-from poller.records import Layout
-from poller.state import CheckpointStore, Lease
-from poller.store import MemoryObjectStore, ObjectStore, PreconditionFailed, S3ObjectStore
 from poller.timeutil import utc_now
 
 LAYOUT = Layout("tenant")

@@ -9,8 +9,8 @@ import botocore.exceptions
 import pytest
 from moto import mock_aws
 
+from poller.archive.store import S3ObjectStore, classify_s3_error, count_requests
 from poller.errors import ArchiveAccessError, ArchiveUnavailable, FatalError
-from poller.store import S3ObjectStore, classify_s3_error, count_requests
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:

@@ -13,7 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.archive import Archive
+from poller.archive.records import Layout
+from poller.archive.state import CheckpointStore, Lease
+from poller.archive.store import MemoryObjectStore
+from poller.archive.writer import Archive
 from poller.errors import (
     ApiUnavailable,
     ArchiveUnavailable,
@@ -21,10 +24,7 @@ from poller.errors import (
     CycleTimeout,
     LeaseLost,
 )
-from poller.records import Layout
-from poller.state import CheckpointStore, Lease
-from poller.store import MemoryObjectStore
-from poller.sync import Cycle, CycleSettings, Summary, cycle_deadline
+from poller.walks.sync import Cycle, CycleSettings, Summary, cycle_deadline
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LAYOUT = Layout()
@@ -328,16 +328,16 @@ def test_any_late_arrivals_and_failures_end_in_the_exact_archive(
 def test_a_bug_in_one_alerts_handling_quarantines_that_alert_only(
     world: World, monkeypatch: pytest.MonkeyPatch
 ):
-    import poller.archive
+    import poller.archive.writer
 
-    real = poller.archive.webhook_record
+    real = poller.archive.writer.webhook_record
 
     def broken_for_one(alert: Any, org: str) -> dict[str, Any]:
         if alert.id == "alert0002":
             raise KeyError("a bug")
         return real(alert, org)
 
-    monkeypatch.setattr(poller.archive, "webhook_record", broken_for_one)
+    monkeypatch.setattr(poller.archive.writer, "webhook_record", broken_for_one)
     for i in range(1, 4):
         world.source.add(f"alert000{i}", ago(10 + i))
     summary = world.cycle()

@@ -12,7 +12,6 @@ import requests
 import responses
 from responses import registries
 
-from poller.budget import RequestBudget
 from poller.config import Secret, ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
@@ -23,8 +22,9 @@ from poller.errors import (
     PagingLoop,
     RateLimited,
 )
-from poller.retrying import RetryPolicy
-from poller.threatstack import ThreatStackClient
+from poller.threatstack.budget import RequestBudget
+from poller.threatstack.client import ThreatStackClient
+from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import parse_instant, utc_now
 
 BASE = "https://api.example.test"

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poller.state import Checkpoint
-from poller.sync import CycleSettings, chunks, cycle_window, prune_seen
+from poller.archive.state import Checkpoint
 from poller.timeutil import api_format, parse_instant, parse_span
+from poller.walks.sync import CycleSettings, chunks, cycle_window, prune_seen
 
 NOW = datetime(2026, 11, 25, 12, 0, 30, 750000, tzinfo=UTC)
 SETTINGS = CycleSettings(

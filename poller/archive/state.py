@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from poller.archive.records import Layout
+from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
 from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
-from poller.records import Layout
-from poller.store import ObjectStore, PreconditionFailed, StoredObject
 from poller.timeutil import Clock, iso_z
 
 log = logging.getLogger(__name__)

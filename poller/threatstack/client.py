@@ -22,7 +22,6 @@ import requests
 import urllib3.exceptions
 
 from poller import __version__
-from poller.budget import RequestBudget, retry_after_seconds
 from poller.config import ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
@@ -34,7 +33,8 @@ from poller.errors import (
     PollerError,
     RateLimited,
 )
-from poller.retrying import RetryPolicy
+from poller.threatstack.budget import RequestBudget, retry_after_seconds
+from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import api_format
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,7 @@ import logging
 from datetime import datetime
 from enum import Enum
 
-from poller.errors import FatalError, PollerError
-from poller.records import (
+from poller.archive.records import (
     UNENCODABLE,
     Alert,
     Layout,
@@ -22,7 +21,8 @@ from poller.records import (
     quarantine_body,
     webhook_record,
 )
-from poller.store import ObjectStore, PreconditionFailed
+from poller.archive.store import ObjectStore, PreconditionFailed
+from poller.errors import FatalError, PollerError
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from poller.archive import Archive, Outcome
+from poller.archive.records import Alert, Rejected, classify
+from poller.archive.state import Checkpoint, CheckpointStore, Lease
+from poller.archive.writer import Archive, Outcome
 from poller.errors import ConfigError, CycleTimeout, LeaseLost, Stopped
-from poller.records import Alert, Rejected, classify
-from poller.state import Checkpoint, CheckpointStore, Lease
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
 
 log = logging.getLogger(__name__)

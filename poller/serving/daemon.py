@@ -25,9 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from poller.app import Runtime, longest_request_seconds, run_cycle
 from poller.errors import LeaseHeld, PollerError, Stopped
-from poller.metrics import Metrics
-from poller.sync import Summary
+from poller.serving.metrics import Metrics
 from poller.timeutil import Clock, iso_z
+from poller.walks.sync import Summary
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from poller.records import Layout
-from poller.store import ObjectStore, PreconditionFailed
+from poller.archive.records import Layout
+from poller.archive.store import ObjectStore, PreconditionFailed
 
 
 def check_bucket(store: ObjectStore, layout: Layout, run_id: str) -> bool:

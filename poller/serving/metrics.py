@@ -6,7 +6,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from poller.sync import Summary
+from poller.walks.sync import Summary
 
 
 class Metrics:
