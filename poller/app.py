@@ -18,7 +18,7 @@ import requests
 from botocore.config import Config
 
 from poller.archive.records import Layout
-from poller.archive.state import CheckpointStore, Lease, LeaseKeeper
+from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper
 from poller.archive.store import ObjectStore, S3ObjectStore, count_requests
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
@@ -106,6 +106,9 @@ class Runtime:
             recent_requests=self.budget.recent,
         )
 
+    def chunk_records(self) -> ChunkRecords:
+        return ChunkRecords(self.store, self.layout)
+
     def cycle(self, lease: Lease) -> Cycle:
         settings = self.settings
         return Cycle(
@@ -173,9 +176,15 @@ def build(
     )
 
 
-def run_cycle(runtime: Runtime, summary: Summary, observer: CycleObserver | None = None) -> Summary:
-    """Take the lease, run one cycle while keeping it renewed, release it. Raises LeaseHeld
-    (exit 75) when another run holds it. ``observer`` is told of every page and commit."""
+def run_cycle(
+    runtime: Runtime,
+    summary: Summary,
+    observer: CycleObserver | None = None,
+    work: Callable[[Cycle, Summary], None] | None = None,
+) -> Summary:
+    """Take the lease, run one cycle (or ``work``, e.g. a backfill, on the cycle's parts)
+    while keeping it renewed, release it. Raises LeaseHeld (exit 75) when another run holds
+    it. ``observer`` is told of every page and commit."""
     api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
     lease = runtime.lease()
     try:
@@ -188,7 +197,7 @@ def run_cycle(runtime: Runtime, summary: Summary, observer: CycleObserver | None
             cycle.should_stop = runtime.stop.is_set
             if observer is not None:
                 cycle.observer = observer
-            return cycle.run(summary)
+            return cycle.run(summary, None if work is None else lambda s: work(cycle, s))
     finally:
         lease.release()
         # Whole-run figures, the lease's requests included (deltas: the daemon reuses clients).

@@ -8,12 +8,13 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import build, new_run_id, run_cycle
+from poller.app import Runtime, build, new_run_id, run_cycle
 from poller.archive.probe import check_bucket
 from poller.archive.state import CheckpointStore
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
@@ -27,8 +28,11 @@ from poller.errors import (
     Stopped,
 )
 from poller.terminal import ChunkProgress, console_for, render_check, render_status, wants_text
-from poller.timeutil import iso_z, utc_now
-from poller.walks.sync import Summary
+from poller.terminal import span as span_text
+from poller.timeutil import floor_second, iso_z, parse_instant, utc_now
+from poller.walks.backfill import BackfillRange, backfill
+from poller.walks.progress import Observers, Pace, ProgressLog, minimum_seconds
+from poller.walks.sync import Cycle, Summary, chunks
 
 log = logging.getLogger("poller")
 
@@ -37,6 +41,7 @@ REQUIREMENTS = {
     "run": REQUIRED_API + REQUIRED_S3,
     "check": REQUIRED_API + REQUIRED_S3,
     "status": REQUIRED_S3,
+    "backfill": REQUIRED_API + REQUIRED_S3,
     "demo": (),
 }
 
@@ -64,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "run", help="the daemon: a sync every sync.interval_seconds, health and metrics over HTTP"
     )
+    catch_up = commands.add_parser(
+        "backfill", help="catch up a past range; resumable; never moves the checkpoint back"
+    )
+    catch_up.add_argument("--since", required=True, metavar="T", help="2026-11-01, 7d, ...")
+    catch_up.add_argument("--until", metavar="T", help="default: now minus sync.settle_seconds")
     for name, text in (
         ("status", "print the checkpoint, the lease and the lag"),
         ("check", "validate config, call the Threat Stack self-test, probe the bucket"),
@@ -96,27 +106,85 @@ def _emit(document: dict[str, Any]) -> None:
 
 
 def cmd_sync(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
-    runtime = build(settings, "sync", run_id=run_id)
-    summary = Summary(mode="sync", run_id=runtime.run_id)
-    code = 0
-    # A long first run or catch-up shows a progress bar when a person watches stderr.
-    progress = ChunkProgress(console_for(sys.stderr)) if sys.stderr.isatty() else None
+    return _walk_command(settings, run_id, "sync", None)
+
+
+def _instant(text: str, now: datetime, name: str) -> datetime:
     try:
-        run_cycle(runtime, summary, progress)
-        log.info("sync.done", extra={"fields": summary.as_dict()})
+        return floor_second(parse_instant(text, now))
+    except ValueError as exc:
+        raise ConfigError([f"{name} {text!r}: {exc}"]) from None
+
+
+def cmd_backfill(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+    now = utc_now()
+    live_edge = floor_second(now - timedelta(seconds=settings.sync.settle_seconds))
+    since = _instant(args.since, now, "--since")
+    until = live_edge if args.until is None else _instant(args.until, now, "--until")
+    if until > live_edge:
+        until = live_edge  # the still-filling edge is the live cycle's business
+    if since >= until:
+        raise ConfigError([f"--since {iso_z(since)} is not before --until {iso_z(until)}"])
+    span = BackfillRange(since, until, to_now=args.until is None)
+    size = timedelta(seconds=settings.sync.max_window_seconds)
+    count = sum(1 for _ in chunks(since, until, size, aligned=True))
+    statuses = len(settings.threatstack.statuses)
+    floor_s = minimum_seconds(count, statuses, settings.threatstack.requests_per_minute)
+    plan = {
+        "window": {"from": iso_z(since), "until": iso_z(until)},
+        "chunks": count,
+        "min_requests": count * statuses,
+        "min_duration_s": round(floor_s),
+    }
+    log.info("backfill.plan", extra={"fields": plan})
+    if sys.stderr.isatty():
+        console_for(sys.stderr).print(
+            f"backfill {iso_z(since)} → {iso_z(until)}: {count} chunks, at least"
+            f" {count * statuses} API requests; at {settings.threatstack.requests_per_minute}"
+            f" requests/min that is at least {span_text(floor_s)} (more with more alerts)."
+            " Interrupt it at any time: a rerun skips the finished chunks."
+        )
+
+    def work(runtime: Runtime, cycle: Cycle, summary: Summary) -> None:
+        backfill(cycle, runtime.chunk_records(), span, summary)
+
+    return _walk_command(settings, run_id, "backfill", work)
+
+
+def _walk_command(
+    settings: Settings,
+    run_id: str,
+    mode: str,
+    work: Callable[[Runtime, Cycle, Summary], None] | None,
+) -> int:
+    """sync and backfill: one walk under the lease, progress, the summary last on stdout."""
+    runtime = build(settings, mode, run_id=run_id)
+    summary = Summary(mode=mode, run_id=runtime.run_id)
+    code = 0
+    ts = settings.threatstack
+    pace = Pace(len(ts.statuses) * 60.0 / ts.requests_per_minute)
+    # A long first run or catch-up shows a progress bar when a person watches stderr.
+    progress = ChunkProgress(console_for(sys.stderr), pace) if sys.stderr.isatty() else None
+    observers = Observers(
+        *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+    )
+    try:
+        steps = None if work is None else lambda cycle, s: work(runtime, cycle, s)
+        run_cycle(runtime, summary, observers, steps)
+        log.info(f"{mode}.done", extra={"fields": summary.as_dict()})
     except PollerError as exc:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code
         level = logging.WARNING if code == 75 else logging.ERROR
-        log.log(level, "sync.failed", extra={"fields": {"error": str(exc), "exit_code": code}})
+        log.log(level, f"{mode}.failed", extra={"fields": {"error": str(exc), "exit_code": code}})
     except (Stopped, KeyboardInterrupt) as exc:
         # SIGTERM (Kubernetes stopping the pod) or Ctrl-C: the lease was released on the way
         # out, the unfinished chunk is not committed, and the next run picks it up.
         code = 130 if isinstance(exc, KeyboardInterrupt) else 143
         summary.ok, summary.error = False, f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'}"
-        log.warning("sync.stopped", extra={"fields": {"exit_code": code}})
+        log.warning(f"{mode}.stopped", extra={"fields": {"exit_code": code}})
     except Exception as exc:  # a bug: still end with a summary and exit 1, nothing committed
         summary.ok, summary.error, code = False, f"unexpected {type(exc).__name__}: {exc}", 1
-        log.exception("sync.crashed")
+        log.exception(f"{mode}.crashed")
     finally:
         if progress is not None:
             progress.close()
@@ -248,7 +316,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(alerts=args.alerts, interval=args.interval, port=args.port, keep=args.keep)
 
 
-COMMANDS = {"sync": cmd_sync, "run": cmd_run, "status": cmd_status, "check": cmd_check}
+COMMANDS = {
+    "sync": cmd_sync,
+    "backfill": cmd_backfill,
+    "run": cmd_run,
+    "status": cmd_status,
+    "check": cmd_check,
+}
 
 
 def _stop(signum: int, _frame: object) -> None:

@@ -94,6 +94,7 @@ class HttpSettings:
 class LogSettings:
     format: str = "auto"
     level: str = "INFO"
+    progress_seconds: float = 30.0  # cadence of walk.progress events in long walks
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,11 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "max_cycle_seconds": _int(0, 30 * 86_400),
     },
     "http": {"host": _text, "port": _int(0, 65_535)},
-    "log": {"format": _choice("auto", "json", "text"), "level": _level},
+    "log": {
+        "format": _choice("auto", "json", "text"),
+        "level": _level,
+        "progress_seconds": _float(0, 86_400),
+    },
 }
 
 SECTIONS: dict[str, type] = {

@@ -12,17 +12,11 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from rich.console import Console, Group
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from poller.walks.progress import Pace
 from poller.walks.sync import Summary
 
 
@@ -52,15 +46,18 @@ def span(seconds: float | None) -> str:
 
 
 class ChunkProgress:
-    """A progress bar over the chunks of a long window (a CycleObserver), on stderr.
-    A one-chunk cycle shows nothing: it is over in seconds."""
+    """A progress bar over the chunks of a long window (a CycleObserver), on stderr: chunks
+    done and skipped, alerts, rate, and an ETA that the request budget bounds from below
+    (see poller.walks.progress). A one-chunk cycle shows nothing: it is over in seconds."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, pace: Pace) -> None:
         self._console = console
+        self._pace = pace
         self._progress: Progress | None = None
         self._task: Any = None
 
     def started(self, summary: Summary, chunk_count: int) -> None:
+        self._pace.start(chunk_count)
         if chunk_count < 2:
             return
         self._progress = Progress(
@@ -69,35 +66,39 @@ class ChunkProgress:
             MofNCompleteColumn(),
             TextColumn("chunks · {task.fields[alerts]}"),
             TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            TextColumn("· eta {task.fields[eta]}"),
             console=self._console,
             transient=False,
         )
+        alerts, eta = self._fields(summary)
         self._task = self._progress.add_task(
-            summary.mode, total=chunk_count, alerts=self._alerts(summary)
+            summary.mode, total=chunk_count, alerts=alerts, eta=eta
         )
         self._progress.start()
 
     def page(self, summary: Summary) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, alerts=self._alerts(summary))
+            alerts, eta = self._fields(summary)
+            self._progress.update(self._task, alerts=alerts, eta=eta)
 
     def committed(self, summary: Summary, chunks_done: int) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=chunks_done, alerts=self._alerts(summary))
+            alerts, eta = self._fields(summary)
+            self._progress.update(self._task, completed=chunks_done, alerts=alerts, eta=eta)
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
 
-    @staticmethod
-    def _alerts(summary: Summary) -> str:
-        return (
+    def _fields(self, summary: Summary) -> tuple[str, str]:
+        skipped = f", {summary.chunks_skipped} skipped" if summary.chunks_skipped else ""
+        alerts = (
             f"{summary.archived} archived, {summary.already_archived} already,"
-            f" {summary.quarantined} quarantined"
+            f" {summary.quarantined} quarantined{skipped}"
+            f" · {self._pace.alerts_per_second(summary):.0f}/s"
         )
+        return alerts, span(self._pace.eta_seconds(summary))
 
 
 COUNT_ORDER = ("listed", "archived", "already_archived", "quarantined")

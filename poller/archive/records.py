@@ -45,8 +45,24 @@ class Layout:
         return self.key("_poller", "lease.json")
 
     @property
+    def backfill_prefix(self) -> str:
+        return self.key("_poller", "backfill") + "/"
+
+    def backfill_key(self, since: datetime, until: datetime) -> str:
+        """One finished backfill chunk; the key itself says the span it covers."""
+        return self.key("_poller", "backfill", f"{_compact(since)}_{_compact(until)}")
+
+    @property
     def probe_key(self) -> str:
         return self.key("_poller", "probe")
+
+
+def _compact(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def parse_compact(text: str) -> datetime:
+    return datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

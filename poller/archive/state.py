@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from poller.archive.records import Layout
+from poller.archive.records import Layout, parse_compact
 from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
 from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
 from poller.timeutil import Clock, iso_z
@@ -140,6 +140,38 @@ class CheckpointStore:
                     " writer moved it, so this run leaves it alone"
                 ) from exc
         return Checkpoint(watermark, seen, etag, document)
+
+
+class ChunkRecords:
+    """Finished backfill chunks, one small object each under ``P/_poller/backfill/``. The key
+    names the span (``20261101T000000Z_20261102T000000Z``), so one listing tells what is done;
+    the body says who finished it and with what counts. Records only ever widen coverage."""
+
+    def __init__(self, store: ObjectStore, layout: Layout) -> None:
+        self._store = store
+        self._layout = layout
+        self._spans: list[tuple[datetime, datetime]] = []
+
+    def load(self) -> ChunkRecords:
+        self._spans = []
+        prefix = self._layout.backfill_prefix
+        for key in self._store.list_keys(prefix):
+            since_text, _, until_text = key[len(prefix) :].partition("_")
+            try:
+                self._spans.append((parse_compact(since_text), parse_compact(until_text)))
+            except ValueError:
+                log.warning("backfill.record_ignored", extra={"fields": {"key": key}})
+        return self
+
+    def covers(self, since: datetime, until: datetime) -> bool:
+        return any(start <= since and until <= end for start, end in self._spans)
+
+    def record(self, since: datetime, until: datetime, document: dict[str, Any]) -> None:
+        body = json.dumps(
+            {"from": iso_z(since), "until": iso_z(until), **document}, sort_keys=True
+        ).encode("utf-8")
+        self._store.put(self._layout.backfill_key(since, until), body)
+        self._spans.append((since, until))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class RequestRecord:
     at: float  # time.time() when the request arrived
     path: str
     status: int
+    query: str = ""  # the raw query string (status, from, until, token)
 
 
 def _parse_time(text: str) -> datetime:
@@ -249,9 +250,9 @@ class Simulator:
             self._arrivals.append(now)
         return None
 
-    def _record(self, at: float, path: str, status: int) -> None:
+    def _record(self, at: float, path: str, status: int, query: str = "") -> None:
         with self._lock:
-            self.requests.append(RequestRecord(at, path, status))
+            self.requests.append(RequestRecord(at, path, status, query))
 
     def _seen_nonce(self, sender_id: str, nonce: str, ts: str) -> bool:
         key = (sender_id, nonce, ts)
@@ -354,7 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
         length: int | None = None,
     ) -> None:
         # Counted before the answer leaves, so a client that has its answer sees the count.
-        self.sim._record(self._arrived, self._request_path, status)
+        self.sim._record(self._arrived, self._request_path, status, self._query)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -380,6 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"http://{self.headers.get('Host', '')}{self.path}"
         split = urlsplit(self.path)
         self._request_path = split.path
+        self._query = split.query
         self._serve(sim, self._arrived, url, split.path, parse_qs(split.query))
 
     def _serve(
@@ -431,7 +433,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(fault), b"<html><body>upstream error</body></html>", "text/html")
             return int(fault)
         if fault == "drop":
-            sim._record(arrived, path, 0)
+            sim._record(arrived, path, 0, self._query)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return 0

@@ -14,12 +14,13 @@ is the checkpoint moved forward.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive.records import Alert, Rejected, classify
@@ -66,6 +67,23 @@ class Unobserved:
         pass
 
 
+class ChunkPlan(Protocol):
+    """What a walk does around each chunk: ``sync`` commits the live checkpoint after each;
+    ``backfill`` records the chunk as finished (and moves the live checkpoint only forward)."""
+
+    @property
+    def known(self) -> dict[str, int]:
+        """Ids archived already (id -> creation second): their re-reads cost no S3 request."""
+
+    def skip(self, since: datetime, until: datetime) -> bool:
+        """True when an earlier run finished this chunk."""
+
+    def finish(
+        self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
+    ) -> None:
+        """Every alert of the chunk is archived or quarantined: record it (the lease is ours)."""
+
+
 @dataclass(frozen=True)
 class CycleSettings:
     statuses: tuple[str, ...]
@@ -94,6 +112,9 @@ class Summary:
     s3_requests: int = 0
     window: dict[str, str | None] = field(default_factory=lambda: {"from": None, "until": None})
     watermark: str | None = None
+    chunks_total: int = 0
+    chunks_done: int = 0
+    chunks_skipped: int = 0  # finished by an earlier run (backfill)
     duration_s: float = 0.0
     ok: bool = True
     error: str | None = None
@@ -147,17 +168,29 @@ def cycle_window(
     return since, until
 
 
+def _next_cut(start: datetime, size: timedelta, aligned: bool) -> datetime:
+    if not aligned:
+        return start + size
+    step = size.total_seconds()
+    index = math.floor((start + OVERLAP).timestamp() / step) + 1
+    return datetime.fromtimestamp(index * step, UTC)
+
+
 def chunks(
-    since: datetime, until: datetime, size: timedelta
+    since: datetime, until: datetime, size: timedelta, aligned: bool = False
 ) -> Iterator[tuple[datetime, datetime]]:
     """[since, until) cut into pieces of at most ``size``, each starting OVERLAP before the
     previous one ended; an empty window gives one empty piece, so the checkpoint still moves
-    with the clock. ``size`` must exceed OVERLAP (config keeps it at 60 s or more)."""
+    with the clock. ``size`` must exceed OVERLAP (config keeps it at 60 s or more).
+
+    ``aligned`` cuts at whole multiples of ``size`` since the epoch (UTC days, for a day), so
+    two runs over overlapping ranges, ``--since 7d`` today and tomorrow, share their cuts and
+    a finished chunk is recognised (the first piece may then be up to a second longer)."""
     if size <= OVERLAP:
         raise ValueError("a chunk must be longer than the overlap")
     start = since
     while True:
-        end = min(until, start + size) if start < until else until
+        end = min(until, _next_cut(start, size, aligned)) if start < until else until
         yield start, end
         if end >= until:
             return
@@ -240,14 +273,17 @@ class Cycle:
         self._deadline = float("inf")
         self._deadline_seconds = 0.0
 
-    def run(self, summary: Summary | None = None) -> Summary:
-        """One cycle under a lease the caller holds, filling ``summary`` as it goes.
-        Raises on failure; the chunk that failed, and any after it, are not committed."""
+    def run(
+        self, summary: Summary | None = None, work: Callable[[Summary], None] | None = None
+    ) -> Summary:
+        """One cycle (or another ``work`` over this cycle's parts, such as a backfill) under
+        a lease the caller holds, filling ``summary`` as it goes. Raises on failure; the
+        chunk that failed, and any after it, are not committed."""
         started = time.monotonic()
         api_before, s3_before = self.source.requests_sent, self.s3_requests()
         summary = summary or Summary(mode=self.mode, run_id=self.run_id)
         try:
-            self._run(summary)
+            (work or self._run)(summary)
         finally:
             summary.api_requests = self.source.requests_sent - api_before
             summary.s3_requests = self.s3_requests() - s3_before
@@ -257,49 +293,79 @@ class Cycle:
     def _run(self, summary: Summary) -> None:
         now = self.clock()
         checkpoint = self.checkpoints.load()
-        self._check_statuses(checkpoint)
+        self.check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
+        self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
+
+    def walk(
+        self,
+        since: datetime,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+        plan: ChunkPlan,
+        aligned: bool = False,
+    ) -> None:
+        """The one walk over a window: chunks oldest first, each read, archived and handed to
+        ``plan`` on its own, so a run killed halfway keeps the chunks it finished. ``sync``
+        (a first run over days, a catch-up after an outage) and ``backfill`` both walk here."""
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
-        chunk_count = sum(1 for _ in chunks(since, until, self.settings.max_window))
-        self._deadline_seconds = cycle_deadline(self.settings, chunk_count)
+        pieces = list(chunks(since, until, self.settings.max_window, aligned))
+        summary.chunks_total = len(pieces)
+        self._deadline_seconds = cycle_deadline(self.settings, len(pieces))
         self._deadline = self.monotonic() + self._deadline_seconds
-        self.observer.started(summary, chunk_count)
+        self.observer.started(summary, len(pieces))
         log.info(
             "cycle.start",
             extra={
                 "fields": {
+                    "mode": self.mode,
                     "window": summary.window,
-                    "chunks": chunk_count,
+                    "chunks": len(pieces),
                     "deadline_s": round(self._deadline_seconds),
                 }
             },
         )
-        # A long window (a first run, a long outage) is read in chunks, oldest first, each
-        # committed on its own: a run killed halfway keeps the chunks it finished.
-        for done, (chunk_since, chunk_until) in enumerate(
-            chunks(since, until, self.settings.max_window), start=1
-        ):
+        for done, (chunk_since, chunk_until) in enumerate(pieces, start=1):
+            if plan.skip(chunk_since, chunk_until):
+                summary.chunks_skipped += 1
+                self.observer.committed(summary, done)
+                continue
             seen_now: dict[str, int] = {}
             if chunk_since < chunk_until:  # the API wants from < until
-                seen_now = self._archive_window(checkpoint, chunk_since, chunk_until, now, summary)
-            watermark = max(chunk_until, checkpoint.watermark or chunk_until)
-            seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
+                seen_now = self._archive_window(plan.known, chunk_since, chunk_until, now, summary)
             self._fence()
-            checkpoint = self.checkpoints.commit(
-                checkpoint,
-                watermark,
-                seen,
-                self.run_id,
-                self.mode,
-                now,
-                self.settings.statuses,
-                summary.counts(),
-            )
-            summary.watermark = iso_z(watermark)
+            plan.finish(chunk_since, chunk_until, seen_now, summary)
+            summary.chunks_done += 1
             self.observer.committed(summary, done)
-            log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
 
-    def _check_statuses(self, checkpoint: Checkpoint) -> None:
+    def commit_live(
+        self,
+        checkpoint: Checkpoint,
+        watermark: datetime,
+        seen_now: dict[str, int],
+        now: datetime,
+        summary: Summary,
+    ) -> Checkpoint:
+        """Move the live checkpoint to ``watermark`` (never backwards), keeping in ``seen``
+        what the next read can meet again. The caller has just proved the lease is ours."""
+        watermark = max(watermark, checkpoint.watermark or watermark)
+        seen = prune_seen({**checkpoint.seen, **seen_now}, watermark, self.settings.lookback)
+        committed = self.checkpoints.commit(
+            checkpoint,
+            watermark,
+            seen,
+            self.run_id,
+            self.mode,
+            now,
+            self.settings.statuses,
+            summary.counts(),
+        )
+        summary.watermark = iso_z(watermark)
+        log.info("checkpoint.committed", extra={"fields": {"watermark": summary.watermark}})
+        return committed
+
+    def check_statuses(self, checkpoint: Checkpoint) -> None:
         """One watermark covers every status list: a run that polls fewer lists than the
         checkpoint covers would move it past alerts it never read."""
         covered = checkpoint.document.get("statuses")
@@ -334,7 +400,7 @@ class Cycle:
 
     def _archive_window(
         self,
-        checkpoint: Checkpoint,
+        known: dict[str, int],
         since: datetime,
         until: datetime,
         now: datetime,
@@ -349,7 +415,7 @@ class Cycle:
                         raise Stopped()
                     self._check_deadline()
                     for raw in page:
-                        self._take(raw, status, checkpoint, seen_now, writer, until, now, summary)
+                        self._take(raw, status, known, seen_now, writer, until, now, summary)
                     self.observer.page(summary)
                     log.info(
                         "page.read",
@@ -375,7 +441,7 @@ class Cycle:
         self,
         raw: Any,
         status: str,
-        checkpoint: Checkpoint,
+        known: dict[str, int],
         seen_now: dict[str, int],
         writer: BoundedWriter,
         until: datetime,
@@ -391,7 +457,7 @@ class Cycle:
             return  # the same alert again: on another page, or in the other status list
         seen_now[key] = created
         summary.listed += 1
-        if key in checkpoint.seen:
+        if key in known:
             summary.already_archived += 1
             return
         if isinstance(item, Rejected):
@@ -400,3 +466,26 @@ class Cycle:
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
         writer.submit(lambda: self.archive.take(item, status, now))
+
+
+class LiveCheckpoint:
+    """``sync``'s plan: after each chunk, commit the live checkpoint to the chunk's end."""
+
+    def __init__(self, cycle: Cycle, checkpoint: Checkpoint, now: datetime) -> None:
+        self._cycle = cycle
+        self._checkpoint = checkpoint
+        self._now = now
+
+    @property
+    def known(self) -> dict[str, int]:
+        return self._checkpoint.seen
+
+    def skip(self, since: datetime, until: datetime) -> bool:
+        return False
+
+    def finish(
+        self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
+    ) -> None:
+        self._checkpoint = self._cycle.commit_live(
+            self._checkpoint, until, seen_now, self._now, summary
+        )
