@@ -1,0 +1,191 @@
+"""`poller backfill` as a real process against the simulator and a moto server: a month of
+alerts from an empty bucket, SIGKILLed and rerun; and beside a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from conftest import (
+    ROOT,
+    MotoServer,
+    assert_exact_archive,
+    bucket_listing,
+    poller_env,
+    run_poller,
+    summary_of,
+)
+
+from poller.simulator import Simulator
+from poller.timeutil import utc_now
+
+
+def windows_read(sim: Simulator, after: float = 0.0) -> Counter[tuple[str, str]]:
+    """(from, until) -> list requests for it that arrived after ``after`` (time.time())."""
+    found: Counter[tuple[str, str]] = Counter()
+    for record in sim.requests:
+        if record.path == "/v2/alerts" and record.at > after:
+            query = parse_qs(record.query)
+            found[(query["from"][0], query["until"][0])] += 1
+    return found
+
+
+def finished_chunks(s3: Any, bucket: str) -> set[tuple[str, str]]:
+    """The spans of the chunks recorded as finished, in the API's time format."""
+    spans = set()
+    for key in bucket_listing(s3, bucket):
+        if key.startswith("_poller/backfill/"):
+            since, until = key.rsplit("/", 1)[1].split("_")
+            spans.add(
+                tuple(
+                    f"{t[0:4]}-{t[4:6]}-{t[6:8]}T{t[9:11]}:{t[11:13]}:{t[13:15]}"
+                    for t in (since, until)
+                )
+            )
+    return spans
+
+
+def kill_after_chunks(env: dict[str, str], chunks: int, rng: random.Random) -> int | None:
+    """Start a backfill; SIGKILL it once ``chunks`` chunks of the range are done (by its own
+    progress events, earlier runs' included), a moment into the next one. Returns its exit
+    code if it ended first."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poller", "backfill", "--since", "31d"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if '"event": "walk.progress"' not in line:
+            continue
+        event = json.loads(line)
+        if event["chunks_done"] + event["chunks_skipped"] >= chunks:
+            time.sleep(rng.uniform(0.2, 1.0))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            process.stderr.close()
+            return None
+    process.stderr.close()
+    return process.wait()
+
+
+@pytest.mark.crash
+def test_a_month_backfilled_from_empty_killed_three_times_is_exact_and_rereads_no_finished_chunk(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    rng = random.Random(8)
+    with Simulator(seed=88) as sim:
+        now = utc_now()
+        sim.generate(20_000, now - timedelta(days=30), now - timedelta(minutes=10))
+        env = poller_env(
+            sim,
+            moto_server,
+            bucket,
+            POLLER_SYNC__LEASE_TTL_SECONDS="3",
+            POLLER_THREATSTACK__REQUESTS_PER_MINUTE="100000",
+            POLLER_LOG__PROGRESS_SECONDS="0",
+        )
+        finished_before_kill: list[tuple[float, set[tuple[str, str]]]] = []
+        for chunks in (4, 12, 22):  # kills early, in the middle and late in the month
+            while (code := kill_after_chunks(env, chunks, rng)) == 75:
+                time.sleep(0.5)  # the killed run's lease is still fresh
+            assert code is None, f"the backfill ended (exit {code}) before its kill"
+            finished_before_kill.append((time.time(), finished_chunks(s3, bucket)))
+        deadline = time.monotonic() + 60
+        while (
+            result := run_poller(["backfill", "--since", "31d"], env, timeout=900)
+        ).returncode == 75:
+            assert time.monotonic() < deadline, result.stdout[-1000:]
+            time.sleep(0.5)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = summary_of(result)
+        assert summary["chunks_skipped"] >= 20 and summary["chunks_done"] >= 1
+        assert summary["chunks_done"] + summary["chunks_skipped"] == summary["chunks_total"]
+
+        # No chunk finished before a kill was ever read again after it.
+        for killed_at, finished in finished_before_kill:
+            reread = set(windows_read(sim, after=killed_at)) & finished
+            assert not reread, sorted(reread)[:3]
+        # The live checkpoint was created as the range ran up to now.
+        checkpoint = json.loads(
+            s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")["Body"].read()
+        )
+        assert checkpoint["mode"] == "backfill" and checkpoint["watermark"] > (
+            now - timedelta(minutes=10)
+        ).strftime("%Y-%m-%dT%H:%M:%S")
+        objects = assert_exact_archive(s3, bucket, sim, bodies=False)
+        assert len([k for k in objects if k.startswith("alerts/")]) == 20_000
+        # Bodies: a sample, so the test does not download 40,000 objects.
+        from conftest import expected_archive
+
+        expected = expected_archive(sim, sim.credentials.org_id)
+        for key in rng.sample(sorted(expected), 300):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert json.loads(body) == expected[key], key
+
+
+@pytest.mark.integration
+def test_a_backfill_beside_the_running_daemon_never_moves_the_checkpoint_back(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    """The daemon keeps cycling; a backfill over the last two days (the live window
+    included) takes the lease between its cycles. Every checkpoint version ever written is
+    at or after the one before it, and the archive ends exact."""
+    from test_daemon import start_daemon
+
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    with Simulator(seed=19) as sim:
+        now = utc_now()
+        sim.generate(800, now - timedelta(days=2), now - timedelta(minutes=3))
+        env = poller_env(
+            sim,
+            moto_server,
+            bucket,
+            POLLER_SYNC__INTERVAL_SECONDS="2",
+            POLLER_SYNC__FIRST_RUN_SINCE="1h",
+            POLLER_SYNC__SETTLE_SECONDS="5",
+            POLLER_HTTP__PORT="0",
+        )
+        daemon = start_daemon(env)
+        try:
+            deadline = time.monotonic() + 60
+            while "_poller/checkpoint.json" not in bucket_listing(s3, bucket):
+                assert time.monotonic() < deadline, "the daemon committed nothing"
+                time.sleep(0.2)
+            sim.generate(50, utc_now() - timedelta(minutes=4), utc_now() - timedelta(minutes=1))
+            backfill_deadline = time.monotonic() + 120
+            while (result := run_poller(["backfill", "--since", "2d"], env)).returncode == 75:
+                assert time.monotonic() < backfill_deadline, "the daemon never let go"
+                time.sleep(0.3)
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert summary_of(result)["archived"] > 0
+            time.sleep(5)  # a few more daemon cycles after the backfill
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.communicate(timeout=60)
+        assert daemon.returncode == 0
+
+        history = []
+        versions = s3.list_object_versions(Bucket=bucket, Prefix="_poller/checkpoint.json")
+        for version in reversed(versions.get("Versions", [])):  # oldest first
+            body = s3.get_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])[
+                "Body"
+            ].read()
+            history.append(json.loads(body))
+        watermarks = [h["watermark"] for h in history]
+        assert watermarks == sorted(watermarks), "the checkpoint moved backwards"
+        assert {h["mode"] for h in history} >= {"run", "backfill"}
+        assert_exact_archive(s3, bucket, sim)
