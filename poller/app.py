@@ -28,6 +28,7 @@ from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
 from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
+from poller.walks.verify import Verifier
 
 
 def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
@@ -104,6 +105,15 @@ class Runtime:
             self.clock,
             self.settings.s3.require_conditional_writes,
             recent_requests=self.budget.recent,
+        )
+
+    def verifier(self) -> Verifier:
+        return Verifier(
+            self.api,
+            self.store,
+            Archive(self.store, self.layout, self.settings.threatstack.org_id),
+            self.settings.threatstack.statuses,
+            self.clock,
         )
 
     def chunk_records(self) -> ChunkRecords:

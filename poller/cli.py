@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,7 +28,14 @@ from poller.errors import (
     PollerError,
     Stopped,
 )
-from poller.terminal import ChunkProgress, console_for, render_check, render_status, wants_text
+from poller.terminal import (
+    ChunkProgress,
+    console_for,
+    render_check,
+    render_status,
+    render_verify,
+    wants_text,
+)
 from poller.terminal import span as span_text
 from poller.timeutil import floor_second, iso_z, parse_instant, utc_now
 from poller.walks.backfill import BackfillRange, backfill
@@ -42,6 +50,7 @@ REQUIREMENTS = {
     "check": REQUIRED_API + REQUIRED_S3,
     "status": REQUIRED_S3,
     "backfill": REQUIRED_API + REQUIRED_S3,
+    "verify": REQUIRED_API + REQUIRED_S3,
     "demo": (),
 }
 
@@ -74,22 +83,18 @@ def parser() -> argparse.ArgumentParser:
     )
     catch_up.add_argument("--since", required=True, metavar="T", help="2026-11-01, 7d, ...")
     catch_up.add_argument("--until", metavar="T", help="default: now minus sync.settle_seconds")
+    audit = commands.add_parser(
+        "verify", help="compare the API's alert ids with the archive; --repair archives the rest"
+    )
+    audit.add_argument("--since", required=True, metavar="T", help="2026-11-01, 7d, ...")
+    audit.add_argument("--until", metavar="T", help="default: now minus sync.settle_seconds")
+    audit.add_argument("--repair", action="store_true", help="archive what is missing")
+    _output_flags(audit)
     for name, text in (
         ("status", "print the checkpoint, the lease and the lag"),
         ("check", "validate config, call the Threat Stack self-test, probe the bucket"),
     ):
-        command = commands.add_parser(name, help=text)
-        output = command.add_mutually_exclusive_group()
-        output.add_argument(
-            "--json", dest="output", action="store_const", const="json", help="print JSON"
-        )
-        output.add_argument(
-            "--text",
-            dest="output",
-            action="store_const",
-            const="text",
-            help="print text (the default on a terminal; JSON otherwise)",
-        )
+        _output_flags(commands.add_parser(name, help=text))
     demo = commands.add_parser(
         "demo", help="the real daemon against a local simulator and S3 server, no setup"
     )
@@ -98,6 +103,20 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, help="the daemon's HTTP port (8080)")
     demo.add_argument("--keep", type=Path, metavar="DIR", help="copy the archive here at the end")
     return top
+
+
+def _output_flags(command: argparse.ArgumentParser) -> None:
+    output = command.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="print JSON"
+    )
+    output.add_argument(
+        "--text",
+        dest="output",
+        action="store_const",
+        const="text",
+        help="print text (the default on a terminal; JSON otherwise)",
+    )
 
 
 def _emit(document: dict[str, Any]) -> None:
@@ -116,15 +135,48 @@ def _instant(text: str, now: datetime, name: str) -> datetime:
         raise ConfigError([f"{name} {text!r}: {exc}"]) from None
 
 
-def cmd_backfill(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+def _range(settings: Settings, args: argparse.Namespace) -> tuple[datetime, datetime]:
+    """``--since``/``--until`` as whole seconds, ending no later than now minus settle."""
     now = utc_now()
     live_edge = floor_second(now - timedelta(seconds=settings.sync.settle_seconds))
     since = _instant(args.since, now, "--since")
     until = live_edge if args.until is None else _instant(args.until, now, "--until")
-    if until > live_edge:
-        until = live_edge  # the still-filling edge is the live cycle's business
+    until = min(until, live_edge)  # the still-filling edge is the live cycle's business
     if since >= until:
         raise ConfigError([f"--since {iso_z(since)} is not before --until {iso_z(until)}"])
+    return since, until
+
+
+def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+    since, until = _range(settings, args)
+    runtime = build(settings, "verify", run_id=run_id)
+    summary = Summary(mode="verify", run_id=run_id)
+    verifier = runtime.verifier()
+    ts = settings.threatstack
+    pace = Pace(len(ts.statuses) * 60.0 / ts.requests_per_minute)
+    progress = ChunkProgress(console_for(sys.stderr), pace) if sys.stderr.isatty() else None
+    verifier.observer = Observers(
+        *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+    )
+    started = time.monotonic()
+    try:
+        findings = verifier.run(since, until, args.repair, summary)
+    finally:
+        if progress is not None:
+            progress.close()
+        summary.api_requests = runtime.api.requests_sent
+        summary.s3_requests = runtime.s3_requests()
+        summary.duration_s = round(time.monotonic() - started, 3)
+    report = summary.as_dict() | findings.as_dict()
+    summary.ok = findings.complete
+    report["ok"] = summary.ok
+    log.info("verify.done", extra={"fields": {k: v for k, v in report.items() if k != "days"}})
+    _report(report, args.output, render_verify)
+    return 0 if findings.complete else 1
+
+
+def cmd_backfill(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+    since, until = _range(settings, args)
     span = BackfillRange(since, until, to_now=args.until is None)
     size = timedelta(seconds=settings.sync.max_window_seconds)
     count = sum(1 for _ in chunks(since, until, size, aligned=True))
@@ -319,6 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "sync": cmd_sync,
     "backfill": cmd_backfill,
+    "verify": cmd_verify,
     "run": cmd_run,
     "status": cmd_status,
     "check": cmd_check,

@@ -189,3 +189,57 @@ def render_check(report: dict[str, Any]) -> Group:
 
 def console_for(stream: TextIO) -> Console:
     return Console(file=stream, highlight=False, soft_wrap=True)
+
+
+def render_verify(report: dict[str, Any]) -> Group:
+    """``poller verify`` for people: a row per day (every day of a range up to 31 days,
+    else only the days with something to say), the ids, and the verdict."""
+    days = report.get("days", [])
+    table = Table("day", "API", "full records", "webhook records", "missing", "unknown")
+    shown = days if len(days) <= 31 else [d for d in days if _day_has_news(d)]
+    for day in shown:
+        missing = day["missing"]["alerts"] + day["missing"]["webhooks"]
+        unknown = day["unknown"]["alerts"] + day["unknown"]["webhooks"]
+        table.add_row(
+            day["day"],
+            str(day["api"]),
+            str(day["archived"]["alerts"]),
+            str(day["archived"]["webhooks"]),
+            Text(str(missing), style="bold red" if missing else ""),
+            Text(str(unknown), style="yellow" if unknown else ""),
+        )
+    total = sum(d["api"] for d in days)
+    table.add_row(
+        Text("all", style="bold"),
+        str(total),
+        str(sum(d["archived"]["alerts"] for d in days)),
+        str(sum(d["archived"]["webhooks"] for d in days)),
+        str(sum(report["missing_count"].values())),
+        str(sum(report["unknown_count"].values())),
+    )
+    parts: list[Any] = [table]
+    if len(days) > len(shown):
+        parts.append(Text(f"({len(days) - len(shown)} complete days not shown)"))
+    for title, ids, counts in (
+        ("missing", report["missing"], report["missing_count"]),
+        ("in the archive, unknown to the API", report["unknown"], report["unknown_count"]),
+    ):
+        for kind in ("alerts", "webhooks"):
+            if counts[kind]:
+                more = counts[kind] - len(ids[kind])
+                tail = f" … and {more} more" if more > 0 else ""
+                parts.append(Text(f"{kind} {title} ({counts[kind]}): {' '.join(ids[kind])}{tail}"))
+    if report.get("repaired"):
+        parts.append(Text(f"repaired {report['repaired']} alerts (create-only)", style="green"))
+    window = report.get("window", {})
+    verdict = (
+        Text(f"complete: {window.get('from')} → {window.get('until')}", style="bold green")
+        if report.get("complete")
+        else Text("incomplete: run `poller verify --repair` with the same range", style="bold red")
+    )
+    parts.append(verdict)
+    return Group(*parts)
+
+
+def _day_has_news(day: dict[str, Any]) -> bool:
+    return any(day["missing"].values()) or any(day["unknown"].values())

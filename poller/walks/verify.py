@@ -1,0 +1,266 @@
+"""``poller verify``: is the archive complete for a range? And with ``--repair``, make it so.
+
+Day by day (UTC), it lists the alert ids the API has (both statuses) and what the archive
+holds, by listing keys, never downloading a body:
+
+- ``webhooks/`` is partitioned by time: one listing of ``webhooks/YYYY/MM/DD/`` per day;
+- ``alerts/`` is not, but its ``ID[0:2]/ID[2:4]/`` folders are, for Threat Stack's ids: an
+  alert id is a MongoDB ObjectId whose first 8 hex digits are its creation second, so one
+  folder holds 65,536 seconds (about 18 hours) of alerts. Verify lists the folders a day's
+  API ids fall in and the folders the day's seconds map to (one or two a day), each once,
+  caching the few it still needs. Cost: a LIST per 1,000 keys of each, plus the API's pages.
+
+An id in the archive is "unknown" when the API does not list it for its day: for ObjectIds
+its creation second says which day it belongs to; any other id is judged only by its webhook
+key, whose path holds its creation minute. Keys in the first and last minute of a range that
+does not start or end on a minute are not judged (the minute may hold alerts outside it).
+
+``--repair`` archives exactly what is missing, through the same create-only writes as every
+run: a record that is there is never rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from poller.archive.records import Alert, Layout, classify
+from poller.archive.store import ObjectStore
+from poller.archive.writer import Archive, Outcome
+from poller.timeutil import Clock, iso_z
+from poller.walks.sync import (
+    OVERLAP,
+    AlertSource,
+    CycleObserver,
+    Summary,
+    Unobserved,
+    chunks,
+    poll_order,
+)
+
+log = logging.getLogger(__name__)
+
+DAY = timedelta(days=1)
+# Ids listed per kind in the report (text and JSON); counts are always exact.
+IDS_SHOWN = 100
+OBJECT_ID = re.compile(r"[0-9a-f]{24}")
+KINDS = ("alerts", "webhooks")
+
+
+@dataclass
+class DayRow:
+    day: str
+    api: int = 0
+    archived: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    missing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+
+
+@dataclass
+class Findings:
+    """Missing and unknown ids per record kind: exact counts, the first IDS_SHOWN ids."""
+
+    missing: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    unknown: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    missing_count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    unknown_count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    to_repair: int = 0  # alerts with at least one record missing
+    repaired: int = 0
+    repair_asked: bool = False
+    malformed: int = 0
+    days: list[DayRow] = field(default_factory=list)
+
+    def note(self, table: str, kind: str, ids: list[str]) -> None:
+        counts = self.missing_count if table == "missing" else self.unknown_count
+        shown = self.missing if table == "missing" else self.unknown
+        counts[kind] += len(ids)
+        room = IDS_SHOWN - len(shown[kind])
+        shown[kind].extend(sorted(ids)[: max(room, 0)])
+
+    @property
+    def complete(self) -> bool:
+        """Nothing is missing, or everything missing was repaired."""
+        return self.to_repair == 0 or (self.repair_asked and self.repaired == self.to_repair)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "missing": self.missing,
+            "missing_count": self.missing_count,
+            "unknown": self.unknown,
+            "unknown_count": self.unknown_count,
+            "ids_shown_per_kind": IDS_SHOWN,
+            "repaired": self.repaired,
+            "malformed_in_api": self.malformed,
+            "days": [row.__dict__ for row in self.days],
+        }
+
+
+class PrefixListings:
+    """Keys under ``alerts/XX/YY/`` folders, each listed once, the most recent few kept."""
+
+    def __init__(self, store: ObjectStore, layout: Layout, keep: int = 8) -> None:
+        self._store = store
+        self._layout = layout
+        self._keep = keep
+        self._cache: OrderedDict[str, set[str]] = OrderedDict()
+
+    def ids(self, folder: str) -> set[str]:
+        if folder in self._cache:
+            self._cache.move_to_end(folder)
+            return self._cache[folder]
+        prefix = self._layout.key("alerts", folder[:2], folder[2:4]) + "/"
+        found = {key.rsplit("/", 1)[1] for key in self._store.list_keys(prefix)}
+        self._cache[folder] = found
+        if len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
+        return found
+
+
+def _object_id_time(alert_id: str) -> datetime | None:
+    if OBJECT_ID.fullmatch(alert_id):
+        return datetime.fromtimestamp(int(alert_id[:8], 16), UTC)
+    return None
+
+
+def _folders_for(start: datetime, end: datetime) -> set[str]:
+    """The ``alerts/`` folders ObjectIds created in [start, end) live in."""
+    first, last = int(start.timestamp()) >> 16, (int(end.timestamp()) - 1) >> 16
+    return {f"{value << 16:08x}"[:4] for value in range(first, last + 1)}
+
+
+class Verifier:
+    def __init__(
+        self,
+        source: AlertSource,
+        store: ObjectStore,
+        archive: Archive,
+        statuses: tuple[str, ...],
+        clock: Clock,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.archive = archive
+        self.layout = archive.layout
+        self.statuses = poll_order(statuses)
+        self.clock = clock
+        self.observer: CycleObserver = Unobserved()
+
+    def run(self, since: datetime, until: datetime, repair: bool, summary: Summary) -> Findings:
+        findings = Findings(repair_asked=repair)
+        folders = PrefixListings(self.store, self.layout)
+        summary.window = {"from": iso_z(since), "until": iso_z(until)}
+        pieces = list(chunks(since, until, DAY, aligned=True))
+        summary.chunks_total = len(pieces)
+        self.observer.started(summary, len(pieces))
+        for done, (start, end) in enumerate(pieces, start=1):
+            # The overlap second before a cut belongs to the day before it.
+            nominal = start if done == 1 else start + OVERLAP
+            self._day(nominal, start, end, repair, folders, findings, summary)
+            summary.chunks_done += 1
+            self.observer.committed(summary, done)
+        return findings
+
+    def _day(
+        self,
+        nominal: datetime,
+        start: datetime,
+        end: datetime,
+        repair: bool,
+        folders: PrefixListings,
+        findings: Findings,
+        summary: Summary,
+    ) -> None:
+        row = DayRow(day=nominal.strftime("%Y-%m-%d"))
+        found: dict[str, tuple[Alert, str]] = {}
+        if start < end:
+            for status in self.statuses:
+                for page in self.source.list_alerts(status, start, end):
+                    for raw in page:
+                        item = classify(raw)
+                        if not isinstance(item, Alert):
+                            findings.malformed += 1
+                        elif nominal <= item.created < end and item.id not in found:
+                            found[item.id] = (item, status)
+                    self.observer.page(summary)
+        row.api = len(found)
+        summary.listed += len(found)
+
+        webhook_ids = self._webhook_ids(nominal, end)
+        judged_webhooks = {i for i, minute in webhook_ids.items() if minute is not None}
+        wanted_folders = {alert_id[:4] for alert_id in found} | _folders_for(nominal, end)
+        archived_alerts: set[str] = set()
+        for folder in wanted_folders:
+            held = folders.ids(folder)
+            archived_alerts |= (held & set(found)) | self._in_day(held, nominal, end, webhook_ids)
+
+        missing_alerts = [i for i in found if i not in archived_alerts]
+        missing_webhooks = [i for i in found if i not in webhook_ids]
+        unknown_alerts = [i for i in archived_alerts if i not in found]
+        unknown_webhooks = [i for i in judged_webhooks if i not in found]
+        for kind, missing, unknown in (
+            ("alerts", missing_alerts, unknown_alerts),
+            ("webhooks", missing_webhooks, unknown_webhooks),
+        ):
+            row.missing[kind] = len(missing)
+            row.unknown[kind] = len(unknown)
+            row.archived[kind] = len(found) - len(missing)
+            findings.note("missing", kind, missing)
+            findings.note("unknown", kind, unknown)
+        findings.days.append(row)
+
+        to_repair = sorted(set(missing_alerts) | set(missing_webhooks))
+        findings.to_repair += len(to_repair)
+        if repair:
+            now = self.clock()
+            for alert_id in to_repair:
+                alert, status = found[alert_id]
+                outcome = self.archive.take(alert, status, now)
+                if outcome is Outcome.ARCHIVED:
+                    findings.repaired += 1
+                    summary.archived += 1
+                elif outcome is Outcome.QUARANTINED:
+                    summary.quarantined += 1
+        summary.already_archived += len(found) - len(to_repair)
+
+    def _webhook_ids(self, nominal: datetime, end: datetime) -> dict[str, datetime | None]:
+        """Ids of webhook records created in [nominal, end) -> their minute, or None for a
+        minute only partly inside (those are not judged as unknown)."""
+        out: dict[str, datetime | None] = {}
+        day = nominal.replace(hour=0, minute=0, second=0, microsecond=0)
+        while day < end:
+            prefix = self.layout.key("webhooks", day.strftime("%Y/%m/%d")) + "/"
+            for key in self.store.list_keys(prefix):
+                parts = key[len(prefix) :].split("/")
+                if len(parts) != 3:
+                    continue
+                try:
+                    minute = day.replace(hour=int(parts[0]), minute=int(parts[1]))
+                except ValueError:
+                    continue
+                if minute + timedelta(minutes=1) <= nominal or minute >= end:
+                    continue
+                whole = nominal <= minute and minute + timedelta(minutes=1) <= end
+                out[parts[2]] = minute if whole else None
+            day += DAY
+        return out
+
+    @staticmethod
+    def _in_day(
+        ids: set[str], nominal: datetime, end: datetime, webhook_ids: dict[str, datetime | None]
+    ) -> set[str]:
+        """Archived full-record ids that belong to this day: by the ObjectId's creation
+        second, or, for other ids, by a webhook record fully inside the day."""
+        inside = set()
+        for alert_id in ids:
+            created = _object_id_time(alert_id)
+            if created is not None:
+                if nominal <= created < end:
+                    inside.add(alert_id)
+            elif webhook_ids.get(alert_id) is not None:
+                inside.add(alert_id)
+        return inside
