@@ -19,7 +19,7 @@ from botocore.config import Config
 
 from poller.archive.records import Layout
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper
-from poller.archive.store import ObjectStore, S3ObjectStore, count_requests
+from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count_requests
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
@@ -64,6 +64,17 @@ def s3_client(settings: S3Settings) -> Any:
         read_timeout=60,
     )
     return boto3.session.Session().client("s3", config=config)
+
+
+def write_options(s3: S3Settings) -> WriteOptions:
+    return WriteOptions(
+        checksums=s3.checksums,
+        sse=s3.sse,
+        kms_key_id=s3.kms_key_id,
+        storage_class=s3.storage_class,
+        object_lock_mode=s3.object_lock_mode,
+        object_lock_days=s3.object_lock_days,
+    )
 
 
 def local_s3_client(endpoint_url: str) -> Any:
@@ -179,7 +190,7 @@ def build(
         clock=clock,
         api=api,
         budget=budget,
-        store=S3ObjectStore(client, settings.s3.bucket),
+        store=S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock),
         s3_requests=count_requests(client),
         layout=Layout(settings.s3.prefix),
         stop=stop,

@@ -18,6 +18,7 @@ from poller import __version__
 from poller.app import Runtime, build, new_run_id, run_cycle
 from poller.archive.probe import check_bucket
 from poller.archive.state import CheckpointStore
+from poller.archive.store import BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import (
     ApiAuthError,
@@ -355,11 +356,35 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         report["bucket"] = f"failed: {exc}"
         fixes["bucket"] = fix_for(exc)
         code = 1
+    if report.get("bucket") == "ok":
+        report["evidence"] = _evidence(runtime.store.protection(), settings)
     report["ok"] = code == 0
     if fixes:
         report["fix"] = fixes
     _report(report, args.output, render_check)
     return code
+
+
+def _evidence(protection: BucketProtection, settings: Settings) -> dict[str, Any]:
+    """Whether the bucket keeps what poller writes as evidence: a warning, never a failure."""
+    s3 = settings.s3
+    evidence: dict[str, Any] = {
+        "versioning": protection.versioning or "unknown (not allowed to ask)",
+        "object_lock": protection.object_lock or "unknown (not allowed to ask)",
+        "encryption": protection.encryption or "unknown (not allowed to ask)",
+        "checksums": "SHA-256 on every object" if s3.checksums else "off",
+        "retention": f"{s3.object_lock_mode} {s3.object_lock_days} days on archived records"
+        if s3.object_lock_mode
+        else "none set by poller",
+    }
+    if not protection.evidence_grade and not s3.object_lock_mode:
+        evidence["warning"] = (
+            "anyone who can write to this bucket can delete or replace archived alerts:"
+            " enable versioning and Object Lock on the bucket (and optionally"
+            " s3.object_lock_mode/days) if the archive is evidence"
+        )
+        log.warning("check.evidence", extra={"fields": {"warning": evidence["warning"]}})
+    return evidence
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

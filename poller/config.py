@@ -71,6 +71,14 @@ class S3Settings:
     max_concurrency: int = 16
     max_attempts: int = 8
     require_conditional_writes: bool = True
+    # The archive as evidence: every object carries an S3-verified SHA-256 checksum, and
+    # these apply to every object poller writes (retention: to archived records only).
+    checksums: bool = True
+    sse: str = ""  # "", "AES256" (SSE-S3) or "aws:kms" (SSE-KMS)
+    kms_key_id: str = ""
+    storage_class: str = ""  # "": the bucket's default (STANDARD)
+    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
+    object_lock_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,19 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _exact(*choices: str) -> Callable[[Any], str]:
+    """One of ``choices``, spelled as AWS spells it."""
+
+    def parse(raw: Any) -> str:
+        text = _text(raw)
+        if text not in choices:
+            shown = ", ".join(repr(c) if c else '"" (off)' for c in choices)
+            raise ValueError(f"expected one of {shown}, got {raw!r}")
+        return text
+
+    return parse
+
+
 def _level(raw: Any) -> str:
     return _choice("debug", "info", "warning", "error")(raw).upper()
 
@@ -233,6 +254,22 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "max_concurrency": _int(1, 256),
         "max_attempts": _int(1, 50),
         "require_conditional_writes": _bool,
+        "checksums": _bool,
+        "sse": _exact("", "AES256", "aws:kms"),
+        "kms_key_id": _text,
+        "storage_class": _exact(
+            "",
+            "STANDARD",
+            "STANDARD_IA",
+            "ONEZONE_IA",
+            "INTELLIGENT_TIERING",
+            "GLACIER_IR",
+            "GLACIER",
+            "DEEP_ARCHIVE",
+            "REDUCED_REDUNDANCY",
+        ),
+        "object_lock_mode": _exact("", "GOVERNANCE", "COMPLIANCE"),
+        "object_lock_days": _int(0, 36_500),
     },
     "sync": {
         "interval_seconds": _int(1, 86_400),
@@ -419,10 +456,24 @@ def load_settings(
         ):
             problems.append(f"{section}.{option}: required but not set ({_hint(section, option)})")
 
+    problems.extend(_cross_checks(values["s3"]))
     if problems:
         raise ConfigError(problems)
     sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
     return Settings(**sections)
+
+
+def _cross_checks(s3: dict[str, Any]) -> list[str]:
+    """Settings that only make sense together."""
+    problems = []
+    if s3.get("kms_key_id") and s3.get("sse") != "aws:kms":
+        problems.append("s3.kms_key_id: set only with s3.sse: aws:kms")
+    if bool(s3.get("object_lock_mode")) != bool(s3.get("object_lock_days")):
+        problems.append(
+            "s3.object_lock_mode and s3.object_lock_days: set both (a mode and a number of"
+            " days) or neither"
+        )
+    return problems
 
 
 def _hint(section: str, key: str) -> str:

@@ -179,6 +179,20 @@ def render_check(report: dict[str, Any]) -> Group:
         lines.append(line)
         if not ok and key in fixes:
             lines.append(Text(f"  {'':<14}fix: {fixes[key]}", style="yellow"))
+    evidence = report.get("evidence")
+    if evidence:
+        line = Text()
+        warned = "warning" in evidence
+        line.append("! " if warned else "✓ ", style="bold yellow" if warned else "bold green")
+        line.append(f"{'evidence':<14}", style="bold")
+        line.append(
+            f"versioning {evidence['versioning']}, object lock {evidence['object_lock']},"
+            f" encryption {evidence['encryption']}, checksums {evidence['checksums']},"
+            f" retention {evidence['retention']}"
+        )
+        lines.append(line)
+        if warned:
+            lines.append(Text(f"  {'':<14}{evidence['warning']}", style="yellow"))
     passed = bool(report.get("ok"))
     summary = Text(
         "all checks passed" if passed else "some checks failed",

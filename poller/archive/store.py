@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
@@ -40,15 +40,25 @@ class ObjectStore(Protocol):
         """The object, or None when there is none."""
 
     def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        retain: bool = False,
     ) -> str:
-        """Write; return the new ETag. Raise PreconditionFailed when a condition does not hold."""
+        """Write; return the new ETag. Raise PreconditionFailed when a condition does not hold.
+        ``retain``: an archived record, to which Object Lock retention applies if configured."""
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Delete (missing is fine). Raise PreconditionFailed when ``if_match`` does not hold."""
 
     def list_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``."""
+
+    def protection(self) -> BucketProtection:
+        """Versioning, Object Lock and default encryption of the bucket."""
 
 
 _ACCESS_CODES = {
@@ -110,10 +120,61 @@ def _server_time(response: dict[str, Any]) -> datetime:
     return utc_now()
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """What every PUT carries: a SHA-256 checksum S3 verifies (a body corrupted on the way
+    is rejected, not stored), server-side encryption, storage class; and, on archived
+    records only, Object Lock retention."""
+
+    checksums: bool = True
+    sse: str = ""
+    kms_key_id: str = ""
+    storage_class: str = ""
+    object_lock_mode: str = ""
+    object_lock_days: int = 0
+
+    def arguments(self, retain: bool, now: datetime) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.checksums:
+            extra["ChecksumAlgorithm"] = "SHA256"
+        if self.sse:
+            extra["ServerSideEncryption"] = self.sse
+        if self.kms_key_id:
+            extra["SSEKMSKeyId"] = self.kms_key_id
+        if self.storage_class:
+            extra["StorageClass"] = self.storage_class
+        if retain and self.object_lock_mode:
+            extra["ObjectLockMode"] = self.object_lock_mode
+            extra["ObjectLockRetainUntilDate"] = now + timedelta(days=self.object_lock_days)
+        return extra
+
+
+@dataclass(frozen=True)
+class BucketProtection:
+    """What ``poller check`` says about the bucket as a place for evidence. ``None``: the
+    answer was refused (no permission to ask), which is reported, not fatal."""
+
+    versioning: str | None  # "Enabled", "Suspended", "off"
+    object_lock: str | None  # "off", "on", or "on, default GOVERNANCE 365 days"
+    encryption: str | None  # "off", "AES256", "aws:kms"
+
+    @property
+    def evidence_grade(self) -> bool:
+        return self.versioning == "Enabled" and bool(self.object_lock) and self.object_lock != "off"
+
+
 class S3ObjectStore:
-    def __init__(self, client: Any, bucket: str) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        options: WriteOptions | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
         self._client = client
         self.bucket = bucket
+        self._options = options or WriteOptions()
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self.bucket!r})"
@@ -136,9 +197,15 @@ class S3ObjectStore:
         )
 
     def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        retain: bool = False,
     ) -> str:
-        conditions: dict[str, str] = {}
+        conditions: dict[str, Any] = self._options.arguments(retain, self._clock())
         if if_none_match:
             conditions["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -185,6 +252,56 @@ class S3ObjectStore:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
         return keys
 
+    def protection(self) -> BucketProtection:
+        """Versioning, Object Lock and default encryption of the bucket, as far as we may ask."""
+
+        def ask(call: Callable[[], Any], absent: tuple[str, ...]) -> Any:
+            try:
+                return call()
+            except botocore.exceptions.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in absent:
+                    return {}
+                return None
+            except botocore.exceptions.BotoCoreError:
+                return None
+
+        versioning = ask(lambda: self._client.get_bucket_versioning(Bucket=self.bucket), ())
+        lock = ask(
+            lambda: self._client.get_object_lock_configuration(Bucket=self.bucket),
+            ("ObjectLockConfigurationNotFoundError",),
+        )
+        encryption = ask(
+            lambda: self._client.get_bucket_encryption(Bucket=self.bucket),
+            ("ServerSideEncryptionConfigurationNotFoundError",),
+        )
+        return BucketProtection(
+            None if versioning is None else versioning.get("Status") or "off",
+            None if lock is None else _lock_text(lock),
+            None if encryption is None else _encryption_text(encryption),
+        )
+
+
+def _lock_text(response: dict[str, Any]) -> str:
+    config = response.get("ObjectLockConfiguration") or {}
+    if config.get("ObjectLockEnabled") != "Enabled":
+        return "off"
+    retention = (config.get("Rule") or {}).get("DefaultRetention") or {}
+    if retention:
+        amount = retention.get("Days") or retention.get("Years")
+        unit = "days" if retention.get("Days") else "years"
+        return f"on, default {retention.get('Mode')} {amount} {unit}"
+    return "on"
+
+
+def _encryption_text(response: dict[str, Any]) -> str:
+    rules = (response.get("ServerSideEncryptionConfiguration") or {}).get("Rules") or []
+    for rule in rules:
+        default = rule.get("ApplyServerSideEncryptionByDefault") or {}
+        if default.get("SSEAlgorithm"):
+            return str(default["SSEAlgorithm"])
+    return "off"
+
 
 class MemoryObjectStore:
     """An in-memory store with S3's conditional-write semantics (for tests and fakes)."""
@@ -206,7 +323,13 @@ class MemoryObjectStore:
             return StoredObject(found.body, found.etag, found.last_modified, self._clock())
 
     def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        retain: bool = False,
     ) -> str:
         with self._lock:
             self.requests += 1
@@ -237,6 +360,9 @@ class MemoryObjectStore:
         with self._lock:
             self.requests += 1
             return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def protection(self) -> BucketProtection:
+        return BucketProtection("off", "off", "off")
 
     def snapshot(self) -> dict[str, bytes]:
         with self._lock:

@@ -41,7 +41,7 @@ class Archive:
 
     def _create(self, key: str, body: bytes) -> bool:
         try:
-            self._store.put(key, body, if_none_match=True)
+            self._store.put(key, body, if_none_match=True, retain=True)
         except PreconditionFailed:
             return False
         return True
