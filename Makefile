@@ -4,8 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 MIN_VENV ?= .venv-min
+TOOLS_VENV ?= .venv-tools
+TOOLS = $(TOOLS_VENV)/bin
+KUBERNETES_VERSION ?= 1.30.0
+# Every Kubernetes object in deploy/ that the cluster's own schemas know (not kustomizations,
+# not the PrometheusRule custom resource, which tests/test_deploy.py checks instead).
+MANIFESTS = $(shell find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml ! -name config.yaml | sort)
 
-.PHONY: demo test lint unit test-min integration faults crash bench clean
+.PHONY: demo test lint validate audit unit test-min integration faults crash bench clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +31,32 @@ lint: $(BIN)/activate
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-test: lint test-min
+test: lint validate test-min
 	$(BIN)/pytest
+
+$(TOOLS)/activate: requirements-tools.txt
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS)/pip install --quiet --upgrade pip
+	$(TOOLS)/pip install --quiet -r requirements-tools.txt
+	touch $(TOOLS)/activate
+
+# Manifests (strict schemas, then checkov), the Dockerfile (checkov; hadolint is in lint),
+# the IAM policies (parliament), the pinned requirements (pip-audit).
+validate: $(TOOLS)/activate audit
+	$(TOOLS)/kubernetes-validate --strict --quiet -k $(KUBERNETES_VERSION) $(MANIFESTS)
+	$(TOOLS)/checkov --quiet --compact --skip-download -d deploy/kubernetes --framework kubernetes
+	$(TOOLS)/checkov --quiet --compact --skip-download -f Dockerfile --framework dockerfile
+	for policy in deploy/iam/*.json; do \
+	  $(TOOLS)/parliament --string "$$(cat $$policy)" < /dev/null || exit 1; done
+
+# Known vulnerabilities in the pinned requirements. Offline (the advisory database cannot be
+# reached) it says so and is skipped rather than failing the build.
+audit: $(TOOLS)/activate
+	@out=$$($(TOOLS)/pip-audit --no-deps --disable-pip -r requirements.txt \
+	    --progress-spinner off 2>&1); rc=$$?; echo "$$out"; \
+	if echo "$$out" | grep -q "could not be audited\|ConnectionError\|Max retries"; then \
+	  echo "pip-audit: the advisory database could not be reached; audit skipped"; \
+	else exit $$rc; fi
 
 # The unit tests on the lowest versions pyproject.toml allows: the floors are true.
 $(MIN_VENV)/bin/activate: requirements-min.txt requirements-test.txt pyproject.toml
@@ -52,4 +82,4 @@ bench: $(BIN)/activate
 	$(BIN)/python bench/benchmark.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache

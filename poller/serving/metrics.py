@@ -36,6 +36,16 @@ class Metrics:
             "Every alert created before it is archived",
             registry=self.registry,
         )
+        self.budget_used = Gauge(
+            "poller_api_requests_last_minute",
+            "Threat Stack requests started in the last 60 s (against the budget)",
+            registry=self.registry,
+        )
+        self.budget = Gauge(
+            "poller_api_budget_per_minute",
+            "threatstack.requests_per_minute",
+            registry=self.registry,
+        )
 
     def observe(self, summary: Summary, outcome: str, now: datetime) -> None:
         self.cycles.labels(outcome).inc()
