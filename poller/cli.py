@@ -90,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", required=True, metavar="T", help="2026-11-01, 7d, ...")
     audit.add_argument("--until", metavar="T", help="default: now minus sync.settle_seconds")
     audit.add_argument("--repair", action="store_true", help="archive what is missing")
+    audit.add_argument(
+        "--checksums",
+        action="store_true",
+        help="also compare each record's body with its stored SHA-256 (one GET per record)",
+    )
     _output_flags(audit)
     for name, text in (
         ("status", "print the checkpoint, the lease and the lag"),
@@ -161,7 +166,7 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     )
     started = time.monotonic()
     try:
-        findings = verifier.run(since, until, args.repair, summary)
+        findings = verifier.run(since, until, args.repair, summary, args.checksums)
     finally:
         if progress is not None:
             progress.close()

@@ -243,6 +243,16 @@ def render_verify(report: dict[str, Any]) -> Group:
                 more = counts[kind] - len(ids[kind])
                 tail = f" … and {more} more" if more > 0 else ""
                 parts.append(Text(f"{kind} {title} ({counts[kind]}): {' '.join(ids[kind])}{tail}"))
+    if report.get("checksums_checked"):
+        bad = report.get("checksum_mismatch_count", 0)
+        parts.append(
+            Text(
+                f"checksums: {report['checksums_checked']} records read, {bad} altered,"
+                f" {report.get('checksum_absent', 0)} written without a checksum"
+                + (f": {' '.join(report['checksum_mismatch'])}" if bad else ""),
+                style="bold red" if bad else "",
+            )
+        )
     if report.get("repaired"):
         parts.append(Text(f"repaired {report['repaired']} alerts (create-only)", style="green"))
     window = report.get("window", {})

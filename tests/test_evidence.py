@@ -93,3 +93,76 @@ def test_bad_evidence_settings_are_refused_together():
     assert any(p.startswith("s3.sse: expected one of") for p in problems)
     assert "s3.kms_key_id: set only with s3.sse: aws:kms" in problems
     assert any(p.startswith("s3.object_lock_mode and s3.object_lock_days") for p in problems)
+
+
+def test_verify_checksums_reads_every_record_and_notices_one_rewritten_without_one(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """moto accepts a rewrite with a wrong checksum and keeps none (AWS would refuse it), so
+    here the altered record shows as written without a checksum; the mismatch itself is
+    proven with a store that keeps the stale checksum (next test)."""
+    now = utc_now()
+    simulator.generate(15, now - timedelta(hours=3), now - timedelta(minutes=5))
+    env = poller_env(simulator, moto_server, bucket)
+    assert run_poller(["sync"], env).returncode == 0
+    args = ["verify", "--since", "1d", "--checksums", "--json"]
+    clean = json.loads(run_poller(args, env).stdout)
+    assert clean["complete"] is True and clean["checksums_checked"] == 30
+    assert clean["checksum_mismatch_count"] == 0 and clean["checksum_absent"] == 0
+
+    victim = next(k for k in bucket_listing(s3, bucket) if k.startswith("alerts/"))
+    s3.put_object(Bucket=bucket, Key=victim, Body=b'{"id": "tampered"}')
+    report = json.loads(run_poller(args, env).stdout)
+    assert report["checksum_absent"] == 1 and report["checksums_checked"] == 30
+
+
+def test_a_body_that_no_longer_matches_its_stored_checksum_fails_verify():
+    import hashlib as _hashlib
+
+    from poller.archive.records import Layout
+    from poller.archive.store import MemoryObjectStore
+    from poller.archive.writer import Archive
+    from poller.walks.sync import Summary
+    from poller.walks.verify import Verifier
+
+    class StaleChecksums(MemoryObjectStore):
+        """Keeps the checksum of the first body written; a later rewrite keeps it too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sums: dict[str, str] = {}
+
+        def put(self, key: str, body: bytes, **conditions: Any) -> str:
+            digest = base64.b64encode(_hashlib.sha256(body).digest()).decode()
+            self.sums.setdefault(key, digest)
+            return super().put(key, body, **conditions)
+
+        def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
+            found = self.get(key)
+            return None if found is None else (found.body, self.sums.get(key))
+
+    class OneAlert:
+        requests_sent = 0
+
+        def __init__(self, doc: dict[str, Any]) -> None:
+            self.doc = doc
+
+        def list_alerts(self, status: str, since: Any, until: Any) -> Any:
+            yield [self.doc] if status == "active" else []
+
+    now = utc_now().replace(microsecond=0)
+    doc = {
+        "id": f"{int(now.timestamp()) - 3600:08x}" + "a" * 16,
+        "createdAt": (now - timedelta(hours=1)).isoformat(),
+        "title": "t",
+    }
+    store = StaleChecksums()
+    archive = Archive(store, Layout(), "org")
+    verifier = Verifier(OneAlert(doc), store, archive, ("active",), lambda: now)
+    since, until = now - timedelta(hours=2), now
+    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # repairs it
+    assert verifier.run(since, until, False, Summary("verify", "r"), True).complete
+    key = Layout().alert_key(doc["id"])
+    store.put(key, b'{"id": "tampered"}')
+    findings = verifier.run(since, until, False, Summary("verify", "r"), True)
+    assert findings.checksum_mismatch == [key] and not findings.complete

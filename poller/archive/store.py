@@ -60,6 +60,10 @@ class ObjectStore(Protocol):
     def protection(self) -> BucketProtection:
         """Versioning, Object Lock and default encryption of the bucket."""
 
+    def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
+        """The body and the SHA-256 checksum S3 stored with it (base64; None when the
+        object was written without one), or None when there is no such object."""
+
 
 _ACCESS_CODES = {
     "AccessDenied",
@@ -252,6 +256,18 @@ class S3ObjectStore:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
         return keys
 
+    def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            body = response["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        return body, response.get("ChecksumSHA256")
+
     def protection(self) -> BucketProtection:
         """Versioning, Object Lock and default encryption of the bucket, as far as we may ask."""
 
@@ -363,6 +379,10 @@ class MemoryObjectStore:
 
     def protection(self) -> BucketProtection:
         return BucketProtection("off", "off", "off")
+
+    def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
+        found = self.get(key)
+        return None if found is None else (found.body, None)
 
     def snapshot(self) -> dict[str, bytes]:
         with self._lock:

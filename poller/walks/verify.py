@@ -16,11 +16,15 @@ key, whose path holds its creation minute. Keys in the first and last minute of 
 does not start or end on a minute are not judged (the minute may hold alerts outside it).
 
 ``--repair`` archives exactly what is missing, through the same create-only writes as every
-run: a record that is there is never rewritten.
+run: a record that is there is never rewritten. ``--checksums`` also reads every archived
+record of the range (one GET each) and compares its body's SHA-256 with the checksum S3
+stored when it was written: a mismatch means the object is not what poller wrote.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import re
 from collections import OrderedDict
@@ -68,6 +72,9 @@ class Findings:
     unknown: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     missing_count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     unknown_count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    checksums_checked: int = 0
+    checksum_mismatch: list[str] = field(default_factory=list)  # keys whose body changed
+    checksum_absent: int = 0  # records written without a checksum (before 0.1.0, or off)
     to_repair: int = 0  # alerts with at least one record missing
     repaired: int = 0
     repair_asked: bool = False
@@ -83,8 +90,9 @@ class Findings:
 
     @property
     def complete(self) -> bool:
-        """Nothing is missing, or everything missing was repaired."""
-        return self.to_repair == 0 or (self.repair_asked and self.repaired == self.to_repair)
+        """Nothing is missing (or everything missing was repaired), nothing was altered."""
+        restored = self.to_repair == 0 or (self.repair_asked and self.repaired == self.to_repair)
+        return restored and not self.checksum_mismatch
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +103,10 @@ class Findings:
             "unknown_count": self.unknown_count,
             "ids_shown_per_kind": IDS_SHOWN,
             "repaired": self.repaired,
+            "checksums_checked": self.checksums_checked,
+            "checksum_mismatch": self.checksum_mismatch[:IDS_SHOWN],
+            "checksum_mismatch_count": len(self.checksum_mismatch),
+            "checksum_absent": self.checksum_absent,
             "malformed_in_api": self.malformed,
             "days": [row.__dict__ for row in self.days],
         }
@@ -150,7 +162,14 @@ class Verifier:
         self.clock = clock
         self.observer: CycleObserver = Unobserved()
 
-    def run(self, since: datetime, until: datetime, repair: bool, summary: Summary) -> Findings:
+    def run(
+        self,
+        since: datetime,
+        until: datetime,
+        repair: bool,
+        summary: Summary,
+        checksums: bool = False,
+    ) -> Findings:
         findings = Findings(repair_asked=repair)
         folders = PrefixListings(self.store, self.layout)
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
@@ -160,7 +179,7 @@ class Verifier:
         for done, (start, end) in enumerate(pieces, start=1):
             # The overlap second before a cut belongs to the day before it.
             nominal = start if done == 1 else start + OVERLAP
-            self._day(nominal, start, end, repair, folders, findings, summary)
+            self._day(nominal, start, end, repair, folders, findings, summary, checksums)
             summary.chunks_done += 1
             self.observer.committed(summary, done)
         return findings
@@ -174,6 +193,7 @@ class Verifier:
         folders: PrefixListings,
         findings: Findings,
         summary: Summary,
+        checksums: bool,
     ) -> None:
         row = DayRow(day=nominal.strftime("%Y-%m-%d"))
         found: dict[str, tuple[Alert, str]] = {}
@@ -213,6 +233,12 @@ class Verifier:
             findings.note("unknown", kind, unknown)
         findings.days.append(row)
 
+        if checksums:
+            for alert_id in sorted(archived_alerts & set(found)):
+                self._check_sum(self.layout.alert_key(alert_id), findings)
+            for alert_id in sorted(set(found) & set(webhook_ids)):
+                alert = found[alert_id][0]
+                self._check_sum(self.layout.webhook_key(alert_id, alert.created), findings)
         to_repair = sorted(set(missing_alerts) | set(missing_webhooks))
         findings.to_repair += len(to_repair)
         if repair:
@@ -226,6 +252,19 @@ class Verifier:
                 elif outcome is Outcome.QUARANTINED:
                     summary.quarantined += 1
         summary.already_archived += len(found) - len(to_repair)
+
+    def _check_sum(self, key: str, findings: Findings) -> None:
+        """Does the body still hash to the SHA-256 S3 stored when it was written?"""
+        stored = self.store.stored_checksum(key)
+        if stored is None:
+            return
+        body, checksum = stored
+        findings.checksums_checked += 1
+        if checksum is None:
+            findings.checksum_absent += 1
+        elif base64.b64encode(hashlib.sha256(body).digest()).decode() != checksum:
+            findings.checksum_mismatch.append(key)
+            log.error("verify.checksum_mismatch", extra={"fields": {"key": key}})
 
     def _webhook_ids(self, nominal: datetime, end: datetime) -> dict[str, datetime | None]:
         """Ids of webhook records created in [nominal, end) -> their minute, or None for a
