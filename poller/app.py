@@ -3,6 +3,7 @@ the objects of a run, wired together. Tests build the same objects with fakes in
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -10,19 +11,23 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
 import requests
 from botocore.config import Config
+from prometheus_client import CollectorRegistry
 
-from poller.archive.records import Layout
-from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper
+from poller.archive.reading import archived_webhooks
+from poller.archive.records import SAFE_ID, Alert, Layout
+from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
 from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count_requests
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
+from poller.serving.http import App, Health, status_document
+from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
@@ -127,12 +132,76 @@ class Runtime:
             self.clock,
         )
 
+    def pending(self) -> PendingRecords:
+        return PendingRecords(self.store, self.layout)
+
+    def receiver(self, with_detail_fetch: bool = True) -> Receiver:
+        """The push path's receiver; its detail fetches share this process's budget and
+        take only what the polling cycle leaves (under half of the budget in 60 s)."""
+        pending = self.pending()
+        archive = Archive(self.store, self.layout, self.settings.threatstack.org_id)
+        budget = self.budget
+
+        def headroom() -> bool:
+            return len(budget.recent()) < budget.per_minute * DETAIL_SHARE
+
+        def write_full(alert: Alert) -> bool:
+            return archive.store_full(alert)
+
+        fetcher = (
+            DetailFetcher(self.api.get_alert, write_full, pending, headroom, self.stop).start()
+            if with_detail_fetch
+            else None
+        )
+        return Receiver(self.store, self.layout, self.settings.threatstack.org_id, fetcher)
+
+    def http_app(
+        self,
+        registry: CollectorRegistry | None = None,
+        health: Health | None = None,
+        ready: Health | None = None,
+    ) -> App:
+        """One HTTP application: the daemon's health and metrics, and the push path."""
+        registry = registry or CollectorRegistry()
+        layout, store = self.layout, self.store
+
+        def read_object(alert_id: str) -> Any:
+            if not SAFE_ID.fullmatch(alert_id):
+                return None
+            found = store.get(layout.alert_key(alert_id))
+            return None if found is None else json.loads(found.body)
+
+        def list_webhooks(start: datetime, end: datetime, limit: int) -> list[Any]:
+            return archived_webhooks(store, layout, start, end, limit)
+
+        def bucket_reachable() -> bool:
+            store.get(layout.checkpoint_key)  # raises when the bucket cannot be read
+            return True
+
+        def api_reachable() -> bool:
+            self.api.self_test()  # raises when the credentials or the API fail
+            return True
+
+        def status() -> dict[str, Any]:
+            return status_document(bucket_reachable, api_reachable)
+
+        return App(
+            registry,
+            self.settings.receiver,
+            self.receiver() if self.settings.receiver.token else None,
+            read_object,
+            list_webhooks,
+            status,
+            health,
+            ready,
+        )
+
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
 
     def cycle(self, lease: Lease) -> Cycle:
         settings = self.settings
-        return Cycle(
+        cycle = Cycle(
             source=self.api,
             archive=Archive(self.store, self.layout, settings.threatstack.org_id),
             checkpoints=CheckpointStore(self.store, self.layout),
@@ -157,6 +226,8 @@ class Runtime:
             run_id=self.run_id,
             mode=self.mode,
         )
+        cycle.pending = self.pending()
+        return cycle
 
 
 def build(

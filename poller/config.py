@@ -6,6 +6,7 @@ source; all problems are collected and reported at once (``ConfigError``, exit 2
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -93,6 +94,20 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class ReceiverSettings:
+    """The push path (see poller.serving.receiver): off while ``token`` is unset."""
+
+    token: Secret = field(default_factory=lambda: Secret(""))
+    path: str = "/api/v1/s3/alert"
+    allow_cidrs: tuple[str, ...] = ()  # empty: any source
+    max_body_bytes: int = 1024 * 1024
+    threads: int = 16  # bounded concurrency: requests beyond wait for a worker
+    timeout_seconds: float = 10.0  # a sender that is this slow to send is cut off
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     host: str = "0.0.0.0"  # noqa: S104 - SPEC default; the daemon serves health checks
     port: int = 8080
@@ -112,6 +127,7 @@ class Settings:
     sync: SyncSettings = field(default_factory=SyncSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
 
 
 # ---------------------------------------------------------------- value parsers
@@ -229,6 +245,26 @@ def _exact(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _path(raw: Any) -> str:
+    text = _text(raw).rstrip("/")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
+        raise ValueError(f"expected a URL path like /api/v1/s3/alert, got {raw!r}")
+    return text
+
+
+def _cidrs(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    networks = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"not an IP network: {item!r}") from None
+    return tuple(networks)
+
+
 def _level(raw: Any) -> str:
     return _choice("debug", "info", "warning", "error")(raw).upper()
 
@@ -281,6 +317,16 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "max_cycle_seconds": _int(0, 30 * 86_400),
     },
     "http": {"host": _text, "port": _int(0, 65_535)},
+    "receiver": {
+        "token": _secret,
+        "path": _path,
+        "allow_cidrs": _cidrs,
+        "max_body_bytes": _int(1024, 64 * 1024 * 1024),
+        "threads": _int(1, 256),
+        "timeout_seconds": _float(0.5, 300),
+        "tls_cert_file": _text,
+        "tls_key_file": _text,
+    },
     "log": {
         "format": _choice("auto", "json", "text"),
         "level": _level,
@@ -294,6 +340,7 @@ SECTIONS: dict[str, type] = {
     "sync": SyncSettings,
     "http": HttpSettings,
     "log": LogSettings,
+    "receiver": ReceiverSettings,
 }
 
 # The names the old webhook receiver and the vendor's examples use (SPEC "Configuration").
@@ -306,6 +353,8 @@ LEGACY_ENV: dict[str, tuple[str, str]] = {
     "TS_AWS_S3_PREFIX": ("s3", "prefix"),
 }
 FILE_ENV = ("THREATSTACK_USER_ID", "THREATSTACK_ORG_ID", "THREATSTACK_API_KEY")
+# Secrets whose POLLER_SECTION__KEY_FILE form names a file (Kubernetes secret mounts).
+SECRET_KEYS = {"receiver": ("token",)}
 
 # What each command needs before it may start.
 REQUIRED_API = (("threatstack", "user_id"), ("threatstack", "org_id"), ("threatstack", "api_key"))
@@ -397,6 +446,11 @@ def _from_environment(
         if not name.startswith("POLLER_") or "__" not in name:
             continue
         section, _, option = name[len("POLLER_") :].lower().partition("__")
+        if option.endswith("_file") and option[: -len("_file")] in SECRET_KEYS.get(section, ()):
+            content = _read_secret_file(name, value, problems)
+            if content is not None:
+                raw[(section, option[: -len("_file")])] = _Raw(content, f"environment {name}")
+            continue
         if section not in PARSERS or option not in PARSERS[section]:
             problems.append(f"{name}: no such setting {section}.{option}")
             continue
@@ -412,10 +466,11 @@ def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str])
             problems.append(f"--set {flag!r}: expected SECTION.KEY=VALUE")
         elif section not in PARSERS or option not in PARSERS[section]:
             problems.append(f"--set {name}: no such setting")
-        elif option == "api_key":
+        elif option in ("api_key", "token"):
             # A flag shows in the process list: secrets come from the environment or a file.
             problems.append(
-                "--set threatstack.api_key: not allowed; use THREATSTACK_API_KEY(_FILE)"
+                f"--set {section}.{option}: not allowed (a flag shows in the process list);"
+                " use the environment or its _FILE form"
             )
         else:
             raw[(section, option)] = _Raw(value, f"flag --set {name}")
@@ -447,7 +502,7 @@ def load_settings(
             values[section][option] = PARSERS[section][option](item.value)
         except ValueError as exc:
             # Secrets are never echoed back, even when they are what is wrong.
-            reason = "invalid value" if option == "api_key" else str(exc)
+            reason = "invalid value" if option in ("api_key", "token") else str(exc)
             problems.append(f"{section}.{option}: {reason} (from {item.source})")
 
     for section, option in required:

@@ -132,6 +132,13 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         )
         row("seen ids", str(checkpoint.get("seen_ids", 0)))
     row("lease", _lease_line(report.get("lease")))
+    pending = report.get("pending") or {}
+    if pending.get("count"):
+        row(
+            "pushed, owed",
+            f"{pending['count']} full records (the next sync writes them):"
+            f" {' '.join(pending['ids'])}",
+        )
     return table
 
 

@@ -27,6 +27,7 @@ Whether a lease is stale is judged by S3's clock only: the age of the object is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -172,6 +173,24 @@ class ChunkRecords:
         ).encode("utf-8")
         self._store.put(self._layout.backfill_key(since, until), body)
         self._spans.append((since, until))
+
+
+class PendingRecords:
+    """Ids whose full record is owed, one empty object each under ``P/_poller/pending/``."""
+
+    def __init__(self, store: ObjectStore, layout: Layout) -> None:
+        self._store = store
+        self._prefix = layout.key("_poller", "pending") + "/"
+
+    def add(self, alert_id: str) -> None:
+        with contextlib.suppress(PreconditionFailed):
+            self._store.put(self._prefix + alert_id, b"{}", if_none_match=True)
+
+    def done(self, alert_id: str) -> None:
+        self._store.delete(self._prefix + alert_id)
+
+    def ids(self) -> list[str]:
+        return [key[len(self._prefix) :] for key in self._store.list_keys(self._prefix)]
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,11 @@ class Archive:
         webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
         return Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED
 
+    def store_full(self, alert: Alert) -> bool:
+        """Only the full record (the push path has written the webhook record); True when
+        written now, False when it was there."""
+        return self._create(self.layout.alert_key(alert.id), json_body(alert.raw))
+
     def quarantine(self, rejected: Rejected, status: str, seen_at: datetime) -> Outcome:
         """Keep what cannot be archived, with its reason, under ``_poller/quarantine/``."""
         key = self.layout.quarantine_key(rejected.reason, rejected.digest)

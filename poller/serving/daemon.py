@@ -9,22 +9,20 @@ the scheduler down; the process exits once the running cycle has unwound.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from poller.app import Runtime, longest_request_seconds, run_cycle
 from poller.errors import LeaseHeld, PollerError, Stopped
+from poller.serving.http import HttpServer
 from poller.serving.metrics import Metrics
 from poller.timeutil import Clock, iso_z
 from poller.walks.sync import Summary
@@ -124,47 +122,17 @@ class Daemon:
         fresh = self.clock() - self.last_success <= timedelta(seconds=3 * self.interval + 60)
         return fresh, state
 
-    def serve_http(self, host: str, port: int) -> ThreadingHTTPServer | None:
+    def serve_http(self, host: str, port: int) -> HttpServer | None:
+        """/healthz /readyz /metrics, and the push path when receiver.token is set."""
         if port == 0:
             return None
-        daemon = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("http " + format, *args)
-
-            def do_GET(self) -> None:
-                if self.path == "/healthz":
-                    ok, state = daemon.alive()
-                    self._send(
-                        200 if ok else 503,
-                        json.dumps({"ok": ok, **state}).encode(),
-                        "application/json",
-                    )
-                elif self.path == "/readyz":
-                    ok, state = daemon.ready()
-                    self._send(
-                        200 if ok else 503,
-                        json.dumps({"ok": ok, **state}).encode(),
-                        "application/json",
-                    )
-                elif self.path == "/metrics":
-                    self._send(200, generate_latest(daemon.metrics.registry), CONTENT_TYPE_LATEST)
-                else:
-                    self._send(404, b'{"error": "not found"}', "application/json")
-
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
-        self.http_port = server.server_port
-        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-        log.info("http.listening", extra={"fields": {"host": host, "port": server.server_port}})
+        app = self.runtime.http_app(self.metrics.registry, self.alive, self.ready)
+        server = HttpServer(app, host, port, self.runtime.settings.receiver).start()
+        self.http_port = server.port
+        log.info(
+            "http.listening",
+            extra={"fields": {"host": host, "port": server.port, "push": app.receiver is not None}},
+        )
         return server
 
     # ------------------------------------------------------------------ the loop
@@ -196,6 +164,6 @@ class Daemon:
         with self._cycle_lock:  # wait for a running cycle to unwind and release its lease
             pass
         if server is not None:
-            server.shutdown()
+            server.stop()
         log.info("daemon.stopped")
         return 0

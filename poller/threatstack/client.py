@@ -168,6 +168,10 @@ class ThreatStackClient:
                 )
             seen_tokens.add(token)
 
+    def get_alert(self, alert_id: str) -> Any:
+        """``GET /v2/alerts/{id}``: one alert's full record (the push path's detail fetch)."""
+        return self._get_json(f"/v2/alerts/{alert_id}", [], _validate_alert)
+
     def self_test(self) -> Any:
         """``GET /help/hawk/self-test`` (no ``/v2`` prefix): proves the credentials work."""
         return self._get_json("/help/hawk/self-test", [], lambda _: None)
@@ -277,6 +281,11 @@ class ThreatStackClient:
             raise MalformedResponse(
                 f"Threat Stack response signature did not verify ({type(exc).__name__})"
             ) from exc
+
+
+def _validate_alert(document: Any) -> None:
+    if not isinstance(document, dict):
+        raise MalformedResponse("Threat Stack alert is not a JSON object")
 
 
 def _validate_alert_page(document: Any) -> None:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive.records import Alert, Rejected, classify
-from poller.archive.state import Checkpoint, CheckpointStore, Lease
+from poller.archive.state import Checkpoint, CheckpointStore, Lease, PendingRecords
 from poller.archive.writer import Archive, Outcome
 from poller.errors import ConfigError, CycleTimeout, LeaseLost, Stopped
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
@@ -269,6 +269,7 @@ class Cycle:
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
         self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
         self.observer: CycleObserver = Unobserved()
+        self.pending: PendingRecords | None = None  # pushed alerts still owed a full record
         self.monotonic: Callable[[], float] = time.monotonic
         self._deadline = float("inf")
         self._deadline_seconds = 0.0
@@ -326,6 +327,7 @@ class Cycle:
                 }
             },
         )
+        owed = set(self.pending.ids()) if self.pending is not None else set()
         for done, (chunk_since, chunk_until) in enumerate(pieces, start=1):
             if plan.skip(chunk_since, chunk_until):
                 summary.chunks_skipped += 1
@@ -336,8 +338,17 @@ class Cycle:
                 seen_now = self._archive_window(plan.known, chunk_since, chunk_until, now, summary)
             self._fence()
             plan.finish(chunk_since, chunk_until, seen_now, summary)
+            self._settle_pending(seen_now, owed)
             summary.chunks_done += 1
             self.observer.committed(summary, done)
+
+    def _settle_pending(self, seen_now: dict[str, int], owed: set[str]) -> None:
+        """Pushed alerts this chunk read now have their full record (written, or there)."""
+        if self.pending is None:
+            return
+        for alert_id in sorted(owed & set(seen_now)):
+            self.pending.done(alert_id)
+            owed.discard(alert_id)
 
     def commit_live(
         self,

@@ -1,0 +1,168 @@
+"""The push path's work: take a webhook batch into the archive at once, fetch full records
+later, and never forget an accepted alert.
+
+For each pushed alert the webhook record is written create-only before the answer (so the
+200 means "durably taken"), and a pending marker ``P/_poller/pending/ID`` says its full record
+is still owed. A bounded queue feeds one worker that fetches ``GET /v2/alerts/{id}`` and
+writes the full record, create-only, then drops the marker. It fetches only while the shared
+request budget has headroom (under half of it used in the last minute): the polling cycle
+comes first. When pushes outpace that, or the queue is full, the alert simply stays pending:
+the next sync cycle lists it (one request per hundred alerts), writes its full record, and
+clears the marker. ``poller status`` shows what is pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from poller.archive.records import Alert, Layout, classify, json_body
+from poller.archive.state import PendingRecords
+from poller.archive.store import ObjectStore, PreconditionFailed
+from poller.errors import PollerError
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+QUEUE_SIZE = 256
+# Fetch a full record only while less than this share of the budget was used in 60 s.
+DETAIL_SHARE = 0.5
+
+
+def webhook_document(
+    alert_id: str, created: datetime, raw: dict[str, Any], org: str
+) -> dict[str, Any]:
+    """The webhook record in SPEC's format, from what the push said: numbers normalised."""
+
+    def integer(value: Any) -> int | None:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())
+        return None
+
+    def text(value: Any) -> str | None:
+        return (
+            None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
+        )
+
+    return {
+        "id": alert_id,
+        "title": text(raw.get("title")),
+        "created_at": (created - EPOCH) // timedelta(milliseconds=1),
+        "severity": integer(raw.get("severity")),
+        "organization_id": text(raw.get("organization_id")) or org,
+        "server_or_region": text(raw.get("server_or_region")),
+        "source": text(raw.get("source")) or "Host",
+    }
+
+
+class DetailFetcher:
+    """One worker that turns pending ids into full records, within the budget's headroom."""
+
+    def __init__(
+        self,
+        fetch: Callable[[str], Any],
+        write_full: Callable[[Alert], bool],
+        pending: PendingRecords,
+        headroom: Callable[[], bool],
+        stop: threading.Event,
+    ) -> None:
+        self._fetch = fetch
+        self._write_full = write_full
+        self._pending = pending
+        self._headroom = headroom
+        self._stop = stop
+        self._queue: queue.Queue[str] = queue.Queue(QUEUE_SIZE)
+        self._thread = threading.Thread(target=self._run, name="detail-fetch", daemon=True)
+        self.fetched = 0
+        self.left_to_sync = 0
+
+    def start(self) -> DetailFetcher:
+        self._thread.start()
+        return self
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def offer(self, alert_id: str) -> bool:
+        """Queue a fetch; False (it stays pending for the next sync) when the queue is full."""
+        try:
+            self._queue.put_nowait(alert_id)
+        except queue.Full:
+            self.left_to_sync += 1
+            return False
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                alert_id = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if not self._headroom():
+                self.left_to_sync += 1  # the polling cycle needs the budget: sync will do it
+                continue
+            try:
+                item = classify(self._fetch(alert_id))
+                if isinstance(item, Alert) and item.id == alert_id:
+                    self._write_full(item)
+                    self._pending.done(alert_id)
+                    self.fetched += 1
+            except PollerError as exc:  # it stays pending; the next sync covers it
+                log.warning(
+                    "push.detail_failed", extra={"fields": {"id": alert_id, "error": str(exc)}}
+                )
+            except Exception:
+                log.exception("push.detail_crashed", extra={"fields": {"id": alert_id}})
+
+
+class Receiver:
+    """Takes a pushed batch into the archive: the answer for each alert, written first."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        organization_id: str,
+        fetcher: DetailFetcher | None,
+    ) -> None:
+        self._store = store
+        self._layout = layout
+        self._org = organization_id
+        self._fetcher = fetcher
+        self.pending = PendingRecords(store, layout)
+
+    def take(self, alerts: list[Any]) -> list[dict[str, Any]]:
+        from poller.serving.pushes import PushedAlert
+
+        results: list[dict[str, Any]] = []
+        for item in alerts:
+            if not isinstance(item, PushedAlert):
+                results.append({"id": item.id, "result": "rejected", "reason": item.reason})
+                continue
+            document = webhook_document(item.id, item.created, item.raw, self._org)
+            key = self._layout.webhook_key(item.id, item.created)
+            if self._store.get(self._layout.alert_key(item.id)) is None:
+                self.pending.add(item.id)  # before the webhook record: never forgotten
+                written = self._create(key, json_body(document))
+                if self._fetcher is not None:
+                    self._fetcher.offer(item.id)
+            else:
+                written = self._create(key, json_body(document))
+            results.append({"id": item.id, "result": "archived" if written else "already_archived"})
+        return results
+
+    def _create(self, key: str, body: bytes) -> bool:
+        try:
+            self._store.put(key, body, if_none_match=True, retain=True)
+        except PreconditionFailed:
+            return False
+        return True

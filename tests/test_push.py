@@ -1,0 +1,288 @@
+"""The push path: `poller serve` as a real process, webhooks posted over HTTP, the simulator
+for detail fetches and a moto server for the archive."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import requests
+from conftest import ROOT, MotoServer, bucket_listing, poller_env, run_poller, summary_of
+
+from poller.simulator import Simulator
+from poller.timeutil import utc_now
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "push-token-0123456789abcdef0123"
+# The old receiver's README example, as Threat Stack would post it.
+README_PAYLOAD = {
+    "alerts": [
+        {
+            "id": "587c0159a907346eccb84004",
+            "title": "Suspicious Process Activity: nc run by root",
+            "created_at": 1484521817000,
+            "severity": 1,
+            "organization_id": "5f1e000000000000000000aa",
+            "server_or_region": "ip-10-0-0-1.ec2.internal",
+            "source": "Host",
+        }
+    ]
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    def __init__(self, env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "poller", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Drain its log as it goes, or a full pipe blocks the server mid-burst.
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.url}/healthz", timeout=1)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise AssertionError("poller serve did not start")
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        self.log.extend(self.process.stderr)
+
+    def push(self, document: Any, path_token: str | None = TOKEN, **kwargs: Any) -> Any:
+        url = f"{self.url}/api/v1/s3/alert" + (f"/{path_token}" if path_token else "")
+        return requests.post(url, json=document, timeout=10, **kwargs)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        time.sleep(0.2)  # the drain thread reads what is left
+        return "".join(self.log)
+
+
+@pytest.fixture
+def served(simulator: Simulator, moto_server: MotoServer, bucket: str) -> Iterator[Served]:
+    port = free_port()
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_RECEIVER__TOKEN=TOKEN,
+        POLLER_RECEIVER__TIMEOUT_SECONDS="2",
+        POLLER_RECEIVER__THREADS="4",
+        POLLER_HTTP__HOST="127.0.0.1",
+        POLLER_HTTP__PORT=str(port),
+    )
+    server = Served(env, port)
+    yield server
+    err = server.stop()
+    assert TOKEN not in err  # never logged, not even in the access log
+
+
+def wait_for(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def test_the_old_receivers_readme_payload_lands_in_its_layout(
+    simulator: Simulator, served: Served, s3: Any, bucket: str
+):
+    doc = simulator.factory.alert(datetime(2017, 1, 15, 23, 10, 17, tzinfo=UTC))
+    doc["id"] = README_PAYLOAD["alerts"][0]["id"]
+    simulator.add(doc, datetime(2017, 1, 15, 23, 10, 17, tzinfo=UTC))
+    answer = served.push(README_PAYLOAD)
+    assert answer.status_code == 200
+    assert answer.json()["results"] == [{"id": doc["id"], "result": "archived"}]
+    webhook_key = "webhooks/2017/01/15/23/10/587c0159a907346eccb84004"
+    assert webhook_key in bucket_listing(s3, bucket)  # before the answer: durably taken
+    webhook = json.loads(s3.get_object(Bucket=bucket, Key=webhook_key)["Body"].read())
+    assert webhook["created_at"] == 1484521817000 and webhook["severity"] == 1
+    full_key = "alerts/58/7c/587c0159a907346eccb84004"
+    wait_for(lambda: full_key in bucket_listing(s3, bucket))  # the detail fetch
+    assert json.loads(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read()) == doc
+    wait_for(lambda: not [k for k in bucket_listing(s3, bucket) if "pending" in k])
+    # The old read-back routes, behind the token, also under the Lambda-era prefix.
+    got = requests.get(f"{served.url}/api/v1/s3/alert/{TOKEN}/{doc['id']}", timeout=5)
+    assert got.status_code == 200 and got.json()["alert"] == doc
+    ranged = requests.get(
+        f"{served.url}/threatstack-to-s3/api/v1/s3/alert",
+        params={"start": "2017-01-15T23:00:00Z", "end": "2017-01-16T00:00:00Z"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    )
+    assert ranged.status_code == 200 and [a["id"] for a in ranged.json()["alerts"]] == [doc["id"]]
+    status = requests.get(f"{served.url}/api/v1/s3/status", timeout=10).json()
+    assert status == {"success": True, "s3": {"success": True}, "threatstack": {"success": True}}
+
+
+def test_pushed_then_polled_is_stored_once_and_polled_then_pushed_is_already_archived(
+    simulator: Simulator, served: Served, moto_server: MotoServer, s3: Any, bucket: str
+):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    now = utc_now()
+    pushed = simulator.add(
+        simulator.factory.alert(now - timedelta(minutes=4)), now - timedelta(minutes=4)
+    )
+    polled = simulator.add(
+        simulator.factory.alert(now - timedelta(minutes=5)), now - timedelta(minutes=5)
+    )
+    webhook = {
+        "id": pushed.id,
+        "title": pushed.doc["title"],
+        "created_at": str(int(pushed.created.timestamp() * 1000)),  # quoted, as the vendor does
+        "severity": str(pushed.doc["severity"]),
+        "organization_id": simulator.credentials.org_id,
+    }
+    assert served.push(
+        webhook, path_token=None, headers={"Authorization": f"Bearer {TOKEN}"}
+    ).json()["results"] == [{"id": pushed.id, "result": "archived"}]
+    env = poller_env(simulator, moto_server, bucket)
+    assert run_poller(["sync"], env).returncode == 0  # polls both
+    late_push = {**webhook, "id": polled.id, "created_at": int(polled.created.timestamp() * 1000)}
+    answer = served.push({"alerts": [late_push]}).json()
+    assert answer["results"] == [{"id": polled.id, "result": "already_archived"}]
+    versions: dict[str, int] = {}
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
+        for version in page.get("Versions", []):
+            versions[version["Key"]] = versions.get(version["Key"], 0) + 1
+    records = {k: n for k, n in versions.items() if k.startswith(("alerts/", "webhooks/"))}
+    assert len(records) == 4 and set(records.values()) == {1}  # each record written once
+    wait_for(lambda: not [k for k in bucket_listing(s3, bucket) if "pending" in k])
+
+
+def test_refused_requests_write_nothing(served: Served, s3: Any, bucket: str):
+    alert = dict(README_PAYLOAD["alerts"][0])
+    assert served.push({"alerts": [alert]}, path_token="wrong").status_code == 401
+    assert served.push({"alerts": [alert]}, path_token=None).status_code == 401
+    url = f"{served.url}/api/v1/s3/alert/{TOKEN}"
+    assert (
+        requests.post(
+            url, data=b"not json", timeout=5, headers={"Content-Type": "application/json"}
+        ).status_code
+        == 400
+    )
+    assert (
+        requests.post(
+            url, data=b"<xml/>", timeout=5, headers={"Content-Type": "text/xml"}
+        ).status_code
+        == 415
+    )
+    assert served.push({"something": "else"}).status_code == 400
+    huge = {"alerts": [alert], "padding": "x" * (2 * 1024 * 1024)}
+    assert served.push(huge).status_code == 413
+    unsafe = served.push({"alerts": [{**alert, "id": "../../etc"}]})
+    assert unsafe.status_code == 422 and unsafe.json()["results"][0]["result"] == "rejected"
+    assert bucket_listing(s3, bucket) == {}
+    # A batch with one bad alert still takes the rest.
+    mixed = served.push({"alerts": [{**alert, "id": "../x"}, alert]})
+    assert mixed.status_code == 200
+    assert [r["result"] for r in mixed.json()["results"]] == ["rejected", "archived"]
+
+
+def test_a_slow_sender_is_cut_off_without_blocking_others(served: Served):
+    with socket.create_connection(("127.0.0.1", served.port)) as slow:
+        slow.sendall(
+            f"POST /api/v1/s3/alert/{TOKEN} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{".encode()
+        )
+        answer = served.push(README_PAYLOAD)  # served while the slow one hangs
+        assert answer.status_code == 200
+        slow.settimeout(15)  # the server's timeout is 2 s: it closes long before this
+        reply = slow.recv(4096)  # raises TimeoutError if the server kept waiting
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.faults
+def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_next_sync(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from conftest import assert_exact_archive
+
+    from poller.simulator import Faults
+
+    with Simulator(seed=61, faults=Faults(org_limit_per_minute=200)) as sim:
+        now = utc_now()
+        alerts = sim.generate(2000, now - timedelta(minutes=12), now - timedelta(minutes=2))
+        port = free_port()
+        env = poller_env(
+            sim,
+            moto_server,
+            bucket,
+            POLLER_RECEIVER__TOKEN=TOKEN,
+            POLLER_RECEIVER__THREADS="16",
+            POLLER_HTTP__HOST="127.0.0.1",
+            POLLER_HTTP__PORT=str(port),
+        )
+        server = Served(env, port)
+        try:
+
+            def push(sim_alert: Any) -> int:
+                webhook = {
+                    "id": sim_alert.id,
+                    "title": sim_alert.doc["title"],
+                    "created_at": int(sim_alert.created.timestamp() * 1000),
+                    "severity": sim_alert.doc["severity"],
+                    "organization_id": sim.credentials.org_id,
+                }
+                return int(server.push({"alerts": [webhook]}).status_code)
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                codes = list(pool.map(push, alerts))
+            rate = len(codes) / (time.monotonic() - started)
+            assert codes == [200] * 2000, {c for c in codes if c != 200}
+            print(f"2000 webhooks at {rate:.0f}/s")
+            peak_kib = int(
+                next(
+                    line.split()[1]
+                    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines()
+                    if line.startswith("VmHWM")
+                )
+            )
+            assert peak_kib < 200 * 1024  # bounded: no queue grows with the burst
+            keys = bucket_listing(s3, bucket)
+            assert len([k for k in keys if k.startswith("webhooks/")]) == 2000
+        finally:
+            server.stop()
+        detail_requests = [r for r in sim.requests if r.path.startswith("/v2/alerts/")]
+        fetched_at = sorted(r.at for r in detail_requests)
+        # The detail fetches took at most half of the 100/min budget in any minute.
+        assert all(
+            len([t for t in fetched_at if start <= t < start + 60]) <= 50 for start in fetched_at
+        )
+        result = run_poller(["sync"], env, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        summary = summary_of(result)
+        assert summary["api_requests"] <= 2 + 2000 // 100 + 2  # one request per hundred
+        assert_exact_archive(s3, bucket, sim, bodies=False)
+        assert not [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/pending/")]
+        assert sim.org_limited == 0 and sim.max_requests_in_any_window(60.0) <= 200
