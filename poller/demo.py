@@ -8,17 +8,21 @@ and metrics, graceful stop on Ctrl-C); only its world is local.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import secrets
 import socket
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import requests
 from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
@@ -33,6 +37,7 @@ from poller.archive.records import Alert, Layout, classify
 from poller.config import (
     HttpSettings,
     LogSettings,
+    ReceiverSettings,
     S3Settings,
     Secret,
     Settings,
@@ -41,6 +46,7 @@ from poller.config import (
 )
 from poller.serving.daemon import Daemon
 from poller.simulator import Simulator
+from poller.simulator.alerts import SimAlert
 from poller.terminal import span
 from poller.timeutil import utc_now
 
@@ -66,12 +72,20 @@ class AlertWeather:
     """Keeps the simulator alive: a few new alerts a minute, every fourth one visible
     late (created minutes ago, inside the look-back), and now and then a malformed one."""
 
-    def __init__(self, sim: Simulator, stop: threading.Event, every_seconds: float = 12.0):
+    def __init__(
+        self,
+        sim: Simulator,
+        stop: threading.Event,
+        every_seconds: float = 12.0,
+        push: Callable[[SimAlert], None] | None = None,
+    ):
         self._sim = sim
         self._stop = stop
         self._every = every_seconds
         self._rng = random.Random(2026)  # noqa: S311 - simulated weather, not security
+        self._push = push
         self.added = 0
+        self.pushed = 0
         self._thread = threading.Thread(target=self._run, name="demo-alerts", daemon=True)
 
     def start(self) -> None:
@@ -90,10 +104,13 @@ class AlertWeather:
                 self._sim.add(self._sim.factory.alert(created, status), created, status, now)
             else:
                 created = now - timedelta(seconds=self._rng.randint(1, 20))
-                self._sim.add(self._sim.factory.alert(created, status), created, status)
+                alert = self._sim.add(self._sim.factory.alert(created, status), created, status)
+                if self._push is not None and self.added % 2:  # every other one also pushed
+                    self._push(alert)
+                    self.pushed += 1
 
 
-def demo_settings(sim: Simulator, interval: int, port: int) -> Settings:
+def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Settings:
     credentials = sim.credentials
     return Settings(
         threatstack=ThreatStackSettings(
@@ -115,6 +132,7 @@ def demo_settings(sim: Simulator, interval: int, port: int) -> Settings:
         ),
         http=HttpSettings(host="127.0.0.1", port=port),
         log=LogSettings(level="WARNING"),
+        receiver=ReceiverSettings(token=Secret(token)),  # the push path too
     )
 
 
@@ -165,7 +183,12 @@ class LiveView:
             table.add_row("watermark", f"{moment:%H:%M:%S} UTC · lag {span(lag)}")
         else:
             table.add_row("watermark", "none yet")
-        table.add_row("new alerts", f"{self.weather.added} since the start (some late)")
+        by_push = self._metric("poller_push_alerts_total", {"outcome": "archived"})
+        table.add_row(
+            "new alerts",
+            f"{self.weather.added} since the start (some late); {self.weather.pushed} also"
+            f" pushed as webhooks, {by_push} of them archived by the push first",
+        )
         port = self.daemon.http_port
         table.add_row("metrics", f"http://127.0.0.1:{port}/metrics" if port else "starting…")
         table.add_row("S3 endpoint", f"{self.endpoint}  bucket {BUCKET}")
@@ -280,10 +303,27 @@ def run_demo(alerts: int, interval: int, port: int, keep: Path | None) -> int:
             sim.add_malformed(kind, now - timedelta(hours=5))
         client = local_s3_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
-        settings = demo_settings(sim, interval, _free_port(port))
+        token = secrets.token_urlsafe(16)
+        settings = demo_settings(sim, interval, _free_port(port), token)
         runtime = build(settings, "run", s3=client)
         daemon = Daemon(runtime, utc_now)
-        weather = AlertWeather(sim, runtime.stop)
+
+        def push(alert: SimAlert) -> None:
+            """What Threat Stack's webhook would send for it, to the daemon's receiver."""
+            if daemon.http_port is None:
+                return
+            webhook = {
+                "id": alert.id,
+                "title": alert.doc.get("title"),
+                "created_at": str(int(alert.created.timestamp() * 1000)),
+                "severity": str(alert.doc.get("severity")),
+                "organization_id": sim.credentials.org_id,
+            }
+            url = f"http://127.0.0.1:{daemon.http_port}/api/v1/s3/alert/{token}"
+            with contextlib.suppress(requests.RequestException):
+                requests.post(url, json={"alerts": [webhook]}, timeout=5)
+
+        weather = AlertWeather(sim, runtime.stop, push=push)
         weather.start()
         console.print(
             f"[bold]poller demo[/]: a simulated Threat Stack with {alerts} alerts of the past"

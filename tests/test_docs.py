@@ -20,7 +20,7 @@ def table_rows() -> dict[str, tuple[str, str]]:
 
 def shown(section: str, key: str) -> str:
     value = getattr(SECTIONS[section](), key)
-    if key == "api_key":
+    if key in ("api_key", "token"):
         return "unset"
     if isinstance(value, tuple):
         return "[" + ", ".join(value) + "]"
