@@ -137,6 +137,9 @@ def test_the_old_receivers_readme_payload_lands_in_its_layout(
         timeout=5,
     )
     assert ranged.status_code == 200 and [a["id"] for a in ranged.json()["alerts"]] == [doc["id"]]
+    metrics = requests.get(f"{served.url}/metrics", timeout=5).text
+    assert 'poller_push_alerts_total{outcome="archived"} 1.0' in metrics
+    assert "poller_push_detail_fetches_queued 0.0" in metrics
     status = requests.get(f"{served.url}/api/v1/s3/status", timeout=10).json()
     assert status == {"success": True, "s3": {"success": True}, "threatstack": {"success": True}}
 

@@ -13,6 +13,7 @@ from poller.config import Settings
 from poller.errors import ApiAuthError, LeaseHeld, Stopped
 from poller.serving import daemon as scheduler
 from poller.serving.daemon import Daemon
+from poller.threatstack.budget import RequestBudget
 from poller.walks.sync import Summary
 
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
@@ -22,7 +23,9 @@ def make_daemon(
     monkeypatch: pytest.MonkeyPatch, outcome: BaseException | None
 ) -> tuple[Daemon, list[datetime]]:
     now = [T0]
-    runtime: Any = SimpleNamespace(settings=Settings(), stop=threading.Event(), run_id="r")
+    runtime: Any = SimpleNamespace(
+        settings=Settings(), stop=threading.Event(), run_id="r", budget=RequestBudget(100)
+    )
 
     def fake_cycle(_runtime: Any, summary: Any, observer: Any) -> Any:
         observer.page(summary)

@@ -84,10 +84,8 @@ class Daemon:
             if outcome in ("ok", "lease_held"):
                 self.last_success = now
             self.metrics.observe(summary, outcome, now)
-            budget = getattr(self.runtime, "budget", None)
-            if budget is not None:
-                self.metrics.budget_used.set(len(budget.recent()))
-                self.metrics.budget.set(budget.per_minute)
+            self.metrics.budget_used.set(len(self.runtime.budget.recent()))
+            self.metrics.budget.set(self.runtime.budget.per_minute)
 
     # A CycleObserver: every page and commit is progress, for liveness.
     def started(self, summary: Summary, chunk_count: int) -> None:

@@ -33,7 +33,13 @@ from urllib.parse import parse_qs
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
 from poller.config import ReceiverSettings
 from poller.errors import PollerError
@@ -50,7 +56,7 @@ Reader = Callable[[str], Any]
 
 
 class PushMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, receiver: Receiver | None) -> None:
         self.requests = Counter(
             "poller_push_requests", "Push path requests, by result", ["result"], registry=registry
         )
@@ -62,6 +68,13 @@ class PushMetrics:
             "Seconds spent taking pushes into the archive (divide by the request count)",
             registry=registry,
         )
+        self.queued = Gauge(
+            "poller_push_detail_fetches_queued",
+            "Pushed alerts waiting in this process for their full record to be fetched",
+            registry=registry,
+        )
+        if receiver is not None:
+            self.queued.set_function(lambda: float(receiver.queued))
 
 
 class App:
@@ -87,7 +100,7 @@ class App:
         self.health = health
         self.ready = ready
         self.networks = [ipaddress.ip_network(c) for c in settings.allow_cidrs]
-        self.metrics = PushMetrics(registry)
+        self.metrics = PushMetrics(registry, self.receiver)
 
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

@@ -140,6 +140,11 @@ class Receiver:
         self._fetcher = fetcher
         self.pending = PendingRecords(store, layout)
 
+    @property
+    def queued(self) -> int:
+        """Detail fetches waiting in this process (the rest of the owed are in the bucket)."""
+        return self._fetcher.queued if self._fetcher is not None else 0
+
     def take(self, alerts: list[Any]) -> list[dict[str, Any]]:
         from poller.serving.pushes import PushedAlert
 
