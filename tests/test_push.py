@@ -289,3 +289,83 @@ def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_nex
         assert_exact_archive(s3, bucket, sim, bodies=False)
         assert not [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/pending/")]
         assert sim.org_limited == 0 and sim.max_requests_in_any_window(60.0) <= 200
+
+
+def test_the_push_path_serves_https_with_its_own_certificate(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str, tmp_path: Any
+):
+    """For users without an ingress: receiver.tls_cert_file and tls_key_file."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    port = free_port()
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_RECEIVER__TOKEN_FILE=str(_token_file(tmp_path)),
+        POLLER_RECEIVER__TLS_CERT_FILE=str(cert_file),
+        POLLER_RECEIVER__TLS_KEY_FILE=str(key_file),
+        POLLER_HTTP__HOST="127.0.0.1",
+        POLLER_HTTP__PORT=str(port),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poller", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"https://127.0.0.1:{port}/api/v1/s3/alert/{TOKEN}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = requests.post(url, json=README_PAYLOAD, timeout=5, verify=str(cert_file))
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "poller serve did not start"
+                time.sleep(0.2)
+        assert answer.status_code == 200
+        assert "webhooks/2017/01/15/23/10/587c0159a907346eccb84004" in bucket_listing(s3, bucket)
+        with pytest.raises(requests.ConnectionError):  # plain HTTP is not served
+            requests.post(url.replace("https", "http"), json=README_PAYLOAD, timeout=5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _token_file(directory: Any) -> Any:
+    path = directory / "token"
+    path.write_text(TOKEN + "\n")
+    return path
