@@ -131,6 +131,11 @@ class Daemon:
             "http.listening",
             extra={"fields": {"host": host, "port": server.port, "push": app.receiver is not None}},
         )
+        if app.receiver is None:
+            log.info(
+                "push.off",
+                extra={"fields": {"why": "receiver.token is not set: webhooks are answered 404"}},
+            )
         return server
 
     # ------------------------------------------------------------------ the loop
