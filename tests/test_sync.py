@@ -18,6 +18,7 @@ from poller.archive.state import CheckpointStore, Lease
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
 from poller.errors import (
+    ApiRequestError,
     ApiUnavailable,
     ArchiveUnavailable,
     ConfigError,
@@ -57,6 +58,13 @@ class FakeSource:
         }
         self.alerts.append((status, doc, visible_at or created))
         return doc
+
+    def get_alert(self, alert_id: str) -> dict[str, Any]:
+        self.requests_sent += 1
+        for _, doc, visible in self.alerts:
+            if doc["id"] == alert_id and visible <= self.clock():
+                return doc
+        raise ApiRequestError("Threat Stack rejected the request (404)")
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
         found = [
@@ -404,3 +412,26 @@ def test_active_is_read_before_dismissed_whatever_the_configured_order(world: Wo
     )
     world.cycle()
     assert world.archived_ids() == {"moving0001"}
+
+
+def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world: World):
+    """A webhook batch re-sent after an outage: its alerts are older than the look-back, so
+    no listing brings them; the cycle fetches the owed ones by id and clears their markers."""
+    from poller.archive.state import PendingRecords
+
+    world.cycle()  # the checkpoint: the next window starts 15 minutes back
+    world.now += timedelta(minutes=5)
+    world.source.add("pushed00old", ago(180))  # three hours old: in no window from now on
+    pending = PendingRecords(world.store, LAYOUT)
+    pending.add("pushed00old")
+    pending.add("invisible01")  # accepted, but the API does not show it yet (404)
+    world.lease.acquire()
+    try:
+        cycle = world.make_cycle()
+        cycle.pending = pending
+        summary = cycle.run()
+    finally:
+        world.lease.release()
+    assert "pushed00old" in world.archived_ids()
+    assert (summary.listed, summary.archived) == (1, 1)
+    assert pending.ids() == ["invisible01"]  # still owed, and shown by status

@@ -26,7 +26,14 @@ from typing import Any, Protocol
 from poller.archive.records import Alert, Rejected, classify
 from poller.archive.state import Checkpoint, CheckpointStore, Lease, PendingRecords
 from poller.archive.writer import Archive, Outcome
-from poller.errors import ConfigError, CycleTimeout, LeaseLost, Stopped
+from poller.errors import (
+    ApiRequestError,
+    ConfigError,
+    CycleTimeout,
+    LeaseLost,
+    RetriableError,
+    Stopped,
+)
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,9 @@ class AlertSource(Protocol):
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
         """Pages of raw alert objects for one status, created in [since, until)."""
+
+    def get_alert(self, alert_id: str) -> Any:
+        """One alert's full record."""
 
 
 class CycleObserver(Protocol):
@@ -130,6 +140,9 @@ class Summary:
             "quarantined": self.quarantined,
         }
 
+
+# Pushed alerts older than the window, fetched one by one per cycle (see Cycle._fetch_owed).
+OWED_FETCHES_PER_CYCLE = 100
 
 # A listing (one chunk, one status) is given time for this many pages at the request budget.
 PAGES_PER_LISTING = 100
@@ -341,6 +354,33 @@ class Cycle:
             self._settle_pending(seen_now, owed)
             summary.chunks_done += 1
             self.observer.committed(summary, done)
+        self._fetch_owed(owed, now, summary)
+
+    def _fetch_owed(self, owed: set[str], now: datetime, summary: Summary) -> None:
+        """Pushed alerts the window did not list (created before it: a batch re-sent after
+        an outage, say) are fetched one by one, at most OWED_FETCHES_PER_CYCLE a cycle, so an
+        accepted alert is never forgotten. One not visible yet (404) waits for the next."""
+        if self.pending is None:
+            return
+        for alert_id in sorted(owed)[:OWED_FETCHES_PER_CYCLE]:
+            try:
+                raw = self.source.get_alert(alert_id)
+            except (ApiRequestError, RetriableError) as exc:
+                log.info("pending.not_yet", extra={"fields": {"id": alert_id, "error": str(exc)}})
+                continue
+            item = classify(raw)
+            if not isinstance(item, Alert) or item.id != alert_id:
+                continue
+            status = "dismissed" if item.raw.get("isDismissed") else "active"
+            outcome = self.archive.take(item, status, now)
+            summary.listed += 1
+            if outcome is Outcome.ARCHIVED:
+                summary.archived += 1
+            elif outcome is Outcome.QUARANTINED:
+                summary.quarantined += 1
+            else:
+                summary.already_archived += 1
+            self.pending.done(alert_id)
 
     def _settle_pending(self, seen_now: dict[str, int], owed: set[str]) -> None:
         """Pushed alerts this chunk read now have their full record (written, or there)."""
