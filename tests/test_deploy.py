@@ -56,7 +56,11 @@ def test_every_kustomization_names_files_that_exist():
 def test_every_workload_runs_locked_down_with_credentials_as_files(kind: str):
     workloads = [(p, d) for p, d in manifests() if d["kind"] == kind]
     assert workloads, kind
-    secret = next(d for _, d in manifests() if d["kind"] == "Secret")
+    secret = next(
+        d
+        for _, d in manifests()
+        if d["kind"] == "Secret" and d["metadata"]["name"] == "poller-threatstack"
+    )
     for path, document in workloads:
         spec = pod_spec(document)
         assert spec["securityContext"]["runAsNonRoot"] is True, path
@@ -86,13 +90,19 @@ def test_the_cronjob_treats_exit_75_as_benign_and_never_overlaps():
     } in rules
 
 
-def test_the_daemon_is_probed_on_its_health_endpoints():
-    (deployment,) = [d for _, d in manifests() if d["kind"] == "Deployment"]
-    assert deployment["spec"]["replicas"] == 1
-    (container,) = pod_spec(deployment)["containers"]
-    assert container["args"] == ["run"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+def test_the_daemon_and_the_push_path_are_probed_on_their_health_endpoints():
+    deployments = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Deployment"}
+    assert deployments["poller"]["spec"]["replicas"] == 1  # a second would only stand by
+    for name, args in (("poller", ["run"]), ("poller-push", ["serve"])):
+        (container,) = pod_spec(deployments[name])["containers"]
+        assert container["args"] == args
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    (push,) = pod_spec(deployments["poller-push"])["containers"]
+    env = {e["name"]: e["value"] for e in push["env"]}
+    secrets = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Secret"}
+    token_file = env["POLLER_RECEIVER__TOKEN_FILE"]
+    assert token_file.rsplit("/", 1)[1] in secrets["poller-push-token"]["stringData"]
 
 
 def exported_metrics() -> set[str]:
