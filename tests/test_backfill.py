@@ -171,7 +171,8 @@ def test_a_backfill_beside_the_running_daemon_never_moves_the_checkpoint_back(
                 assert time.monotonic() < backfill_deadline, "the daemon never let go"
                 time.sleep(0.3)
             assert result.returncode == 0, result.stderr[-2000:]
-            assert summary_of(result)["archived"] > 0
+            backfilled = summary_of(result)
+            assert backfilled["archived"] > 0
             time.sleep(5)  # a few more daemon cycles after the backfill
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -187,5 +188,9 @@ def test_a_backfill_beside_the_running_daemon_never_moves_the_checkpoint_back(
             history.append(json.loads(body))
         watermarks = [h["watermark"] for h in history]
         assert watermarks == sorted(watermarks), "the checkpoint moved backwards"
-        assert {h["mode"] for h in history} >= {"run", "backfill"}
+        # The backfill moved the checkpoint only if its end passed the daemon's watermark
+        # (which it may not: both end near now); whatever it committed is in the history.
+        if backfilled["watermark"] is not None:
+            assert backfilled["watermark"] in watermarks
+        assert "run" in {h["mode"] for h in history}
         assert_exact_archive(s3, bucket, sim)
