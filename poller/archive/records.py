@@ -140,7 +140,8 @@ def json_body(document: Any) -> bytes:
         return json.dumps(document, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
-def _severity(value: Any) -> int | None:
+def as_integer(value: Any) -> int | None:
+    """A number, or a numeric string as the vendor's payloads quote them; else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -152,7 +153,7 @@ def _severity(value: Any) -> int | None:
     return None
 
 
-def _text(value: Any) -> str | None:
+def as_text(value: Any) -> str | None:
     """``""`` and null mean the same in v2 payloads (threatstack-api.md §7.11)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -165,7 +166,7 @@ def webhook_source(raw: dict[str, Any]) -> str:
     Other data sources (Kubernetes, ThreatIntel, ...) keep their own name, title-cased as the
     rule types spell them, since the webhook documentation lists only the two values.
     """
-    source = (_text(raw.get("dataSource")) or _text(raw.get("source")) or "").strip()
+    source = (as_text(raw.get("dataSource")) or as_text(raw.get("source")) or "").strip()
     lowered = source.lower()
     if lowered in ("cloudtrail", "aws", "aws_cloudtrail"):
         return "CloudTrail"
@@ -182,7 +183,7 @@ def webhook_server_or_region(raw: dict[str, Any], source: str) -> str | None:
     else:
         candidates = ("serverOrRegion", "server_or_region", "hostname", "serverName", "agentId")
     for name in candidates:
-        value = _text(raw.get(name))
+        value = as_text(raw.get(name))
         if value is not None:
             return value
     return None
@@ -193,9 +194,9 @@ def webhook_record(alert: Alert, organization_id: str) -> dict[str, Any]:
     source = webhook_source(alert.raw)
     return {
         "id": alert.id,
-        "title": _text(alert.raw.get("title")),
+        "title": as_text(alert.raw.get("title")),
         "created_at": (alert.created - EPOCH) // timedelta(milliseconds=1),
-        "severity": _severity(alert.raw.get("severity")),
+        "severity": as_integer(alert.raw.get("severity")),
         "organization_id": organization_id,
         "server_or_region": webhook_server_or_region(alert.raw, source),
         "source": source,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from poller.archive.records import SAFE_ID
+from poller.archive.records import SAFE_ID, as_integer
 
 MAX_ALERTS_PER_PUSH = 1000
 
@@ -44,18 +44,6 @@ class Refused:
     reason: str
 
 
-def _number(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
-
-
 def read_alert(raw: Any) -> PushedAlert | Refused:
     if not isinstance(raw, dict):
         return Refused(None, "an alert must be a JSON object")
@@ -63,10 +51,10 @@ def read_alert(raw: Any) -> PushedAlert | Refused:
     if not isinstance(alert_id, str) or not SAFE_ID.fullmatch(alert_id):
         shown = alert_id if isinstance(alert_id, str) and len(alert_id) <= 128 else None
         return Refused(shown, "the id is not 4 to 128 letters, digits, '-' or '_'")
-    millis = _number(raw.get("created_at"))
+    millis = as_integer(raw.get("created_at"))
     if millis is None or not 0 < millis < 253_402_300_800_000:  # before year 10000
         return Refused(alert_id, "created_at is not milliseconds since the epoch")
-    if raw.get("severity") is not None and _number(raw.get("severity")) is None:
+    if raw.get("severity") is not None and as_integer(raw.get("severity")) is None:
         return Refused(alert_id, "severity is not a number")
     return PushedAlert(alert_id, datetime.fromtimestamp(millis / 1000, UTC), raw)
 

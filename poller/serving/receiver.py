@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from poller.archive.records import Alert, Layout, classify, json_body
+from poller.archive.records import Alert, Layout, as_integer, as_text, classify, json_body
 from poller.archive.state import PendingRecords
 from poller.archive.store import ObjectStore, PreconditionFailed
 from poller.errors import PollerError
@@ -38,28 +38,14 @@ def webhook_document(
 ) -> dict[str, Any]:
     """The webhook record in SPEC's format, from what the push said: numbers normalised."""
 
-    def integer(value: Any) -> int | None:
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, (int, float)) and float(value).is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value.strip())
-        return None
-
-    def text(value: Any) -> str | None:
-        return (
-            None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
-        )
-
     return {
         "id": alert_id,
-        "title": text(raw.get("title")),
+        "title": as_text(raw.get("title")),
         "created_at": (created - EPOCH) // timedelta(milliseconds=1),
-        "severity": integer(raw.get("severity")),
-        "organization_id": text(raw.get("organization_id")) or org,
-        "server_or_region": text(raw.get("server_or_region")),
-        "source": text(raw.get("source")) or "Host",
+        "severity": as_integer(raw.get("severity")),
+        "organization_id": as_text(raw.get("organization_id")) or org,
+        "server_or_region": as_text(raw.get("server_or_region")),
+        "source": as_text(raw.get("source")) or "Host",
     }
 
 
