@@ -45,12 +45,17 @@ def client_for(
         timeout_seconds=timeout,
         request_deadline_seconds=request_deadline_seconds,
     )
+    now = [0.0]  # the budget's clock moves only by the waits, which are not waited
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
     return ThreatStackClient(
         settings,
         requests.Session(),
-        RequestBudget(10_000),
-        RetryPolicy(max_attempts=attempts, initial_backoff=0.01),
-        lambda _: None,
+        RequestBudget(10_000, clock=lambda: now[0], sleep=sleep),
+        RetryPolicy(max_attempts=attempts, initial_backoff=0.01, max_delay_seconds=60),
+        sleep,
     )
 
 

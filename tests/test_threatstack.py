@@ -36,13 +36,20 @@ UNTIL = parse_instant("2026-11-25T00:00:00Z", utc_now())
 
 
 def make_client(settings: ThreatStackSettings = SETTINGS) -> tuple[ThreatStackClient, list[float]]:
+    """A client whose waits are recorded, not waited: its budget's clock moves only by them."""
     sleeps: list[float] = []
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
     client = ThreatStackClient(
         settings,
         requests.Session(),
-        RequestBudget(10_000, sleep=sleeps.append),
-        RetryPolicy(max_attempts=4),
-        sleeps.append,
+        RequestBudget(10_000, clock=lambda: now[0], sleep=sleep),
+        RetryPolicy(max_attempts=4, max_delay_seconds=120),
+        sleep,
     )
     return client, sleeps
 
@@ -131,7 +138,9 @@ def test_each_retry_is_signed_afresh():
         (401, '{"errors": ["Unauthorized"]}', ApiAuthError, 1),
         (403, '{"errors": ["Forbidden"]}', ApiAuthError, 1),
         (404, "not json", ApiRequestError, 1),
-        (429, "Too Many Requests", RateLimited, 4),  # a 429 body is never parsed
+        # A 429 body is never parsed; a 429 is not a failed attempt: it waits (a floor that
+        # doubles to max_backoff) until the request's deadline, 120 s here: 1+2+...+32+60.
+        (429, "Too Many Requests", RateLimited, 8),
         (500, '{"errors": ["boom"]}', ApiUnavailable, 4),
         (502, "<html>bad gateway</html>", ApiUnavailable, 4),
         (503, "", ApiUnavailable, 4),

@@ -36,8 +36,16 @@ def main() -> int:
         default="[)",
         help="whether from/until are inclusive ([ ]) or exclusive (( )); the API does not say",
     )
+    parser.add_argument(
+        "--compress",
+        choices=("gzip", "deflate", "raw-deflate"),
+        default=None,
+        help="behave like a gateway that compresses answers when the request asks",
+    )
     args = parser.parse_args()
-    faults = Faults.spread(args.fault_rate, org_limit_per_minute=args.org_limit)
+    faults = Faults.spread(
+        args.fault_rate, org_limit_per_minute=args.org_limit, compress=args.compress
+    )
     sim = Simulator(
         seed=args.seed,
         port=args.port,

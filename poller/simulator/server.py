@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +52,15 @@ class Faults:
     org_limit_per_minute: int | None = None  # the vendor's org-wide limit, e.g. 200
     trickle_seconds: float = 0.0  # send each 200 body in 20 pieces spread over this long
     ignore_token: bool = False  # answer page one, with a fresh token, whatever is asked
+    # A gateway that compresses when the request asks for it: "gzip", "deflate" (zlib
+    # framing, RFC 9110) or "raw-deflate" (labelled deflate, no framing, as some servers do).
+    compress: str | None = None
+    # A 429 storm: the next N authenticated requests answer 429 with this reset header
+    # (milliseconds, per the vendor; "1" is a tiny reset, "30" a reset given in seconds).
+    rate_limit_storm: int = 0
+    rate_limit_reset: str = "1000"
+    empty_pages: int = 0  # before every page with alerts, this many empty ones with a token
+    endless: bool = False  # after the last page, empty pages with a fresh token for ever
 
     @classmethod
     def spread(cls, share: float, **extra: Any) -> Faults:
@@ -64,6 +74,18 @@ class RequestRecord:
     path: str
     status: int
     query: str = ""  # the raw query string (status, from, until, token)
+
+
+def _gateway_encode(body: bytes, mode: str, accept: str) -> tuple[bytes, str | None]:
+    """What a compressing gateway sends for ``body``: the coded body and its coding name, or
+    the body as it is when the request did not ask for the coding."""
+    coding = "gzip" if mode == "gzip" else "deflate"
+    asked = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    if not body or coding not in asked:
+        return body, None
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(mode, -zlib.MAX_WBITS)
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return packer.compress(body) + packer.flush(), coding
 
 
 def _parse_time(text: str) -> datetime:
@@ -238,6 +260,14 @@ class Simulator:
                 self.faults_served[fault] += 1
         return fault
 
+    def _in_storm(self) -> bool:
+        with self._lock:
+            if self.faults.rate_limit_storm <= 0:
+                return False
+            self.faults.rate_limit_storm -= 1
+            self.faults_served["storm"] += 1
+            return True
+
     def _over_org_limit(self, now: float) -> float | None:
         """Seconds until a slot frees when the org-wide limit is exhausted, else None."""
         limit = self.faults.org_limit_per_minute
@@ -309,13 +339,24 @@ class Simulator:
             until = _parse_time(query["until"][0]) if "until" in query else None
         except ValueError:
             return 400, {"errors": ["from and until must be ISO-8601"]}
-        offset = 0
+        offset, empties = 0, 0
         if "token" in query and not self.faults.ignore_token:
             try:
-                offset = int(base64.b64decode(query["token"][0], validate=True).split(b":")[0])
+                fields = base64.b64decode(query["token"][0], validate=True).split(b":")
+                offset = int(fields[0])
+                empties = int(fields[2]) if len(fields) > 2 else 0
             except ValueError:
                 return 400, {"errors": ["invalid token"]}
         found = self._matching(status, since, until)
+
+        def token_for(at: int, empties: int = 0) -> str:
+            # Standard base64 has '+', '/' and '=': clients must URL-encode it.
+            return base64.b64encode(f"{at}:~{at * 7919}:{empties}".encode()).decode()
+
+        if offset >= len(found) and offset > 0 and self.faults.endless:
+            return 200, {"alerts": [], "token": token_for(offset + self.page_size)}
+        if empties < self.faults.empty_pages and offset < max(len(found), 1):
+            return 200, {"alerts": [], "token": token_for(offset, empties + 1)}
         page = found[offset : offset + self.page_size]
         docs = [a.doc for a in page]
         if self.faults.duplicates_across_pages and offset >= self.page_size:
@@ -329,9 +370,8 @@ class Simulator:
             with self._lock:
                 self._served_pages += 1
                 token = base64.b64encode(f"fresh:{self._served_pages}".encode()).decode()
-        elif next_offset < len(found):
-            # Standard base64 has '+', '/' and '=': clients must URL-encode it.
-            token = base64.b64encode(f"{next_offset}:~{next_offset * 7919}".encode()).decode()
+        elif next_offset < len(found) or self.faults.endless:
+            token = token_for(next_offset)
         return 200, {"alerts": docs, "token": token}
 
 
@@ -352,14 +392,24 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes,
         content_type: str = "application/json",
         headers: dict[str, str] | None = None,
-        length: int | None = None,
+        cut_short: bool = False,
     ) -> None:
         # Counted before the answer leaves, so a client that has its answer sees the count.
         self.sim._record(self._arrived, self._request_path, status, self._query)
+        headers = dict(headers or {})
+        if self.sim.faults.compress:
+            body, coding = _gateway_encode(
+                body, self.sim.faults.compress, self.headers.get("Accept-Encoding", "")
+            )
+            if coding:
+                headers["Content-Encoding"] = coding
+        length = len(body)
+        if cut_short:  # the length promises the whole body; half of it is sent
+            body = body[: len(body) // 2]
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        for name, value in (headers or {}).items():
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         trickle = self.sim.faults.trickle_seconds
@@ -421,12 +471,12 @@ class _Handler(BaseHTTPRequestHandler):
             return 401
 
         fault = sim._roll_fault()
-        if fault == "429":
+        if fault == "429" or sim._in_storm():
             self._send(
                 429,
                 b"Too Many Requests",
                 "text/plain",
-                {"x-rate-limit-remaining": "0", "x-rate-limit-reset": "1000"},
+                {"x-rate-limit-remaining": "0", "x-rate-limit-reset": sim.faults.rate_limit_reset},
             )
             return 429
         if fault in ("500", "502", "503"):
@@ -448,7 +498,7 @@ class _Handler(BaseHTTPRequestHandler):
                 content=body, content_type="application/json"
             )
         if fault == "truncate":
-            self._send(status, body[: len(body) // 2], headers=headers, length=len(body))
+            self._send(status, body, headers=headers, cut_short=True)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return status

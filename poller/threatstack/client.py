@@ -34,7 +34,8 @@ from poller.errors import (
     RateLimited,
 )
 from poller.threatstack.budget import RequestBudget, retry_after_seconds
-from poller.threatstack.retrying import RetryPolicy
+from poller.threatstack.decoding import ACCEPT_ENCODING, BodyDecoder
+from poller.threatstack.retrying import RATE_LIMIT_FLOOR, RetryPolicy
 from poller.timeutil import api_format
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,14 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"poller/{__version__} (+threatstack-archiver)"
 Validator = Callable[[Any], None]
 
-# Pages in a row that bring no alert the listing has not already brought, before paging is
-# declared broken (a server or proxy that ignores ``token`` answers page one forever).
+# Pages in a row that bring alerts, all of them brought before, before paging is declared
+# broken (a server or proxy that ignores ``token`` answers page one forever).
 STALE_PAGE_LIMIT = 3
+# Empty pages that still carry a next token are allowed (nothing says the API never sends
+# them), but not without end: a run this long fails the listing with PagingLoop. It matches
+# the pages a listing is given time for (walks.sync.PAGES_PER_LISTING), so a cycle meets
+# either this clear error or its own deadline, never an endless listing.
+EMPTY_PAGE_LIMIT = 100
 READ_SIZE = 64 * 1024
 
 
@@ -133,13 +139,14 @@ class ThreatStackClient:
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
         """Yield ``/v2/alerts`` page by page for one status and the window [since, until).
 
-        Paging must make progress: a repeated token, or STALE_PAGE_LIMIT pages in a row that
-        bring nothing new, raise PagingLoop instead of looping forever. The sets this keeps
-        are one listing's (one chunk, one status), never the whole range's."""
+        Paging must make progress: a repeated token, STALE_PAGE_LIMIT pages in a row whose
+        alerts all came before, or EMPTY_PAGE_LIMIT empty pages in a row, raise PagingLoop
+        instead of looping forever. Shorter runs of empty pages with a next token are read
+        through. The sets this keeps are one listing's (one chunk, one status)."""
         params = [("status", status), ("from", api_format(since)), ("until", api_format(until))]
         seen_tokens: set[str] = set()
         seen_items: set[str] = set()
-        stale_pages = 0
+        stale_pages = empty_pages = 0
         token: str | None = None
         page_number = 0
         while True:
@@ -152,13 +159,22 @@ class ThreatStackClient:
             next_token = document.get("token")
             if next_token is None or next_token == "":
                 return
-            stale_pages = stale_pages + 1 if len(seen_items) == before else 0
+            window = f"window {api_format(since)}..{api_format(until)}"
+            empty_pages = empty_pages + 1 if not document["alerts"] else 0
+            if empty_pages >= EMPTY_PAGE_LIMIT:
+                raise PagingLoop(
+                    f"paging went wrong: {empty_pages} empty pages in a row of status={status},"
+                    f" each with a next token (page {page_number}, {window}); the listing"
+                    " looks endless. Stopping instead of looping"
+                )
+            repeats_only = document["alerts"] and len(seen_items) == before
+            stale_pages = stale_pages + 1 if repeats_only else 0
             if stale_pages >= STALE_PAGE_LIMIT:
                 raise PagingLoop(
                     f"paging went wrong: {stale_pages} pages in a row of status={status}"
-                    f" brought no alert that earlier pages had not (page {page_number}, window"
-                    f" {api_format(since)}..{api_format(until)}); a server or proxy may be"
-                    " ignoring the page token. Stopping instead of looping"
+                    f" brought no alert that earlier pages had not (page {page_number},"
+                    f" {window}); a server or proxy may be ignoring the page token."
+                    " Stopping instead of looping"
                 )
             token = str(next_token)
             if token in seen_tokens:
@@ -198,6 +214,7 @@ class ThreatStackClient:
                 headers={
                     "Authorization": sender.request_header,
                     "Accept": "application/json",
+                    "Accept-Encoding": ACCEPT_ENCODING,
                     "User-Agent": USER_AGENT,
                 },
                 timeout=settings.timeout_seconds,
@@ -215,8 +232,9 @@ class ThreatStackClient:
         with response:
             self._budget.observe(response.headers)
             error = classify_response(response)
-            if isinstance(error, RateLimited) and error.retry_after is not None:
-                self._budget.pause(error.retry_after)
+            if isinstance(error, RateLimited):
+                # Every request of this process holds back, at least for the floor.
+                self._budget.pause(max(error.retry_after or 0.0, RATE_LIMIT_FLOOR))
             if error is not None:
                 raise error
             body = self._read_body(response, started)
@@ -233,19 +251,21 @@ class ThreatStackClient:
         return document
 
     def _read_body(self, response: requests.Response, started: float) -> bytes:
-        """The whole body, or an error: never longer than ``request_deadline_seconds`` from
-        the request's start (a body that trickles in), never more than
-        ``max_response_bytes``. Each socket read is bounded by ``timeout_seconds``."""
+        """The whole body, decoded (gzip, deflate), or an error: never longer than
+        ``request_deadline_seconds`` from the request's start (a body that trickles in), never
+        more than ``max_response_bytes`` on the wire nor once decoded. Each socket read is
+        bounded by ``timeout_seconds``."""
         limit = self._settings.max_response_bytes
         deadline = started + self._settings.request_deadline_seconds
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise MalformedResponse(f"Threat Stack announced a body over {limit} bytes")
-        read = response.raw.read1  # what one recv brings (urllib3 >= 2.2)
+        decoder = BodyDecoder(response.headers.get("Content-Encoding", ""), limit)
         parts: list[bytes] = []
         size = 0
         try:
-            while chunk := read(READ_SIZE):
+            # What one recv brings (urllib3 >= 2.2), as sent: decoding is ours, bounded.
+            while chunk := response.raw.read1(READ_SIZE, decode_content=False):
                 size += len(chunk)
                 if size > limit:
                     raise MalformedResponse(f"Threat Stack sent a body over {limit} bytes")
@@ -255,12 +275,14 @@ class ThreatStackClient:
                         f" {self._settings.request_deadline_seconds:g}s"
                         f" ({size} bytes so far)"
                     )
-                parts.append(chunk)
+                parts.append(decoder.feed(chunk))
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             # Bodies cut short, resets and read timeouts in the middle of the body.
             raise ApiUnavailable(
                 f"Threat Stack's answer was cut short ({type(exc).__name__})"
             ) from exc
+        if size:
+            decoder.finish()
         return b"".join(parts)
 
     @staticmethod
