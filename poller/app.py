@@ -32,7 +32,14 @@ from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
-from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
+from poller.walks.sync import (
+    PAGES_PER_LISTING,
+    Cycle,
+    CycleObserver,
+    CycleSettings,
+    Summary,
+    owed_fetches,
+)
 from poller.walks.verify import Verifier
 
 
@@ -220,6 +227,7 @@ class Runtime:
                 * 60
                 / settings.threatstack.requests_per_minute,
                 deadline_floor_seconds=longest_request_seconds(settings),
+                owed_fetches=owed_fetches(settings.threatstack.requests_per_minute),
             ),
             clock=self.clock,
             s3_requests=self.s3_requests,

@@ -299,6 +299,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             },
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
+            "unfetchable": _pending(runtime.pending().unfetchable()),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -307,7 +308,8 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
 
 
 def _pending(ids: list[str]) -> dict[str, Any]:
-    """Pushed alerts still owed a full record (the next sync writes them)."""
+    """Pushed alerts still owed a full record (the next sync writes them), or given up on
+    (``_poller/unfetchable/<id>`` says why)."""
     return {"count": len(ids), "ids": sorted(ids)[:20]}
 
 

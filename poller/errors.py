@@ -61,6 +61,10 @@ class ApiRequestError(FatalError):
     """Another 4xx from Threat Stack: the request itself is wrong."""
 
 
+class NotFound(ApiRequestError):
+    """404 from Threat Stack: there is no such object (for an alert by id, an answer)."""
+
+
 class PagingLoop(FatalError):
     """Paging makes no progress (a repeated token, pages with nothing new): refusing to loop."""
 

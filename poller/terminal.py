@@ -139,6 +139,13 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
             f"{pending['count']} full records (the next sync writes them):"
             f" {' '.join(pending['ids'])}",
         )
+    gone = report.get("unfetchable") or {}
+    if gone.get("count"):
+        row(
+            "pushed, unfetchable",
+            f"{gone['count']} full records given up on (the reason is in"
+            f" _poller/unfetchable/<id>): {' '.join(gone['ids'])}",
+        )
     return table
 
 

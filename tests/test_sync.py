@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,14 +19,21 @@ from poller.archive.state import CheckpointStore, Lease
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
 from poller.errors import (
-    ApiRequestError,
     ApiUnavailable,
     ArchiveUnavailable,
     ConfigError,
     CycleTimeout,
     LeaseLost,
+    NotFound,
 )
-from poller.walks.sync import Cycle, CycleSettings, Summary, cycle_deadline
+from poller.walks.sync import (
+    OWED_MAX_ATTEMPTS,
+    OWED_NOT_FOUND_GRACE,
+    Cycle,
+    CycleSettings,
+    Summary,
+    cycle_deadline,
+)
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LAYOUT = Layout()
@@ -40,6 +48,7 @@ class FakeSource:
         self.alerts: list[tuple[str, dict[str, Any], datetime]] = []
         self.requests_sent = 0
         self.fail_after: int | None = None
+        self.broken_ids: set[str] = set()  # get_alert answers 500 for these
 
     def add(
         self,
@@ -64,7 +73,9 @@ class FakeSource:
         for _, doc, visible in self.alerts:
             if doc["id"] == alert_id and visible <= self.clock():
                 return doc
-        raise ApiRequestError("Threat Stack rejected the request (404)")
+        if alert_id in self.broken_ids:
+            raise ApiUnavailable("Threat Stack answered 500")
+        raise NotFound("Threat Stack has no such object (404)")
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
         found = [
@@ -435,3 +446,66 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
     assert "pushed00old" in world.archived_ids()
     assert (summary.listed, summary.archived) == (1, 1)
     assert pending.ids() == ["invisible01"]  # still owed, and shown by status
+
+
+def run_with_pending(world: World, pending: Any) -> Summary:
+    world.lease.acquire()
+    try:
+        cycle = world.make_cycle()
+        cycle.pending = pending
+        return cycle.run()
+    finally:
+        world.lease.release()
+
+
+def test_owed_ids_the_api_has_not_are_given_up_and_do_not_block_a_real_one(world: World):
+    """The field case other-organisation-batch.json, at scale: thirty pushed ids the API
+    answers 404 for and one it answers 500 for, beside one real owed alert. Each cycle asks
+    for at most owed_fetches of them in a fresh order; a 404 past the grace period is an
+    answer (recorded under unfetchable/, never asked again), the 500 stops the owed fetches
+    of that cycle and is given up after OWED_MAX_ATTEMPTS. The real one is archived, and an
+    idle cycle afterwards costs its usual two listings."""
+    from poller.archive.state import PendingRecords
+
+    world.settings = replace(world.settings, owed_fetches=10)
+    world.cycle()
+    pending = PendingRecords(world.store, LAYOUT)
+    others = [f"other{n:02d}" for n in range(30)]
+    for alert_id in [*others, "broken500", "pushed00old"]:
+        pending.add(alert_id)
+    world.source.broken_ids.add("broken500")
+    world.source.add("pushed00old", ago(180))
+    world.now += OWED_NOT_FOUND_GRACE  # the 404s are answers now, not "not visible yet"
+    cycles = 0
+    while pending.ids() and cycles < 40:
+        before = world.source.requests_sent
+        run_with_pending(world, pending)
+        assert world.source.requests_sent - before <= 2 + 10  # two listings, capped fetches
+        cycles += 1
+        world.now += timedelta(minutes=1)
+    assert pending.ids() == []
+    assert "pushed00old" in world.archived_ids()
+    assert sorted(pending.unfetchable()) == sorted([*others, "broken500"])
+    gone = json.loads(world.store.snapshot()["_poller/unfetchable/broken500"])
+    assert gone["attempts"] == OWED_MAX_ATTEMPTS
+    assert "500" in gone["reason"]
+    assert "404" in json.loads(world.store.snapshot()["_poller/unfetchable/other07"])["reason"]
+    before = world.source.requests_sent
+    run_with_pending(world, pending)
+    assert world.source.requests_sent - before == 2
+
+
+def test_a_failing_owed_fetch_ends_the_owed_fetches_of_the_cycle(world: World):
+    """5xx answers (each already retried for its request's whole span) must not add up past
+    the cycle's deadline: the first one ends this cycle's owed fetches."""
+    from poller.archive.state import PendingRecords
+
+    world.cycle()
+    pending = PendingRecords(world.store, LAYOUT)
+    for n in range(5):
+        pending.add(f"broken{n}")
+        world.source.broken_ids.add(f"broken{n}")
+    before = world.source.requests_sent
+    run_with_pending(world, pending)
+    assert world.source.requests_sent - before == 2 + 1
+    assert len(pending.ids()) == 5  # still owed, one of them with one failed attempt

@@ -175,12 +175,28 @@ class ChunkRecords:
         self._spans.append((since, until))
 
 
+@dataclass(frozen=True)
+class Owed:
+    """What is known of one owed full record: since when, and how asking went."""
+
+    alert_id: str
+    since: datetime
+    attempts: int = 0
+    last_error: str = ""
+
+
 class PendingRecords:
-    """Ids whose full record is owed, one empty object each under ``P/_poller/pending/``."""
+    """Ids whose full record is owed, one object each under ``P/_poller/pending/``.
+
+    The object is ``{}`` when the push path marks it (owed since its Last-Modified), and
+    ``{"owed_since": ..., "attempts": n, "last_error": ...}`` once a fetch failed. An id
+    given up on moves to ``P/_poller/unfetchable/<id>`` with the reason (``status`` shows
+    those): a 404 past the grace period is an answer, and so are too many failed fetches."""
 
     def __init__(self, store: ObjectStore, layout: Layout) -> None:
         self._store = store
         self._prefix = layout.key("_poller", "pending") + "/"
+        self._gone = layout.key("_poller", "unfetchable") + "/"
 
     def add(self, alert_id: str) -> None:
         with contextlib.suppress(PreconditionFailed):
@@ -191,6 +207,49 @@ class PendingRecords:
 
     def ids(self) -> list[str]:
         return [key[len(self._prefix) :] for key in self._store.list_keys(self._prefix)]
+
+    def owed(self, alert_id: str) -> Owed | None:
+        found = self._store.get(self._prefix + alert_id)
+        if found is None:
+            return None
+        try:
+            document = json.loads(found.body)
+        except ValueError:
+            document = {}
+        document = document if isinstance(document, dict) else {}
+        since = found.last_modified
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            since = datetime.fromisoformat(str(document["owed_since"]))
+        return Owed(
+            alert_id,
+            since,
+            int(document.get("attempts", 0) or 0),
+            str(document.get("last_error", "")),
+        )
+
+    def failed(self, owed: Owed, error: str) -> None:
+        """Count a failed fetch (the next cycle tries again)."""
+        document = {
+            "owed_since": iso_z(owed.since),
+            "attempts": owed.attempts + 1,
+            "last_error": error[:300],
+        }
+        self._store.put(self._prefix + owed.alert_id, json.dumps(document).encode())
+
+    def give_up(self, owed: Owed, reason: str, now: datetime) -> None:
+        """Stop asking: record why under ``unfetchable/``, then drop the pending mark."""
+        document = {
+            "id": owed.alert_id,
+            "reason": reason,
+            "owed_since": iso_z(owed.since),
+            "attempts": owed.attempts + 1,
+            "given_up_at": iso_z(now),
+        }
+        self._store.put(self._gone + owed.alert_id, json.dumps(document).encode())
+        self.done(owed.alert_id)
+
+    def unfetchable(self) -> list[str]:
+        return [key[len(self._gone) :] for key in self._store.list_keys(self._gone)]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from poller.errors import (
     ApiUnavailable,
     FatalError,
     MalformedResponse,
+    NotFound,
     PagingLoop,
     PollerError,
     RateLimited,
@@ -107,6 +108,8 @@ def classify_response(response: requests.Response) -> PollerError | None:
             f"Threat Stack refused access (403){suffix}: the API key's user lacks permission"
             " to read alerts in this organisation"
         )
+    if status == 404:
+        return NotFound(f"Threat Stack has no such object (404){suffix}")
     return ApiRequestError(f"Threat Stack rejected the request ({status}){suffix}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,13 +25,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from poller.archive.records import Alert, Rejected, classify
-from poller.archive.state import Checkpoint, CheckpointStore, Lease, PendingRecords
+from poller.archive.state import Checkpoint, CheckpointStore, Lease, Owed, PendingRecords
 from poller.archive.writer import Archive, Outcome
 from poller.errors import (
     ApiRequestError,
     ConfigError,
     CycleTimeout,
     LeaseLost,
+    NotFound,
     RetriableError,
     Stopped,
 )
@@ -106,6 +108,7 @@ class CycleSettings:
     max_cycle: timedelta | None = None
     seconds_per_listing: float = 60.0  # PAGES_PER_LISTING requests at the budget
     deadline_floor_seconds: float = 780.0  # one whole retry span of a request, and margin
+    owed_fetches: int = 10  # owed full records fetched per cycle at most (owed_fetches())
 
 
 @dataclass
@@ -141,8 +144,19 @@ class Summary:
         }
 
 
-# Pushed alerts older than the window, fetched one by one per cycle (see Cycle._fetch_owed).
-OWED_FETCHES_PER_CYCLE = 100
+# Pushed alerts older than the window, fetched one by one (see Cycle._fetch_owed): a 404
+# is taken as "not visible yet" for this long after the alert was pushed, then as an answer;
+# any other failure is retried by this many cycles, then given up on.
+OWED_NOT_FOUND_GRACE = timedelta(minutes=30)
+OWED_MAX_ATTEMPTS = 10
+# The share of the request budget (per minute) a cycle spends on owed full records.
+OWED_BUDGET_SHARE = 0.1
+
+
+def owed_fetches(requests_per_minute: int) -> int:
+    """Owed full records fetched per cycle at most: a tenth of a minute's budget, at least 1."""
+    return max(1, int(requests_per_minute * OWED_BUDGET_SHARE))
+
 
 # A listing (one chunk, one status) is given time for this many pages at the request budget.
 PAGES_PER_LISTING = 100
@@ -358,18 +372,46 @@ class Cycle:
 
     def _fetch_owed(self, owed: set[str], now: datetime, summary: Summary) -> None:
         """Pushed alerts the window did not list (created before it: a batch re-sent after
-        an outage, say) are fetched one by one, at most OWED_FETCHES_PER_CYCLE a cycle, so an
-        accepted alert is never forgotten. One not visible yet (404) waits for the next."""
-        if self.pending is None:
+        an outage, say) are fetched one by one, so an accepted alert is never forgotten.
+
+        No owed id can block the others or the cycle: at most ``settings.owed_fetches`` a
+        cycle (a capped share of the budget), drawn in a random order so each id's turn
+        comes; none starts past the cycle's deadline, and the first transient failure
+        (5xx, timeouts after their retries) ends them for this cycle. An id the API answers
+        404 for after OWED_NOT_FOUND_GRACE (another organisation's alert, one past
+        retention, a typo), or that failed OWED_MAX_ATTEMPTS times, is given up on with the
+        reason (``status`` lists it); one not visible yet waits for the next cycle."""
+        if self.pending is None or not owed:
             return
-        for alert_id in sorted(owed)[:OWED_FETCHES_PER_CYCLE]:
+        turn = sorted(owed)
+        random.shuffle(turn)
+        for alert_id in turn[: self.settings.owed_fetches]:
+            if self.monotonic() > self._deadline:
+                log.info("pending.deadline", extra={"fields": {"left": len(owed)}})
+                return
+            record = self.pending.owed(alert_id)
+            if record is None:
+                continue  # fetched meanwhile by the push path's detail fetch
             try:
                 raw = self.source.get_alert(alert_id)
+            except NotFound as exc:
+                if now - record.since >= OWED_NOT_FOUND_GRACE:
+                    self._give_up(record, f"the API answers 404 for it: {exc}", now)
+                else:
+                    log.info("pending.not_yet", extra={"fields": {"id": alert_id}})
+                continue
             except (ApiRequestError, RetriableError) as exc:
-                log.info("pending.not_yet", extra={"fields": {"id": alert_id, "error": str(exc)}})
+                if record.attempts + 1 >= OWED_MAX_ATTEMPTS:
+                    self._give_up(record, f"{record.attempts + 1} fetches failed: {exc}", now)
+                else:
+                    self.pending.failed(record, str(exc))
+                if isinstance(exc, RetriableError):
+                    log.info("pending.api_unwell", extra={"fields": {"error": str(exc)}})
+                    return
                 continue
             item = classify(raw)
             if not isinstance(item, Alert) or item.id != alert_id:
+                self._give_up(record, "the API's answer is not this alert's record", now)
                 continue
             status = "dismissed" if item.raw.get("isDismissed") else "active"
             outcome = self.archive.take(item, status, now)
@@ -381,6 +423,11 @@ class Cycle:
             else:
                 summary.already_archived += 1
             self.pending.done(alert_id)
+
+    def _give_up(self, record: Owed, reason: str, now: datetime) -> None:
+        assert self.pending is not None
+        log.warning("pending.given_up", extra={"fields": {"id": record.alert_id, "reason": reason}})
+        self.pending.give_up(record, reason, now)
 
     def _settle_pending(self, seen_now: dict[str, int], owed: set[str]) -> None:
         """Pushed alerts this chunk read now have their full record (written, or there)."""
