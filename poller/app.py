@@ -19,6 +19,7 @@ import requests
 from botocore.config import Config
 from prometheus_client import CollectorRegistry
 
+from poller.archive.allowance import PrefixAllowance
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
@@ -253,7 +254,15 @@ def build(
     stop = stop or threading.Event()
     if sleep is time.sleep:
         sleep = interruptible_sleep(stop)
-    budget = RequestBudget(ts.requests_per_minute, sleep=sleep)
+    run_id = run_id or new_run_id()
+    client = s3 if s3 is not None else s3_client(settings.s3)
+    store = S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock)
+    layout = Layout(settings.s3.prefix)
+    # The budget is the prefix's (SPEC, A good API citizen): every process on this bucket
+    # and prefix takes its requests from one ledger in the bucket, reached through the
+    # API side's SharedAllowance protocol.
+    allowance = PrefixAllowance(store, layout, ts.requests_per_minute, run_id, sleep=sleep)
+    budget = RequestBudget(ts.requests_per_minute, sleep=sleep, shared=allowance)
     api = ThreatStackClient(
         ts,
         session or requests.Session(),
@@ -261,17 +270,16 @@ def build(
         RetryPolicy(max_attempts=ts.max_attempts, max_delay_seconds=ts.max_retry_seconds),
         sleep,
     )
-    client = s3 if s3 is not None else s3_client(settings.s3)
     return Runtime(
         settings=settings,
-        run_id=run_id or new_run_id(),
+        run_id=run_id,
         mode=mode,
         clock=clock,
         api=api,
         budget=budget,
-        store=S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock),
+        store=store,
         s3_requests=count_requests(client),
-        layout=Layout(settings.s3.prefix),
+        layout=layout,
         stop=stop,
     )
 

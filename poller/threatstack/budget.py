@@ -4,6 +4,11 @@ A sliding window: never more than ``per_minute`` requests start in any 60-second
 (plus a small margin, so the server, which counts arrivals, sees the same). The server's
 own hints (``x-rate-limit-remaining`` / ``x-rate-limit-reset`` in ms, ``Retry-After``) can
 only make it slower, and every wait is clamped to [0, window + margin].
+
+The budget belongs to the prefix, not the process (SPEC, *A good API citizen*): when
+``shared`` is given, every request also takes a slot from it, and that allowance is what
+every process on the same bucket and prefix shares (``poller.app`` builds it on the bucket
+side; this side knows only the ``SharedAllowance`` protocol).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 WINDOW_SECONDS = 60.0
 # Requests are timed when they leave; the server times them when they arrive. A margin
@@ -38,6 +44,13 @@ def clamp_wait(seconds: float | None, ceiling: float = WINDOW_SECONDS + MARGIN_S
     return min(max(seconds, 0.0), ceiling)
 
 
+class SharedAllowance(Protocol):
+    """Request slots shared with the other processes working on the same prefix."""
+
+    def take(self) -> None:
+        """Block until one more request may start, by every process's count, and count it."""
+
+
 class RequestBudget:
     def __init__(
         self,
@@ -45,6 +58,7 @@ class RequestBudget:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], float] = time.time,
+        shared: SharedAllowance | None = None,
     ) -> None:
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
@@ -55,6 +69,7 @@ class RequestBudget:
         self._started: deque[float] = deque()
         self._not_before = 0.0
         self._lock = threading.Lock()
+        self.shared = shared
 
     def next_wait(self) -> float:
         """Seconds to wait before the next request may start (0 when it may start now)."""
@@ -68,14 +83,21 @@ class RequestBudget:
         return clamp_wait(max(wait, self._not_before - now))
 
     def acquire(self) -> None:
-        """Block until a request may start, then count it."""
+        """Block until a request may start, then count it (here, and in ``shared``)."""
         while True:
             with self._lock:
                 wait = self.next_wait()
                 if wait <= 0:
-                    self._started.append(self._clock())
-                    return
+                    if self.shared is None:
+                        self._started.append(self._clock())
+                        return
+                    break
             self._sleep(wait)
+        # The prefix's slot is taken last, so the request leaves right after it is granted;
+        # it is counted here from then on.
+        self.shared.take()
+        with self._lock:
+            self._started.append(self._clock())
 
     def recent(self) -> list[float]:
         """Wall-clock (epoch) start times of the requests still inside the window, for the
