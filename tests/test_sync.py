@@ -509,3 +509,38 @@ def test_a_failing_owed_fetch_ends_the_owed_fetches_of_the_cycle(world: World):
     run_with_pending(world, pending)
     assert world.source.requests_sent - before == 2 + 1
     assert len(pending.ids()) == 5  # still owed, one of them with one failed attempt
+
+
+def test_a_chunk_too_long_for_its_deadline_is_split_and_committed_in_parts(world: World):
+    """Three hours in one chunk hold 40 alerts: 14 pages of 3, at 100 s of monotonic time a
+    page, where a listing is given 4 pages (400 s). Read whole it could never finish, cycle
+    after cycle; split in halves (each with its own time) it completes in one cycle, each
+    part committed on its own, and nothing archived by the abandoned listing is written
+    twice."""
+    world.settings = CycleSettings(
+        ("active",),
+        timedelta(seconds=900),
+        timedelta(seconds=60),
+        "3h",
+        4,
+        seconds_per_listing=400,
+        deadline_floor_seconds=0,
+        pages_per_listing=4,
+    )
+    expected = {f"alert{i:04d}" for i in range(40)}
+    for i in range(40):
+        world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=175 - 4 * i))
+    ticks = iter(range(0, 100_000, 100))
+    cycle = world.make_cycle()
+    cycle.monotonic = lambda: float(next(ticks))
+    world.lease.acquire()
+    try:
+        summary = cycle.run()
+    finally:
+        world.lease.release()
+    history = world.store.snapshot()
+    assert world.archived_ids() == expected
+    assert world.checkpoint()["watermark"] == "2026-11-25T11:59:00Z"
+    assert summary.chunks_done == summary.chunks_total > 1
+    assert summary.archived == 40  # each written once: re-listed ones cost no S3 write
+    assert len([k for k in history if k.startswith("alerts/")]) == 40

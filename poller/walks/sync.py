@@ -18,6 +18,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,6 +97,16 @@ class ChunkPlan(Protocol):
         """Every alert of the chunk is archived or quarantined: record it (the lease is ours)."""
 
 
+# A listing (one chunk, one status) is given time for this many pages at the request budget.
+PAGES_PER_LISTING = 100
+# A chunk shorter than this is never split further (a second of alerts is read whole).
+MIN_SPLIT = timedelta(seconds=4)
+
+
+class ChunkTooLong(Exception):
+    """A listing needs more pages than the cycle gave it time for: split its chunk."""
+
+
 @dataclass(frozen=True)
 class CycleSettings:
     statuses: tuple[str, ...]
@@ -109,6 +120,8 @@ class CycleSettings:
     seconds_per_listing: float = 60.0  # PAGES_PER_LISTING requests at the budget
     deadline_floor_seconds: float = 780.0  # one whole retry span of a request, and margin
     owed_fetches: int = 10  # owed full records fetched per cycle at most (owed_fetches())
+    # A listing that needs more pages than this is split (see Cycle.walk).
+    pages_per_listing: int = PAGES_PER_LISTING
 
 
 @dataclass
@@ -156,10 +169,6 @@ OWED_BUDGET_SHARE = 0.1
 def owed_fetches(requests_per_minute: int) -> int:
     """Owed full records fetched per cycle at most: a tenth of a minute's budget, at least 1."""
     return max(1, int(requests_per_minute * OWED_BUDGET_SHARE))
-
-
-# A listing (one chunk, one status) is given time for this many pages at the request budget.
-PAGES_PER_LISTING = 100
 
 
 def cycle_deadline(settings: CycleSettings, chunk_count: int) -> float:
@@ -355,20 +364,54 @@ class Cycle:
             },
         )
         owed = set(self.pending.ids()) if self.pending is not None else set()
-        for done, (chunk_since, chunk_until) in enumerate(pieces, start=1):
+        todo = deque(pieces)
+        carried: dict[str, int] = {}  # archived by a listing that was split, not committed
+        done = 0
+        while todo:
+            chunk_since, chunk_until = todo.popleft()
             if plan.skip(chunk_since, chunk_until):
+                done += 1
                 summary.chunks_skipped += 1
                 self.observer.committed(summary, done)
                 continue
             seen_now: dict[str, int] = {}
             if chunk_since < chunk_until:  # the API wants from < until
-                seen_now = self._archive_window(plan.known, chunk_since, chunk_until, now, summary)
+                known = {**plan.known, **carried} if carried else plan.known
+                splittable = chunk_until - chunk_since >= MIN_SPLIT
+                try:
+                    seen_now = self._archive_window(
+                        known, chunk_since, chunk_until, now, summary, splittable
+                    )
+                except ChunkTooLong as too_long:
+                    todo.extendleft(reversed(self._split(chunk_since, chunk_until, summary)))
+                    carried.update(too_long.args[0])
+                    continue
             self._fence()
             plan.finish(chunk_since, chunk_until, seen_now, summary)
             self._settle_pending(seen_now, owed)
+            done += 1
             summary.chunks_done += 1
             self.observer.committed(summary, done)
         self._fetch_owed(owed, now, summary)
+
+    def _split(
+        self, since: datetime, until: datetime, summary: Summary
+    ) -> list[tuple[datetime, datetime]]:
+        """Two halves of a chunk whose listing is too long for the time it was given, each
+        committed on its own: a long chunk makes progress that survives the deadline, which
+        grows by the two new listings' time per status."""
+        middle = floor_second(since + (until - since) / 2)
+        halves = [(since, middle), (middle - OVERLAP, until)]
+        summary.chunks_total += 1
+        extra = 2 * len(self.settings.statuses) * self.settings.seconds_per_listing
+        if self.settings.max_cycle is None:
+            self._deadline += extra
+            self._deadline_seconds += extra
+        log.info(
+            "chunk.split",
+            extra={"fields": {"from": iso_z(since), "until": iso_z(until), "at": iso_z(middle)}},
+        )
+        return halves
 
     def _fetch_owed(self, owed: set[str], now: datetime, summary: Summary) -> None:
         """Pushed alerts the window did not list (created before it: a batch re-sent after
@@ -503,14 +546,20 @@ class Cycle:
         until: datetime,
         now: datetime,
         summary: Summary,
+        splittable: bool = False,
     ) -> dict[str, int]:
+        """Read and archive one chunk; ChunkTooLong (carrying what was taken) when a
+        ``splittable`` chunk's listing needs more than ``pages_per_listing`` pages."""
         seen_now: dict[str, int] = {}
         writer = BoundedWriter(self.settings.max_concurrency)
         try:
             for status in poll_order(self.settings.statuses):
-                for page in self.source.list_alerts(status, since, until):
+                for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
                     if self.should_stop():
                         raise Stopped()
+                    if splittable and pages > self.settings.pages_per_listing:
+                        writer.finish()  # what was handed over is archived: carried, not lost
+                        raise ChunkTooLong(dict(seen_now))
                     self._check_deadline()
                     for raw in page:
                         self._take(raw, status, known, seen_now, writer, until, now, summary)
