@@ -256,7 +256,7 @@ def _walk_command(
 
 
 def cmd_run(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
-    from poller.serving.daemon import Daemon  # apscheduler is only needed here
+    from poller.serving.daemon import Daemon
 
     return Daemon(build(settings, "run", run_id=run_id), utc_now).run()
 

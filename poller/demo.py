@@ -2,7 +2,7 @@
 server, with nothing to configure; a live view while it runs, a tour of the archive after.
 
 moto is an optional extra (``pip install 'poller[demo]'``); without it the demo says so in
-one line and exits 2. The daemon is exactly ``poller run``'s (APScheduler job, HTTP health
+one line and exits 2. The daemon is exactly ``poller run``'s (a cycle every interval, HTTP health
 and metrics, graceful stop on Ctrl-C); only its world is local.
 """
 

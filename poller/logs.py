@@ -76,7 +76,7 @@ def configure(level: str, fmt: str, run_id: str, stream: TextIO | None = None) -
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Library chatter: mohawk logs header values at debug, botocore its internals.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "apscheduler"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # mohawk warns "seen_nonce was None" on every verified response: nonces are the
     # server's business (the vendor's example calls the warning harmless).

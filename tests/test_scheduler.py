@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -12,17 +13,35 @@ import pytest
 from poller.config import Settings
 from poller.errors import ApiAuthError, LeaseHeld, Stopped
 from poller.serving import daemon as scheduler
-from poller.serving.daemon import Daemon
+from poller.serving.daemon import FAILURES_BEFORE_RED, Daemon
 from poller.threatstack.budget import RequestBudget
 from poller.walks.sync import Summary
 
 T0 = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
 
+class Clocks:
+    """The wall clock (which can step) and the monotonic clock (which only moves on)."""
+
+    def __init__(self) -> None:
+        self.wall = T0
+        self.mono = 1000.0
+
+    def pass_time(self, delta: timedelta) -> None:
+        self.wall += delta
+        self.mono += delta.total_seconds()
+
+    def __getitem__(self, _: int) -> datetime:  # now[0]: the wall clock, as before
+        return self.wall
+
+    def __setitem__(self, _: int, value: datetime) -> None:  # real time passing
+        self.pass_time(value - self.wall)
+
+
 def make_daemon(
     monkeypatch: pytest.MonkeyPatch, outcome: BaseException | None
-) -> tuple[Daemon, list[datetime]]:
-    now = [T0]
+) -> tuple[Daemon, Clocks]:
+    now = Clocks()
     runtime: Any = SimpleNamespace(
         settings=Settings(), stop=threading.Event(), run_id="r", budget=RequestBudget(100)
     )
@@ -35,7 +54,7 @@ def make_daemon(
         return summary
 
     monkeypatch.setattr(scheduler, "run_cycle", fake_cycle)
-    return Daemon(runtime, lambda: now[0]), now
+    return Daemon(runtime, lambda: now.wall, lambda: now.mono), now
 
 
 @pytest.mark.parametrize(
@@ -92,3 +111,55 @@ def test_healthz_fails_when_nothing_progresses_for_the_stall_bound(
     assert ok is False and state["stall_after_s"] == 1141
     daemon.page(Summary(mode="run", run_id="r"))  # any page read or commit brings it back
     assert daemon.alive()[0] is True
+
+
+def test_healthz_turns_red_after_five_failed_cycles_in_a_row_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Failing cycles are not progress, even if each reads a page before it fails."""
+    daemon, now = make_daemon(monkeypatch, ApiAuthError("Threat Stack rejected (401)"))
+    for n in range(1, FAILURES_BEFORE_RED):
+        daemon.cycle()
+        now.pass_time(timedelta(seconds=300))
+        assert daemon.alive()[0] is True, n
+    daemon.cycle()
+    ok, state = daemon.alive()
+    assert ok is False
+    assert state["reason"] == "5 cycles in a row failed; the last: Threat Stack rejected (401)"
+    ready, why = daemon.ready()
+    assert ready is False and why["last_error"] == "Threat Stack rejected (401)"
+    failures = daemon.metrics.registry.get_sample_value("poller_failed_cycles_in_a_row")
+    assert failures == FAILURES_BEFORE_RED
+
+
+@pytest.mark.parametrize("step", [timedelta(hours=-1), timedelta(hours=1)])
+def test_the_daemon_keeps_its_cadence_and_health_when_the_wall_clock_steps(
+    monkeypatch: pytest.MonkeyPatch, step: timedelta
+):
+    """The wall clock steps an hour back (or forward) after the second cycle: cycles go on
+    every interval of monotonic time, and /healthz stays green (progress is real)."""
+    daemon, now = make_daemon(monkeypatch, None)
+    starts: list[float] = []
+    health: list[bool] = []
+    original = daemon.cycle
+
+    def cycle() -> None:
+        starts.append(now.mono)
+        health.append(daemon.alive()[0])
+        original()
+        now.pass_time(timedelta(seconds=20))  # the cycle's own work
+        if len(starts) == 2:
+            now.wall += step  # NTP, a resumed VM, a manual fix
+        if len(starts) == 6:
+            daemon.runtime.stop.set()
+
+    def wait(seconds: float) -> bool:
+        now.pass_time(timedelta(seconds=seconds))
+        health.append(daemon.alive()[0])
+        return daemon.runtime.stop.is_set()
+
+    daemon.cycle = cycle  # type: ignore[method-assign]
+    daemon.loop(wait)
+    assert [b - a for a, b in itertools.pairwise(starts)] == [300.0] * 5
+    assert all(health)
+    assert daemon.ready()[0] is True

@@ -1,24 +1,27 @@
-"""The daemon: a ``sync`` cycle every ``sync.interval_seconds`` (APScheduler 3), health and
-metrics over HTTP, and a graceful stop on SIGTERM/SIGINT.
+"""The daemon: a ``sync`` cycle every ``sync.interval_seconds``, health and metrics over
+HTTP, and a graceful stop on SIGTERM/SIGINT.
 
-APScheduler 3 installs no signal handlers, so we do: a signal sets the stop event (which
-cuts backoff sleeps short and stops the cycle between pages, releasing the lease) and shuts
-the scheduler down; the process exits once the running cycle has unwound.
+Cadence and liveness are measured on the monotonic clock, never the wall clock: the wall
+clock steps (NTP corrections, a VM resumed, a manual fix), and a scheduler that waits for a
+wall-clock instant (APScheduler 3's interval trigger, used here before) stalls for an hour
+when the clock steps back an hour. The loop waits on the stop event, which cuts the wait
+short on SIGTERM; a signal also stops the cycle between pages, releasing the lease. The wall
+clock is only shown (``last_progress``, metrics' timestamps).
+
+Liveness is real progress: a page read, a chunk committed, a cycle that ended well or found
+another writer. Failed cycles are not progress: FAILURES_BEFORE_RED of them in a row turn
+``/healthz`` red with the last error, so the orchestrator restarts the process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
-from datetime import UTC, datetime, timedelta
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
-
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers import SchedulerNotRunningError
-from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from poller.app import Runtime, longest_request_seconds, run_cycle
 from poller.errors import LeaseHeld, PollerError, Stopped
@@ -29,36 +32,46 @@ from poller.walks.sync import Summary
 
 log = logging.getLogger(__name__)
 
+# Failed (or crashed) cycles in a row before /healthz turns red.
+FAILURES_BEFORE_RED = 5
+
 
 class Daemon:
-    def __init__(self, runtime: Runtime, clock: Clock) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        clock: Clock,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.runtime = runtime
-        self.clock = clock
+        self.clock = clock  # the wall clock: shown, never measured with
+        self.monotonic = monotonic
         self.metrics = Metrics()
         self.interval = runtime.settings.sync.interval_seconds
         self.last_outcome: str | None = None
         self.last_success: datetime | None = None
+        self.last_error: str | None = None
+        self.failures_in_a_row = 0
         # Liveness: something must happen (a page read, a chunk committed, a cycle ended)
         # at least this often, or /healthz fails and Kubernetes restarts the pod.
         self.stall_after = timedelta(
             seconds=self.interval + longest_request_seconds(runtime.settings) + 60
         )
         self.last_progress = clock()
+        self._progress_at = monotonic()
+        self._success_at: float | None = None
         self._cycle_lock = threading.Lock()
-        self._scheduler: BlockingScheduler | None = None
         self.http_port: int | None = None  # the port actually bound (http.port may be busy)
 
-    def _shutdown(self) -> None:
-        if self._scheduler is not None:
-            with contextlib.suppress(SchedulerNotRunningError):
-                self._scheduler.shutdown(wait=False)
+    def _progressed(self) -> None:
+        self.last_progress = self.clock()
+        self._progress_at = self.monotonic()
 
     # ------------------------------------------------------------------ one cycle
     def cycle(self) -> None:
         """One sync cycle; never raises (the next interval is the retry)."""
         with self._cycle_lock:
             if self.runtime.stop.is_set():
-                self._shutdown()  # a stop that came before the scheduler was running
                 return
             summary = Summary(mode="run", run_id=self.runtime.run_id)
             outcome = "ok"
@@ -79,45 +92,65 @@ class Daemon:
                 outcome = "crashed"
                 log.exception("cycle.crashed")
             now = self.clock()
-            self.last_progress = now
             self.last_outcome = outcome
             if outcome in ("ok", "lease_held"):
+                self._progressed()
                 self.last_success = now
+                self._success_at = self.monotonic()
+                self.failures_in_a_row = 0
+                self.last_error = None
+            elif outcome in ("failed", "crashed"):
+                # Not progress: the same failure cycle after cycle must turn /healthz red.
+                self.failures_in_a_row += 1
+                self.last_error = summary.error or "the cycle crashed (see the log)"
             self.metrics.observe(summary, outcome, now)
+            self.metrics.failures_in_a_row.set(self.failures_in_a_row)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
             self.metrics.budget.set(self.runtime.budget.per_minute)
 
     # A CycleObserver: every page and commit is progress, for liveness.
     def started(self, summary: Summary, chunk_count: int) -> None:
-        self.last_progress = self.clock()
+        self._progressed()
 
     def page(self, summary: Summary) -> None:
-        self.last_progress = self.clock()
+        self._progressed()
 
     def committed(self, summary: Summary, chunks_done: int) -> None:
-        self.last_progress = self.clock()
+        self._progressed()
 
     # ------------------------------------------------------------------ health
     def alive(self) -> tuple[bool, dict[str, Any]]:
-        """Alive unless nothing has progressed for ``stall_after`` (a hung cycle, or a
-        scheduler that stopped scheduling)."""
-        idle = self.clock() - self.last_progress
-        state = {
+        """Alive unless nothing has progressed for ``stall_after`` on the monotonic clock (a
+        hung cycle, a stalled loop) or FAILURES_BEFORE_RED cycles in a row failed."""
+        idle = self.monotonic() - self._progress_at
+        state: dict[str, Any] = {
             "last_progress": iso_z(self.last_progress),
-            "idle_s": round(idle.total_seconds(), 1),
+            "idle_s": round(idle, 1),
             "stall_after_s": round(self.stall_after.total_seconds()),
+            "failed_cycles_in_a_row": self.failures_in_a_row,
         }
-        return idle <= self.stall_after, state
+        if self.failures_in_a_row >= FAILURES_BEFORE_RED:
+            state["reason"] = (
+                f"{self.failures_in_a_row} cycles in a row failed; the last: {self.last_error}"
+            )
+            return False, state
+        if idle > self.stall_after.total_seconds():
+            state["reason"] = f"nothing progressed for {idle:.0f}s"
+            return False, state
+        return True, state
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ready once a cycle succeeded (or found another writer) within 3 intervals."""
         state: dict[str, Any] = {
             "last_outcome": self.last_outcome,
             "last_success": iso_z(self.last_success) if self.last_success else None,
+            "failed_cycles_in_a_row": self.failures_in_a_row,
         }
-        if self.last_success is None:
+        if self.last_error:
+            state["last_error"] = self.last_error
+        if self._success_at is None:
             return False, state
-        fresh = self.clock() - self.last_success <= timedelta(seconds=3 * self.interval + 60)
+        fresh = self.monotonic() - self._success_at <= 3 * self.interval + 60
         return fresh, state
 
     def serve_http(self, host: str, port: int) -> HttpServer | None:
@@ -139,33 +172,36 @@ class Daemon:
         return server
 
     # ------------------------------------------------------------------ the loop
+    def loop(self, wait: Callable[[float], bool] | None = None) -> None:
+        """A cycle at once, then one every ``interval`` seconds of monotonic time from the
+        start of the last (a cycle longer than the interval is followed at once: missed
+        runs coalesce), until the stop event is set. ``wait(seconds)`` returns True when
+        stopped (the stop event's own wait by default; tests inject one)."""
+        stop = self.runtime.stop
+        wait = wait or stop.wait
+        due = self.monotonic()
+        while not stop.is_set():
+            delay = due - self.monotonic()
+            if delay > 0 and wait(delay):
+                break
+            if stop.is_set():
+                break
+            started = self.monotonic()
+            self.cycle()
+            due = max(started + self.interval, self.monotonic())
+
     def run(self) -> int:
         settings = self.runtime.settings
-        scheduler = self._scheduler = BlockingScheduler(
-            timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
-        )
-        scheduler.add_job(
-            self.cycle,
-            IntervalTrigger(seconds=self.interval, timezone=UTC),
-            id="sync",
-            next_run_time=datetime.now(UTC),  # first cycle at once
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=self.interval,
-        )
 
         def on_signal(signum: int, _frame: object) -> None:
             log.warning("daemon.stopping", extra={"fields": {"signal": signum}})
             self.runtime.stop.set()
-            self._shutdown()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server = self.serve_http(settings.http.host, settings.http.port)
         log.info("daemon.started", extra={"fields": {"interval_s": self.interval}})
-        scheduler.start()  # returns after shutdown
-        with self._cycle_lock:  # wait for a running cycle to unwind and release its lease
-            pass
+        self.loop()  # returns once stopped, after the running cycle has unwound
         if server is not None:
             server.stop()
         log.info("daemon.stopped")
