@@ -16,6 +16,7 @@ from conftest import ROOT, MotoServer, poller_env
 from poller.archive.allowance import HORIZON_SECONDS, PrefixAllowance
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
+from poller.errors import ArchiveAccessError
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
 
@@ -93,3 +94,17 @@ def test_backfill_and_verify_together_stay_within_one_budget(
             for process in processes:
                 process.kill()
                 process.wait(timeout=10)
+
+
+def test_a_bucket_that_refuses_the_ledger_leaves_the_process_its_own_budget():
+    """A read-only role (verify without --repair) or a missing bucket: the API request is not
+    failed for it; sharing is off, with the reason, and the process's own budget holds."""
+
+    class ReadOnly(MemoryObjectStore):
+        def put(self, key: str, body: bytes, **conditions: Any) -> str:
+            raise ArchiveAccessError(f"S3 refused writing {key}: AccessDenied")
+
+    allowance = PrefixAllowance(ReadOnly(), Layout(), 20, "run", lambda: 0.0, lambda _: None)
+    allowance.take()
+    allowance.take()
+    assert allowance.unavailable is not None and "AccessDenied" in allowance.unavailable

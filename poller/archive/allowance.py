@@ -32,6 +32,7 @@ from typing import Any
 
 from poller.archive.records import Layout
 from poller.archive.store import ObjectStore, PreconditionFailed
+from poller.errors import ArchiveAccessError
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,26 @@ class PrefixAllowance:
         self._slots = 0
         self._usable_until = 0.0
         self.grants = 0  # grants this process took (each one GET and one PUT)
+        self.unavailable: str | None = None  # why sharing is off (the bucket refused it)
 
     def take(self) -> None:
         with self._lock:  # one thread asks the bucket at a time; the others wait here
-            while True:
+            while self.unavailable is None:
                 now = self._wall()
                 if self._slots > 0 and now <= self._usable_until:
                     self._slots -= 1
                     return
-                wait = self._grant(now)
+                try:
+                    wait = self._grant(now)
+                except ArchiveAccessError as exc:
+                    # A bucket this process may not write (a read-only role, no bucket): the
+                    # API call must not fail for it; the process keeps to its own budget.
+                    self.unavailable = str(exc)
+                    log.warning(
+                        "budget.not_shared",
+                        extra={"fields": {"error": str(exc), "key": self._key}},
+                    )
+                    return
                 if wait > 0:
                     log.info("budget.shared_wait", extra={"fields": {"wait_s": round(wait, 3)}})
                     self._sleep(wait)
