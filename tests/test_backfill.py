@@ -29,7 +29,6 @@ from conftest import (
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
 
-
 ALERTS_IN_THE_MONTH = 900
 
 
