@@ -307,15 +307,12 @@ class Cycle:
         on failure; the chunk that failed, and any after it, are not committed. The run's
         request counts and duration are the caller's (``poller.app.run_cycle``)."""
         summary = summary or Summary(mode=self.mode, run_id=self.run_id)
-        self._run(summary)
-        return summary
-
-    def _run(self, summary: Summary) -> None:
         now = self.clock()
         checkpoint = self.checkpoints.load()
         self.check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
+        return summary
 
     def walk(
         self,
