@@ -154,13 +154,14 @@ class Runtime:
             recent_requests=self.budget.recent,
         )
 
-    def verifier(self) -> Verifier:
+    def verifier(self, observer: CycleObserver | None = None) -> Verifier:
         return Verifier(
             self.api,
             self.store,
             Archive(self.store, self.layout, self.settings.threatstack.org_id),
             self.settings.threatstack.statuses,
             self.clock,
+            observer,
         )
 
     def pending(self) -> PendingRecords:

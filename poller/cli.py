@@ -161,12 +161,13 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     since, until = _range(settings, args)
     runtime = build(settings, "verify", run_id=run_id)
     summary = Summary(mode="verify", run_id=run_id)
-    verifier = runtime.verifier()
     ts = settings.threatstack
     pace = Pace(len(ts.statuses) * 60.0 / ts.requests_per_minute)
     progress = ChunkProgress(console_for(sys.stderr), pace) if sys.stderr.isatty() else None
-    verifier.observer = Observers(
-        *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+    verifier = runtime.verifier(
+        Observers(
+            *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+        )
     )
     try:
         with runtime.requests.measure(summary):
