@@ -468,10 +468,19 @@ def test_40_slow_senders_hold_no_worker_of_the_daemon(
     assert "Traceback" not in "".join(line for line in err.splitlines() if line[:1] != "{")
 
 
+BURST = 400
+
+
 @pytest.mark.faults
-def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_next_sync(
+def test_a_burst_of_webhooks_is_all_answered_200_and_archived_after_the_next_sync(
     moto_server: MotoServer, s3: Any, bucket: str
 ):
+    """BURST one-alert webhooks from 16 senders: every answer 200, memory bounded, detail
+    fetches within half the budget, and the next sync writes what they left at one request
+    per hundred. 400 is the smallest burst that proves it: more than the detail queue (256)
+    plus the fetches half of a 100/min budget allows, so the queue overflows and alerts are
+    left to the sync, as in a real flood. 2,000 proved the same in 248 s on a loaded machine
+    (load 30+ on 2 cores; 17 pushes/s); 400 takes a fifth of that."""
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
@@ -481,7 +490,7 @@ def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_nex
 
     with Simulator(seed=61, faults=Faults(org_limit_per_minute=200)) as sim:
         now = utc_now()
-        alerts = sim.generate(2000, now - timedelta(minutes=12), now - timedelta(minutes=2))
+        alerts = sim.generate(BURST, now - timedelta(minutes=12), now - timedelta(minutes=2))
         port = free_port()
         env = poller_env(
             sim,
@@ -509,8 +518,8 @@ def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_nex
             with ThreadPoolExecutor(16) as pool:
                 codes = list(pool.map(push, alerts))
             rate = len(codes) / (time.monotonic() - started)
-            assert codes == [200] * 2000, {c for c in codes if c != 200}
-            print(f"2000 webhooks at {rate:.0f}/s")
+            assert codes == [200] * BURST, {c for c in codes if c != 200}
+            print(f"{BURST} webhooks at {rate:.0f}/s")
             peak_kib = int(
                 next(
                     line.split()[1]
@@ -520,7 +529,7 @@ def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_nex
             )
             assert peak_kib < 200 * 1024  # bounded: no queue grows with the burst
             keys = bucket_listing(s3, bucket)
-            assert len([k for k in keys if k.startswith("webhooks/")]) == 2000
+            assert len([k for k in keys if k.startswith("webhooks/")]) == BURST
         finally:
             server.stop()
         detail_requests = [r for r in sim.requests if r.path.startswith("/v2/alerts/")]
@@ -529,10 +538,12 @@ def test_a_burst_of_2000_webhooks_is_all_answered_200_and_archived_after_the_nex
         assert all(
             len([t for t in fetched_at if start <= t < start + 60]) <= 50 for start in fetched_at
         )
+        owed = [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/pending/")]
+        assert owed  # the burst outran the detail fetches: the sync has work to prove
         result = run_poller(["sync"], env, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         summary = summary_of(result)
-        assert summary["api_requests"] <= 2 + 2000 // 100 + 2  # one request per hundred
+        assert summary["api_requests"] <= 2 + BURST // 100 + 2  # one request per hundred
         assert_exact_archive(s3, bucket, sim, bodies=False)
         assert not [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/pending/")]
         assert sim.org_limited == 0 and sim.max_requests_in_any_window(60.0) <= 200
