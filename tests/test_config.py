@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from poller.config import REQUIRED_API, REQUIRED_S3, Secret, Settings, load_settings
+from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import ConfigError
 
 KEY = "very-secret-api-key-value"
@@ -61,7 +62,7 @@ def test_spec_environment_names(tmp_path: Path):
     settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
     assert settings.threatstack.base_url == "http://127.0.0.1:8900"
     assert (settings.threatstack.user_id, settings.threatstack.org_id) == ("user", "org")
-    assert settings.threatstack.api_key.reveal() == KEY
+    assert settings.threatstack.api_key.get_secret_value() == KEY
     assert settings.s3.bucket == "archive"
     assert settings.s3.prefix == "team/threatstack"
     assert settings.threatstack.statuses == ("dismissed",)
@@ -80,7 +81,7 @@ def test_credentials_from_files(tmp_path: Path):
     settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
     assert settings.threatstack.user_id == "u1"
     assert settings.threatstack.org_id == "o1"
-    assert settings.threatstack.api_key.reveal() == KEY
+    assert settings.threatstack.api_key.get_secret_value() == KEY
 
 
 def test_every_problem_is_reported_at_once_with_key_and_source(tmp_path: Path):
@@ -151,7 +152,7 @@ def test_the_example_config_file_is_valid():
 
 def test_secrets_never_show(tmp_path: Path):
     settings = load_settings(None, environ={"THREATSTACK_API_KEY": KEY})
-    for text in (repr(settings), str(settings), repr(settings.threatstack), f"{Secret(KEY)}"):
+    for text in (repr(settings), str(settings), repr(settings.threatstack), f"{SecretStr(KEY)}"):
         assert KEY not in text
     path = write(tmp_path, "threatstack:\n  api_key: [" + KEY + "]\n")
     with pytest.raises(ConfigError) as caught:

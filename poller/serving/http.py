@@ -126,7 +126,7 @@ class App:
         return [body]
 
     def _masked(self, path: str) -> str:
-        token = self.settings.token.reveal()
+        token = self.settings.token.get_secret_value()
         return path.replace(token, "***") if token else path
 
     def _route(self, environ: dict[str, Any], method: str, path: str) -> tuple[int, bytes, str]:
@@ -182,7 +182,7 @@ class App:
             given, remaining = parts[0], parts[1:]
         else:
             given, remaining = "", []
-        if not hmac.compare_digest(given.encode(), self.settings.token.reveal().encode()):
+        if not hmac.compare_digest(given.encode(), self.settings.token.get_secret_value().encode()):
             self.metrics.requests.labels("unauthorized").inc()
             raise PushRejected(401, "a valid token is required")
         return remaining
