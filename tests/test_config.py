@@ -267,16 +267,20 @@ def leaked(text: str) -> bool:
 def logged(record_settings: Settings, error: BaseException) -> str:
     """What poller's own log lines (JSON and text) make of the settings and of an error."""
     lines = io.StringIO()
-    log = logging.getLogger("poller.test_config")
-    for fmt in ("json", "text"):
-        logs.configure("DEBUG", fmt, "run-1", stream=lines)
-        log.info("settings", extra={"fields": {"settings": record_settings}})
-        log.error("failed", extra={"fields": {"error": str(error)}})
-        try:
-            raise error
-        except BaseException:
-            log.exception("crashed")
-    logging.getLogger().handlers.clear()
+    log, root = logging.getLogger("poller.test_config"), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for fmt in ("json", "text"):
+            logs.configure("DEBUG", fmt, "run-1", stream=lines)
+            log.info("settings", extra={"fields": {"settings": record_settings}})
+            log.error("failed", extra={"fields": {"error": str(error)}})
+            try:
+                raise error
+            except BaseException:
+                log.exception("crashed")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return lines.getvalue()
 
 
