@@ -536,7 +536,7 @@ def _reason(error: Any, declared: Declared) -> str:
     if kind in ("greater_than_equal", "less_than_equal"):
         return f"must be {_bounds(declared)}, got {given}"
     if kind == "literal_error":
-        return f"expected {context.get('expected')}, got {given!r}"
+        return f"expected one of {context.get('expected')}, got {given!r}"
     if kind == "too_short":
         return "at least one value is needed"
     if kind == "string_type":
