@@ -316,7 +316,12 @@ def test_a_secret_setting_never_shows_its_value(
         f"{declared.environment_names[0]}_FILE": str(utf16),
         f"{declared.env}X": SECRET,  # no such setting
     }
-    flags = [f"{declared.name}={SECRET}", f"{key}={SECRET}", f"{declared.name}", SECRET[:3]]
+    flags = [
+        f"{declared.name}={SECRET}",  # refused: a secret
+        f"{key}={SECRET}",  # malformed: no section
+        f"x{declared.name}={SECRET}",  # no such setting
+        f"{declared.name}",  # malformed: no value
+    ]
     errors = []
     for attempt in (
         lambda: load_settings(bad_file, environ={}, flags=flags),
