@@ -122,6 +122,14 @@ def _cidrs(raw: Any) -> tuple[str, ...]:
     return tuple(networks)
 
 
+def _topic_arns(raw: Any) -> tuple[str, ...]:
+    topics = _items(raw)
+    for topic in topics:
+        if not re.fullmatch(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]+", topic):
+            raise ValueError(f"not an SNS topic ARN: {topic!r}")
+    return tuple(topics)
+
+
 Text = Annotated[str, BeforeValidator(_text)]
 SecretText = Annotated[SecretStr, BeforeValidator(_text)]
 Whole = Annotated[int, BeforeValidator(_integer)]
@@ -133,6 +141,7 @@ Since = Annotated[str, BeforeValidator(_text), AfterValidator(_since)]
 UrlPath = Annotated[str, BeforeValidator(_text), AfterValidator(_path)]
 Statuses = Annotated[tuple[Literal["active", "dismissed"], ...], BeforeValidator(_items)]
 Networks = Annotated[tuple[str, ...], BeforeValidator(_cidrs)]
+TopicArns = Annotated[tuple[str, ...], BeforeValidator(_topic_arns)]
 StorageClass = Literal[
     "",
     "STANDARD",
@@ -308,17 +317,56 @@ class ReceiverSettings(_Section):
     token: SecretText = setting(
         SecretStr(""), "the push path's shared secret; unset: the receiver is off"
     )
+    previous_token: SecretText = setting(
+        SecretStr(""),
+        "also accepted for pushes during a token rotation (README, *Token rotation*)",
+    )
+    read_token: SecretText = setting(
+        SecretStr(""),
+        "the read-back routes' secret (`Authorization: Bearer`); unset: they are off",
+    )
     path: UrlPath = setting(
         "/api/v1/s3/alert", "where webhooks are posted (also under `/threatstack-to-s3`)"
     )
+    # A listener of its own, so a flood of the push port never reaches the health routes.
+    port: Whole = setting(
+        0,
+        "the push routes' own listener; 0: they share `http.port` with the health routes",
+        ge=0,
+        le=65_535,
+    )
     allow_cidrs: Networks = setting((), "source networks allowed to push (empty: any)")
+    trusted_proxies: Networks = setting(
+        (),
+        "networks of proxies (the ingress) whose `X-Forwarded-For` names the sender",
+    )
+    sns_topics: TopicArns = setting(
+        (),
+        "SNS topic ARNs whose subscription confirmations poller confirms"
+        " (others are logged with the URL)",
+    )
     max_body_bytes: Whole = setting(
-        1024 * 1024, "a larger push is refused (413)", ge=1024, le=64 * 1024 * 1024
+        1024 * 1024,
+        "a larger push, chunked or once decompressed, is refused (413)",
+        ge=1024,
+        le=64 * 1024 * 1024,
     )
-    threads: Whole = setting(
-        16, "HTTP workers: requests beyond wait in the accept queue", ge=1, le=256
+    max_header_bytes: Whole = setting(
+        16 * 1024, "request line and headers", ge=1024, le=1024 * 1024
     )
-    timeout_seconds: Number = setting(10.0, "a sender this slow is cut off", ge=0.5, le=300)
+    threads: Whole = setting(8, "workers; each runs one whole, already-read request", ge=1, le=256)
+    connection_limit: Whole = setting(
+        100,
+        "open connections per listener; beyond, it stops accepting until some close",
+        ge=2,
+        le=10_000,
+    )
+    timeout_seconds: Number = setting(
+        10.0, "a request must arrive whole within this from its first byte", ge=0.5, le=300
+    )
+    idle_timeout_seconds: Number = setting(
+        60.0, "a connection silent this long is closed", ge=1, le=3600
+    )
     tls_cert_file: Text = setting("", "TLS certificate (PEM) for users without an ingress")
     tls_key_file: Text = setting("", "its key")
 
