@@ -4,7 +4,9 @@ test_integration.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.archive.records import Layout
-from poller.archive.state import CheckpointStore, Lease
+from poller.archive.state import CheckpointStore, Lease, PendingRecords
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
 from poller.errors import (
@@ -26,10 +28,13 @@ from poller.errors import (
     LeaseLost,
     NotFound,
 )
+from poller.serving.pushes import PushedAlert, read_alert
+from poller.serving.receiver import DetailFetcher, Receiver
 from poller.walks.sync import (
     OWED_MAX_ATTEMPTS,
     OWED_NOT_FOUND_GRACE,
     Cycle,
+    CycleHooks,
     CycleSettings,
     Summary,
     cycle_deadline,
@@ -37,6 +42,7 @@ from poller.walks.sync import (
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LAYOUT = Layout()
+NO_HOOKS = CycleHooks()
 
 
 class FakeSource:
@@ -113,7 +119,12 @@ class World:
             ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
         )
 
-    def make_cycle(self) -> Cycle:
+    def make_cycle(
+        self,
+        mode: str = "sync",
+        hooks: CycleHooks = NO_HOOKS,
+        pending: PendingRecords | None = None,
+    ) -> Cycle:
         return Cycle(
             self.source,
             Archive(self.store, LAYOUT, "org"),
@@ -121,9 +132,10 @@ class World:
             self.lease,
             self.settings,
             lambda: self.now,
-            lambda: self.store.requests,
             "run",
-            "sync",
+            mode,
+            hooks,
+            pending,
         )
 
     def cycle(self) -> Summary:
@@ -382,8 +394,7 @@ def test_a_cycle_past_its_deadline_stops_keeps_committed_chunks_and_frees_the_le
     for i in range(6):
         world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=170 - 30 * i))
     ticks = iter(range(0, 10_000, 100))  # every page read costs 100 s of monotonic time
-    cycle = world.make_cycle()
-    cycle.monotonic = lambda: float(next(ticks))
+    cycle = world.make_cycle(hooks=CycleHooks(monotonic=lambda: float(next(ticks))))
     world.lease.acquire()
     try:
         with pytest.raises(CycleTimeout, match="deadline of 250s"):
@@ -428,8 +439,6 @@ def test_active_is_read_before_dismissed_whatever_the_configured_order(world: Wo
 def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world: World):
     """A webhook batch re-sent after an outage: its alerts are older than the look-back, so
     no listing brings them; the cycle fetches the owed ones by id and clears their markers."""
-    from poller.archive.state import PendingRecords
-
     world.cycle()  # the checkpoint: the next window starts 15 minutes back
     world.now += timedelta(minutes=5)
     world.source.add("pushed00old", ago(180))  # three hours old: in no window from now on
@@ -438,9 +447,7 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
     pending.add("invisible01")  # accepted, but the API does not show it yet (404)
     world.lease.acquire()
     try:
-        cycle = world.make_cycle()
-        cycle.pending = pending
-        summary = cycle.run()
+        summary = world.make_cycle(pending=pending).run()
     finally:
         world.lease.release()
     assert "pushed00old" in world.archived_ids()
@@ -451,9 +458,7 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
 def run_with_pending(world: World, pending: Any) -> Summary:
     world.lease.acquire()
     try:
-        cycle = world.make_cycle()
-        cycle.pending = pending
-        return cycle.run()
+        return world.make_cycle(pending=pending).run()
     finally:
         world.lease.release()
 
@@ -465,8 +470,6 @@ def test_owed_ids_the_api_has_not_are_given_up_and_do_not_block_a_real_one(world
     answer (recorded under unfetchable/, never asked again), the 500 stops the owed fetches
     of that cycle and is given up after OWED_MAX_ATTEMPTS. The real one is archived, and an
     idle cycle afterwards costs its usual two listings."""
-    from poller.archive.state import PendingRecords
-
     world.settings = replace(world.settings, owed_fetches=10)
     world.cycle()
     pending = PendingRecords(world.store, LAYOUT)
@@ -498,8 +501,6 @@ def test_owed_ids_the_api_has_not_are_given_up_and_do_not_block_a_real_one(world
 def test_a_failing_owed_fetch_ends_the_owed_fetches_of_the_cycle(world: World):
     """5xx answers (each already retried for its request's whole span) must not add up past
     the cycle's deadline: the first one ends this cycle's owed fetches."""
-    from poller.archive.state import PendingRecords
-
     world.cycle()
     pending = PendingRecords(world.store, LAYOUT)
     for n in range(5):
@@ -531,8 +532,7 @@ def test_a_chunk_too_long_for_its_deadline_is_split_and_committed_in_parts(world
     for i in range(40):
         world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=175 - 4 * i))
     ticks = iter(range(0, 100_000, 100))
-    cycle = world.make_cycle()
-    cycle.monotonic = lambda: float(next(ticks))
+    cycle = world.make_cycle(hooks=CycleHooks(monotonic=lambda: float(next(ticks))))
     world.lease.acquire()
     try:
         summary = cycle.run()
@@ -544,3 +544,67 @@ def test_a_chunk_too_long_for_its_deadline_is_split_and_committed_in_parts(world
     assert summary.chunks_done == summary.chunks_total > 1
     assert summary.archived == 40  # each written once: re-listed ones cost no S3 write
     assert len([k for k in history if k.startswith("alerts/")]) == 40
+
+
+def test_a_cycle_is_built_whole_and_nothing_is_set_on_it_afterwards(world: World):
+    """Every collaborator is a constructor argument: replacing one on a built cycle (as the
+    runner once set the lease check, the stop request and the observer) fails at once, and
+    so does adding an attribute the cycle does not declare."""
+    cycle = world.make_cycle()
+    for name in [f.name for f in dataclasses.fields(Cycle)] + ["observer", "should_stop"]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cycle, name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cycle.hooks, "observer", None)  # noqa: B010 - the hooks are frozen too
+
+
+def _push_then_poll(world: World, fetched_early: bool) -> tuple[set[str], int]:
+    """Push an alert created at 11:50:30; the API says it was created at 11:51:10 (the
+    next minute). With ``fetched_early`` the detail fetcher writes the full record before
+    the cycle. Returns the webhook keys, and the S3 requests of the cycle."""
+    pushed_at = datetime(2026, 11, 25, 11, 50, 30, tzinfo=UTC)
+    world.source.add("pushpoll01", pushed_at + timedelta(seconds=40))
+    pending = PendingRecords(world.store, LAYOUT)
+    archive = Archive(world.store, LAYOUT, "org")
+    fetcher = DetailFetcher(
+        world.source.get_alert, archive.store_full, pending, lambda: True, threading.Event()
+    )
+    pushed = read_alert({"id": "pushpoll01", "created_at": int(pushed_at.timestamp())}, "org")
+    assert isinstance(pushed, PushedAlert)
+    Receiver(world.store, LAYOUT, "org", None).take([pushed], NOW)
+    if fetched_early:
+        fetcher.fetch_one("pushpoll01", pushed.created)
+    world.lease.acquire()
+    try:
+        before = world.store.requests
+        world.make_cycle(pending=pending).run()
+        spent = world.store.requests - before
+    finally:
+        world.lease.release()
+    assert pending.ids() == []  # the cycle met it: nothing owed any more
+    assert "pushpoll01" in world.archived_ids()
+    return {k for k in world.store.snapshot() if k.startswith("webhooks/")}, spent
+
+
+@pytest.mark.parametrize("fetched_early", [False, True], ids=["owed", "fetched-early"])
+def test_an_alert_pushed_then_polled_with_created_at_one_minute_later_one_webhook_record(
+    world: World, fetched_early: bool
+):
+    """First record of either kind wins: the push wrote the webhook record under its own
+    minute (11:50), so the poll, which meets the alert under the API's 11:51, writes only the
+    full record. The pending marker (listed once a cycle) tells the cycle the alert was
+    pushed; the detail fetcher leaves it in place when the minutes differ. Cost: no more S3
+    requests than a cycle archiving an alert that was never pushed (6 each, counted)."""
+    keys, spent = _push_then_poll(world, fetched_early)
+    assert keys == {"webhooks/2026/11/25/11/50/pushpoll01"}
+
+    plain = World()
+    plain.source.add("pollonly01", datetime(2026, 11, 25, 11, 51, 10, tzinfo=UTC))
+    plain.lease.acquire()
+    try:
+        before = plain.store.requests
+        plain.make_cycle(pending=PendingRecords(plain.store, LAYOUT)).run()
+        plain_spent = plain.store.requests - before
+    finally:
+        plain.lease.release()
+    assert spent == plain_spent

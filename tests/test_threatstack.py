@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -10,9 +11,10 @@ import mohawk
 import pytest
 import requests
 import responses
+from pydantic import SecretStr
 from responses import registries
 
-from poller.config import Secret, ThreatStackSettings
+from poller.config import ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
     ApiRequestError,
@@ -29,7 +31,7 @@ from poller.timeutil import parse_instant, utc_now
 
 BASE = "https://api.example.test"
 SETTINGS = ThreatStackSettings(
-    base_url=BASE, user_id="user-1", org_id="org-1", api_key=Secret("k" * 40)
+    base_url=BASE, user_id="user-1", org_id="org-1", api_key=SecretStr("k" * 40)
 )
 SINCE = parse_instant("2026-11-24T00:00:00Z", utc_now())
 UNTIL = parse_instant("2026-11-25T00:00:00Z", utc_now())
@@ -87,7 +89,8 @@ def pages(tokens: list[Any], per_page: int = 2):
 @responses.activate
 def test_pages_until_token_ends_and_signs_the_exact_url():
     responses.add_callback(responses.GET, f"{BASE}/v2/alerts", callback=pages(["a+b/c==", None]))
-    client, _ = make_client()
+    budget = RequestBudget(10_000)
+    client = ThreatStackClient(SETTINGS, requests.Session(), budget, RetryPolicy(), time.sleep)
     got = list(client.list_alerts("active", SINCE, UNTIL))
     assert [len(p) for p in got] == [2, 2]
     first, second = (urlsplit(c.request.url) for c in responses.calls)
@@ -98,7 +101,7 @@ def test_pages_until_token_ends_and_signs_the_exact_url():
     }
     assert "token=a%2Bb%2Fc%3D%3D" in second.query  # URL-encoded, and signed as sent
     assert second.query.startswith("status=active&from=2026-11-24T00%3A00%3A00")
-    assert client.requests_sent == 2
+    assert budget.sent == 2  # the budget is the one count of API requests
 
 
 @pytest.mark.parametrize("end", [None, ""])

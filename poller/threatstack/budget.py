@@ -70,6 +70,13 @@ class RequestBudget:
         self._not_before = 0.0
         self._lock = threading.Lock()
         self.shared = shared
+        self._sent = 0
+
+    @property
+    def sent(self) -> int:
+        """Requests this process has let through so far (every attempt, retries included);
+        requests inherited from an earlier process are not counted here."""
+        return self._sent
 
     def next_wait(self) -> float:
         """Seconds to wait before the next request may start (0 when it may start now)."""
@@ -90,6 +97,7 @@ class RequestBudget:
                 if wait <= 0:
                     if self.shared is None:
                         self._started.append(self._clock())
+                        self._sent += 1
                         return
                     break
             self._sleep(wait)
@@ -98,6 +106,7 @@ class RequestBudget:
         self.shared.take()
         with self._lock:
             self._started.append(self._clock())
+            self._sent += 1
 
     def recent(self) -> list[float]:
         """Wall-clock (epoch) start times of the requests still inside the window, for the

@@ -129,7 +129,6 @@ class ThreatStackClient:
         self._budget = budget
         self._retry = retry
         self._sleep = sleep
-        self.requests_sent = 0
 
     def __repr__(self) -> str:
         return f"ThreatStackClient(base_url={self._settings.base_url!r}, user_id=..., api_key=***)"
@@ -203,13 +202,16 @@ class ThreatStackClient:
         self._budget.acquire()
         settings = self._settings
         sender = mohawk.Sender(
-            {"id": settings.user_id, "key": settings.api_key.reveal(), "algorithm": "sha256"},
+            {
+                "id": settings.user_id,
+                "key": settings.api_key.get_secret_value(),
+                "algorithm": "sha256",
+            },
             url,
             "GET",
             always_hash_content=False,
             ext=settings.org_id,
         )
-        self.requests_sent += 1
         started = time.monotonic()
         try:
             response = self._session.get(

@@ -47,7 +47,7 @@ OVERLAP = timedelta(seconds=1)
 
 
 class AlertSource(Protocol):
-    requests_sent: int
+    """The API side as a walk sees it (requests are counted by the runner, not here)."""
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
         """Pages of raw alert objects for one status, created in [since, until)."""
@@ -240,6 +240,32 @@ def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -
     return {key: created for key, created in seen.items() if created >= horizon}
 
 
+class Deadline:
+    """One walk's deadline on a monotonic clock, set when its chunks are known."""
+
+    def __init__(self, seconds: float, monotonic: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._monotonic = monotonic
+        self._at = monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self._monotonic() > self._at
+
+    def extend(self, seconds: float) -> None:
+        """More time, for work added while walking (a chunk split in two)."""
+        self.seconds += seconds
+        self._at += seconds
+
+    def check(self) -> None:
+        if self.passed():
+            raise CycleTimeout(
+                f"the cycle ran past its deadline of {self.seconds:.0f}s (derived from"
+                " its chunks and the request budget); committed chunks are kept and the next"
+                " run goes on from them. If the API is this slow, lower"
+                " sync.max_window_seconds or raise sync.max_cycle_seconds"
+            )
+
+
 class BoundedWriter:
     """Runs archive writes on a thread pool with a bounded queue; the first error wins."""
 
@@ -278,61 +304,46 @@ class BoundedWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class CycleHooks:
+    """How the runner reaches into a running cycle: whether the lease was lost in the
+    background, whether a stop was asked for (SIGTERM), who is told of progress, and the
+    monotonic clock of the deadline (tests tick it by hand)."""
+
+    lease_lost: Callable[[], LeaseLost | None] = lambda: None
+    should_stop: Callable[[], bool] = lambda: False
+    observer: CycleObserver = field(default_factory=Unobserved)
+    monotonic: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True, eq=False)
 class Cycle:
-    """Everything one cycle touches, given from outside (see ``poller.app``)."""
+    """Everything one cycle touches, given whole at construction (see ``poller.app``) and
+    never replaced afterwards: frozen, so a late assignment fails at once (and in mypy).
+    ``pending`` holds the pushed alerts still owed a full record (None: no push path)."""
 
-    def __init__(
-        self,
-        source: AlertSource,
-        archive: Archive,
-        checkpoints: CheckpointStore,
-        lease: Lease,
-        settings: CycleSettings,
-        clock: Clock,
-        s3_requests: Callable[[], int],
-        run_id: str,
-        mode: str = "sync",
-    ) -> None:
-        self.source = source
-        self.archive = archive
-        self.checkpoints = checkpoints
-        self.lease = lease
-        self.settings = settings
-        self.clock = clock
-        self.s3_requests = s3_requests
-        self.run_id = run_id
-        self.mode = mode
-        self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
-        self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
-        self.observer: CycleObserver = Unobserved()
-        self.pending: PendingRecords | None = None  # pushed alerts still owed a full record
-        self.monotonic: Callable[[], float] = time.monotonic
-        self._deadline = float("inf")
-        self._deadline_seconds = 0.0
+    source: AlertSource
+    archive: Archive
+    checkpoints: CheckpointStore
+    lease: Lease
+    settings: CycleSettings
+    clock: Clock
+    run_id: str
+    mode: str = "sync"
+    hooks: CycleHooks = CycleHooks()
+    pending: PendingRecords | None = None
 
-    def run(
-        self, summary: Summary | None = None, work: Callable[[Summary], None] | None = None
-    ) -> Summary:
-        """One cycle (or another ``work`` over this cycle's parts, such as a backfill) under
-        a lease the caller holds, filling ``summary`` as it goes. Raises on failure; the
-        chunk that failed, and any after it, are not committed."""
-        started = time.monotonic()
-        api_before, s3_before = self.source.requests_sent, self.s3_requests()
+    def run(self, summary: Summary | None = None) -> Summary:
+        """One cycle under a lease the caller holds, filling ``summary`` as it goes. Raises
+        on failure; the chunk that failed, and any after it, are not committed. The run's
+        request counts and duration are the caller's (``poller.app.run_cycle``)."""
         summary = summary or Summary(mode=self.mode, run_id=self.run_id)
-        try:
-            (work or self._run)(summary)
-        finally:
-            summary.api_requests = self.source.requests_sent - api_before
-            summary.s3_requests = self.s3_requests() - s3_before
-            summary.duration_s = round(time.monotonic() - started, 3)
-        return summary
-
-    def _run(self, summary: Summary) -> None:
         now = self.clock()
         checkpoint = self.checkpoints.load()
         self.check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
+        return summary
 
     def walk(
         self,
@@ -349,9 +360,8 @@ class Cycle:
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         pieces = list(chunks(since, until, self.settings.max_window, aligned))
         summary.chunks_total = len(pieces)
-        self._deadline_seconds = cycle_deadline(self.settings, len(pieces))
-        self._deadline = self.monotonic() + self._deadline_seconds
-        self.observer.started(summary, len(pieces))
+        deadline = Deadline(cycle_deadline(self.settings, len(pieces)), self.hooks.monotonic)
+        self.hooks.observer.started(summary, len(pieces))
         log.info(
             "cycle.start",
             extra={
@@ -359,7 +369,7 @@ class Cycle:
                     "mode": self.mode,
                     "window": summary.window,
                     "chunks": len(pieces),
-                    "deadline_s": round(self._deadline_seconds),
+                    "deadline_s": round(deadline.seconds),
                 }
             },
         )
@@ -372,18 +382,23 @@ class Cycle:
             if plan.skip(chunk_since, chunk_until):
                 done += 1
                 summary.chunks_skipped += 1
-                self.observer.committed(summary, done)
+                self.hooks.observer.committed(summary, done)
                 continue
+            if self.pending is not None and not todo and summary.chunks_total > 1:
+                # Listed again before the last chunk, where fresh pushes land: an alert
+                # pushed while a long walk ran is met as pushed, not as new (one LIST).
+                owed |= set(self.pending.ids())
             seen_now: dict[str, int] = {}
             if chunk_since < chunk_until:  # the API wants from < until
                 known = {**plan.known, **carried} if carried else plan.known
                 splittable = chunk_until - chunk_since >= MIN_SPLIT
                 try:
                     seen_now = self._archive_window(
-                        known, chunk_since, chunk_until, now, summary, splittable
+                        known, chunk_since, chunk_until, now, summary, deadline, owed, splittable
                     )
                 except ChunkTooLong as too_long:
-                    todo.extendleft(reversed(self._split(chunk_since, chunk_until, summary)))
+                    halves = self._split(chunk_since, chunk_until, summary, deadline)
+                    todo.extendleft(reversed(halves))
                     carried.update(too_long.args[0])
                     continue
             self._fence()
@@ -391,11 +406,11 @@ class Cycle:
             self._settle_pending(seen_now, owed)
             done += 1
             summary.chunks_done += 1
-            self.observer.committed(summary, done)
-        self._fetch_owed(owed, now, summary)
+            self.hooks.observer.committed(summary, done)
+        self._fetch_owed(owed, now, summary, deadline)
 
     def _split(
-        self, since: datetime, until: datetime, summary: Summary
+        self, since: datetime, until: datetime, summary: Summary, deadline: Deadline
     ) -> list[tuple[datetime, datetime]]:
         """Two halves of a chunk whose listing is too long for the time it was given, each
         committed on its own: a long chunk makes progress that survives the deadline, which
@@ -405,15 +420,16 @@ class Cycle:
         summary.chunks_total += 1
         extra = 2 * len(self.settings.statuses) * self.settings.seconds_per_listing
         if self.settings.max_cycle is None:
-            self._deadline += extra
-            self._deadline_seconds += extra
+            deadline.extend(extra)
         log.info(
             "chunk.split",
             extra={"fields": {"from": iso_z(since), "until": iso_z(until), "at": iso_z(middle)}},
         )
         return halves
 
-    def _fetch_owed(self, owed: set[str], now: datetime, summary: Summary) -> None:
+    def _fetch_owed(
+        self, owed: set[str], now: datetime, summary: Summary, deadline: Deadline
+    ) -> None:
         """Pushed alerts the window did not list (created before it: a batch re-sent after
         an outage, say) are fetched one by one, so an accepted alert is never forgotten.
 
@@ -429,7 +445,7 @@ class Cycle:
         turn = sorted(owed)
         random.shuffle(turn)
         for alert_id in turn[: self.settings.owed_fetches]:
-            if self.monotonic() > self._deadline:
+            if deadline.passed():
                 log.info("pending.deadline", extra={"fields": {"left": len(owed)}})
                 return
             record = self.pending.owed(alert_id)
@@ -457,7 +473,7 @@ class Cycle:
                 self._give_up(record, "the API's answer is not this alert's record", now)
                 continue
             status = "dismissed" if item.raw.get("isDismissed") else "active"
-            outcome = self.archive.take(item, status, now)
+            outcome = self.archive.take(item, status, now, webhook=False)
             summary.listed += 1
             if outcome is Outcome.ARCHIVED:
                 summary.archived += 1
@@ -522,19 +538,10 @@ class Cycle:
                 ]
             )
 
-    def _check_deadline(self) -> None:
-        if self.monotonic() > self._deadline:
-            raise CycleTimeout(
-                f"the cycle ran past its deadline of {self._deadline_seconds:.0f}s (derived from"
-                " its chunks and the request budget); committed chunks are kept and the next"
-                " run goes on from them. If the API is this slow, lower"
-                " sync.max_window_seconds or raise sync.max_cycle_seconds"
-            )
-
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that
         lost it must not commit)."""
-        lost = self.lease_lost()
+        lost = self.hooks.lease_lost()
         if lost is not None:
             raise lost
         self.lease.renew()
@@ -546,24 +553,30 @@ class Cycle:
         until: datetime,
         now: datetime,
         summary: Summary,
+        deadline: Deadline,
+        pushed: set[str],
         splittable: bool = False,
     ) -> dict[str, int]:
-        """Read and archive one chunk; ChunkTooLong (carrying what was taken) when a
-        ``splittable`` chunk's listing needs more than ``pages_per_listing`` pages."""
+        """Read and archive one chunk; ``pushed``: ids with a pending marker, whose webhook
+        record the push path wrote (only their full record is written here). ChunkTooLong
+        (carrying what was taken) when a ``splittable`` chunk's listing needs more than
+        ``pages_per_listing`` pages."""
         seen_now: dict[str, int] = {}
         writer = BoundedWriter(self.settings.max_concurrency)
         try:
             for status in poll_order(self.settings.statuses):
                 for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
-                    if self.should_stop():
+                    if self.hooks.should_stop():
                         raise Stopped()
                     if splittable and pages > self.settings.pages_per_listing:
                         writer.finish()  # what was handed over is archived: carried, not lost
                         raise ChunkTooLong(dict(seen_now))
-                    self._check_deadline()
+                    deadline.check()
                     for raw in page:
-                        self._take(raw, status, known, seen_now, writer, until, now, summary)
-                    self.observer.page(summary)
+                        self._take(
+                            raw, status, known, seen_now, writer, until, now, summary, pushed
+                        )
+                    self.hooks.observer.page(summary)
                     log.info(
                         "page.read",
                         extra={
@@ -594,6 +607,7 @@ class Cycle:
         until: datetime,
         now: datetime,
         summary: Summary,
+        pushed: set[str],
     ) -> None:
         item = classify(raw)
         if isinstance(item, Alert):
@@ -612,7 +626,8 @@ class Cycle:
                 "alert.quarantined",
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
-        writer.submit(lambda: self.archive.take(item, status, now))
+        webhook = not (isinstance(item, Alert) and item.id in pushed)
+        writer.submit(lambda: self.archive.take(item, status, now, webhook))
 
 
 class LiveCheckpoint:
