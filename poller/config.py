@@ -91,6 +91,10 @@ class SyncSettings:
     lease_ttl_seconds: int = 120
     max_window_seconds: int = 86_400
     max_cycle_seconds: int = 0  # 0: derived from the cycle's work (see poller.walks.sync)
+    # The revisit (poller.walks.revisit): how far back by creation time it re-reads the
+    # dismissed list (0: no revisit), and how often (0: every cycle).
+    revisit_days: int = 14
+    revisit_interval_seconds: int = 3600
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,8 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "lease_ttl_seconds": _int(3, 86_400),
         "max_window_seconds": _int(60, 366 * 86_400),
         "max_cycle_seconds": _int(0, 30 * 86_400),
+        "revisit_days": _int(0, 366),  # the API keeps alerts a year
+        "revisit_interval_seconds": _int(0, 30 * 86_400),
     },
     "http": {"host": _text, "port": _int(0, 65_535)},
     "receiver": {
