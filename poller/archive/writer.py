@@ -8,9 +8,11 @@ bug met by one alert quarantines that alert (``internal_error``) instead of stop
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
 from poller.archive.records import (
     UNENCODABLE,
@@ -86,6 +88,23 @@ class Archive:
         """Only the full record (the push path has written the webhook record); True when
         written now, False when it was there."""
         return self._create(self.layout.alert_key(alert.id), json_body(alert.raw))
+
+    def store_dismissal(self, alert: Alert) -> bool:
+        """The dismissal record (SPEC "Dismissals"): the alert as the dismissed list returned
+        it, written once, create-only and under retention like the first record. True when
+        written now, False when it was there. Raises UNENCODABLE for an object JSON cannot
+        carry faithfully."""
+        return self._create(self.layout.dismissal_key(alert.id), json_body(alert.raw))
+
+    def archived_full(self, alert_id: str) -> Any:
+        """The full record as archived (parsed JSON), or None when there is none."""
+        stored = self._store.get(self.layout.alert_key(alert_id))
+        if stored is None:
+            return None
+        try:
+            return json.loads(stored.body)
+        except ValueError:
+            return {}  # not ours to judge here: verify --checksums reports altered bodies
 
     def quarantine(self, rejected: Rejected, status: str, seen_at: datetime) -> Outcome:
         """Keep what cannot be archived, with its reason, under ``_poller/quarantine/``."""

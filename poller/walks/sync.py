@@ -17,11 +17,12 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from poller.archive.records import Alert, Rejected, classify
 from poller.archive.state import Checkpoint, CheckpointStore, Lease, PendingRecords
@@ -77,6 +78,24 @@ class Unobserved:
         pass
 
 
+class CycleGuard(Protocol):
+    """What a walk beside the live one (the revisit) needs from the cycle it runs in."""
+
+    def fence(self) -> None:
+        """Prove the lease is still ours; raises LeaseLost. Call right before writing state."""
+
+    def stopping(self) -> bool:
+        """True once the daemon was asked to stop."""
+
+
+class Revisitor(Protocol):
+    """The revisit (see ``poller.walks.revisit``), run by a cycle after its live window."""
+
+    def run(self, now: datetime, until: datetime, summary: Summary, guard: CycleGuard) -> None:
+        """Revisit, if due, the dismissed list created before ``until`` (where the live
+        window starts)."""
+
+
 class ChunkPlan(Protocol):
     """What a walk does around each chunk: ``sync`` commits the live checkpoint after each;
     ``backfill`` records the chunk as finished (and moves the live checkpoint only forward)."""
@@ -125,6 +144,9 @@ class Summary:
     chunks_total: int = 0
     chunks_done: int = 0
     chunks_skipped: int = 0  # finished by an earlier run (backfill)
+    # Dismissal records written now (SPEC "Dismissals"): not alerts, so not in ``archived``.
+    dismissals_archived: int = 0
+    revisit: dict[str, Any] | None = None  # what this run's revisit did (walks.revisit)
     duration_s: float = 0.0
     ok: bool = True
     error: str | None = None
@@ -217,23 +239,27 @@ def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -
     return {key: created for key, created in seen.items() if created >= horizon}
 
 
-class BoundedWriter:
-    """Runs archive writes on a thread pool with a bounded queue; the first error wins."""
+T = TypeVar("T")
+
+
+class BoundedWriter(Generic[T]):
+    """Runs archive writes on a thread pool with a bounded queue; the first error wins.
+    ``outcomes`` counts what the tasks returned."""
 
     def __init__(self, concurrency: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-write")
         self._slots = threading.BoundedSemaphore(concurrency * 2)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.outcomes: Counter[T] = Counter()
 
-    def submit(self, task: Callable[[], Outcome]) -> None:
+    def submit(self, task: Callable[[], T]) -> None:
         self.raise_error()
         self._slots.acquire()
         future = self._pool.submit(task)
         future.add_done_callback(self._done)
 
-    def _done(self, future: Future[Outcome]) -> None:
+    def _done(self, future: Future[T]) -> None:
         with self._lock:
             if future.cancelled():
                 pass  # cancelled after an earlier failure; that failure is reported
@@ -269,6 +295,7 @@ class Cycle:
         s3_requests: Callable[[], int],
         run_id: str,
         mode: str = "sync",
+        revisit: Revisitor | None = None,
     ) -> None:
         self.source = source
         self.archive = archive
@@ -279,6 +306,7 @@ class Cycle:
         self.s3_requests = s3_requests
         self.run_id = run_id
         self.mode = mode
+        self.revisit = revisit  # None: this cycle archives no later dismissals
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
         self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
         self.observer: CycleObserver = Unobserved()
@@ -310,6 +338,15 @@ class Cycle:
         self.check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
+        # New alerts first: the revisit runs once the live window is committed.
+        if self.revisit is not None:
+            self.revisit.run(now, since, summary, self)
+
+    def fence(self) -> None:
+        self._fence()
+
+    def stopping(self) -> bool:
+        return self.should_stop()
 
     def walk(
         self,
@@ -458,7 +495,7 @@ class Cycle:
         summary: Summary,
     ) -> dict[str, int]:
         seen_now: dict[str, int] = {}
-        writer = BoundedWriter(self.settings.max_concurrency)
+        writer: BoundedWriter[Outcome] = BoundedWriter(self.settings.max_concurrency)
         try:
             for status in poll_order(self.settings.statuses):
                 for page in self.source.list_alerts(status, since, until):
@@ -494,7 +531,7 @@ class Cycle:
         status: str,
         known: dict[str, int],
         seen_now: dict[str, int],
-        writer: BoundedWriter,
+        writer: BoundedWriter[Outcome],
         until: datetime,
         now: datetime,
         summary: Summary,

@@ -1,0 +1,235 @@
+"""The revisit: dismissals of alerts archived while active are archived later, once, cheaply.
+
+Real parts: the Threat Stack simulator and a moto server process, the cycle built by
+``poller.app`` as ``sync`` and the daemon build it, with an injected clock."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import MotoServer, bucket_listing, bucket_objects
+
+from poller.app import build, run_cycle
+from poller.archive.records import Layout
+from poller.archive.revisits import RevisitStore
+from poller.archive.writer import Archive
+from poller.config import Settings, load_settings
+from poller.simulator import SimAlert, Simulator
+from poller.timeutil import floor_second, utc_now
+from poller.walks.revisit import Revisit
+from poller.walks.sync import Summary, chunks
+
+pytestmark = pytest.mark.integration
+LAYOUT = Layout()
+
+
+class Run:
+    """``poller sync`` in-process, a fresh runtime each time (as a CronJob starts afresh),
+    at a clock the test moves; every S3 PUT is recorded by key."""
+
+    def __init__(self, sim: Simulator, s3: Any, bucket: str, **settings: str) -> None:
+        self.now = floor_second(utc_now())
+        sim.clock = lambda: self.now
+        self.s3 = s3
+        self.puts: list[str] = []
+        s3.meta.events.register("provide-client-params.s3.PutObject", self._count_put)
+        environ = {
+            **sim.environment(),
+            "TS_AWS_S3_BUCKET": bucket,
+            **{f"POLLER_SYNC__{name.upper()}": value for name, value in settings.items()},
+        }
+        self.settings: Settings = load_settings(None, environ=environ)
+
+    def _count_put(self, params: dict[str, Any], **_: Any) -> None:
+        self.puts.append(params["Key"])
+
+    def cycle(self) -> Summary:
+        runtime = build(self.settings, "sync", clock=lambda: self.now, s3=self.s3)
+        return run_cycle(runtime, Summary("sync", runtime.run_id))
+
+    def puts_under(self, *prefixes: str) -> list[str]:
+        return [key for key in self.puts if key.startswith(prefixes)]
+
+
+def dismissal_records(s3: Any, bucket: str) -> dict[str, Any]:
+    return {
+        key.rsplit("/", 1)[1]: json.loads(body)
+        for key, body in bucket_objects(s3, bucket).items()
+        if key.startswith("dismissals/")
+    }
+
+
+def dismiss_some(
+    sim: Simulator, count: int, pick: Callable[[SimAlert], bool], seed: int = 3
+) -> list[SimAlert]:
+    chosen = random.Random(seed).sample([a for a in sim.alerts if pick(a)], count)
+    reasons = ("MAINTENANCE", "OTHER", "BUSINESS_OP")
+    for i, alert in enumerate(chosen):
+        reason = reasons[i % 3]
+        text = f"handled in ticket {i}" if reason == "OTHER" else None
+        sim.dismiss([alert.id], reason, text, by=f"analyst{i % 4}@example.com")
+    return chosen
+
+
+def test_dismissals_of_archived_alerts_are_archived_once_at_the_spec_cost(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    run = Run(simulator, s3, bucket, first_run_since="4d")
+    start = run.now
+    simulator.generate(600, start - timedelta(days=3, hours=12), start, dismissed_fraction=0)
+    first = run.cycle()
+    assert (first.archived, first.dismissals_archived) == (600, 0)
+    assert first.revisit is not None and first.revisit["due"] is True  # none ran yet
+
+    run.now = start + timedelta(hours=1, minutes=1)  # sync.revisit_interval_seconds: 3600
+    dismissed = dismiss_some(
+        simulator,
+        60,
+        lambda a: start - timedelta(days=3) <= a.created < start - timedelta(days=1),
+    )
+    before = {k: v for k, v in bucket_listing(s3, bucket).items() if not k.startswith("_poller")}
+    requests_before, run.puts = len(simulator.requests), []
+
+    second = run.cycle()
+    assert second.ok and second.archived == 0
+    assert second.dismissals_archived == 60
+    records = dismissal_records(s3, bucket)
+    assert records == {alert.id: alert.doc for alert in dismissed}  # the API's dismissed object
+    assert all(record["isDismissed"] is True for record in records.values())
+    assert run.puts_under("alerts/", "webhooks/") == []
+    after = bucket_listing(s3, bucket)
+    assert {k: v for k, v in after.items() if k in before} == before  # first records stand
+    # API: the live window's two lists, and the dismissed list of the revisit's range, one
+    # request per chunk (a day) and per 100 dismissed alerts.
+    assert second.revisit is not None
+    revisit_from = datetime.fromisoformat(second.revisit["from"])
+    revisit_until = datetime.fromisoformat(second.revisit["until"])
+    days = list(chunks(revisit_from, revisit_until, timedelta(days=1), aligned=True))
+    assert second.revisit["listed"] == 60
+    new_requests = simulator.requests[requests_before:]
+    assert len(new_requests) == second.api_requests == 2 + len(days)
+    assert sum("status=dismissed" in r.query for r in new_requests) == 1 + len(days)
+    # S3: a GET of the full record and a create-only PUT per dismissed alert, plus a constant:
+    # the lease and checkpoint as in every cycle (about 9), and the revisit's state (read
+    # once, saved under a renewed lease after each day that decided something, for resuming).
+    days_with_dismissals = len({a.created.date() for a in dismissed})
+    assert 120 <= second.s3_requests <= 120 + 12 + 2 * days_with_dismissals
+
+    run.now += timedelta(hours=1, minutes=1)
+    run.puts = []
+    third = run.cycle()
+    assert (third.archived, third.dismissals_archived) == (0, 0)
+    assert third.revisit is not None and third.revisit["listed"] == 60
+    # Handled alerts cost no S3 request: lease, checkpoint and revisit state only.
+    assert third.s3_requests <= 16
+    assert not run.puts_under("alerts/", "webhooks/", "dismissals/")
+    assert dismissal_records(s3, bucket) == records
+
+
+def test_an_alert_archived_already_dismissed_needs_no_dismissal_record(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    run = Run(simulator, s3, bucket, first_run_since="2d", revisit_interval_seconds="0")
+    start = run.now
+    simulator.generate(30, start - timedelta(days=1, hours=12), start, dismissed_fraction=0.5)
+    run.cycle()
+    first_dismissed = {a.id for a in simulator.alerts if a.status == "dismissed"}
+    run.now = start + timedelta(hours=1)
+    run.puts = []
+    second = run.cycle()
+    assert second.revisit is not None
+    assert second.revisit["first_dismissed"] == len(first_dismissed) > 0
+    assert second.dismissals_archived == 0
+    assert not run.puts_under("dismissals/")
+    run.now += timedelta(minutes=5)
+    third = run.cycle()
+    assert third.revisit is not None and third.revisit["first_dismissed"] == 0  # remembered
+    assert third.s3_requests <= 16
+
+
+def test_a_cronjob_every_five_minutes_revisits_only_when_due(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    run = Run(simulator, s3, bucket, first_run_since="2d", revisit_interval_seconds="1800")
+    start = run.now
+    simulator.generate(20, start - timedelta(days=1, hours=12), start, dismissed_fraction=0)
+    due = []
+    for step in range(9):  # 0, 5, ..., 40 minutes
+        run.now = start + timedelta(minutes=5 * step)
+        if step == 2:
+            dismiss_some(simulator, 3, lambda a: a.created < start - timedelta(hours=2))
+        summary = run.cycle()
+        assert summary.revisit is not None
+        due.append(summary.revisit["due"])
+        if step == 2:
+            assert summary.dismissals_archived == 0  # not due: the dismissals wait
+    assert due == [True, False, False, False, False, False, True, False, False]
+    assert len(dismissal_records(s3, bucket)) == 3
+    counts = Counter(
+        "status=dismissed" in r.query and "from=" in r.query for r in simulator.requests
+    )
+    assert counts[True] > 0
+
+
+class Guard:
+    """The cycle's side of a revisit: the lease is ours, nobody asked to stop."""
+
+    def __init__(self) -> None:
+        self.fences = 0
+
+    def fence(self) -> None:
+        self.fences += 1
+
+    def stopping(self) -> bool:
+        return False
+
+
+def test_a_revisit_that_yields_resumes_from_its_cursor_at_the_next_cycle(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """A revisit spends a bounded number of list requests per cycle, then yields to the next
+    cycle's live window; the next picks up at its cursor and reads no chunk twice."""
+    run = Run(simulator, s3, bucket, first_run_since="7d", revisit_interval_seconds="0")
+    start = run.now
+    simulator.generate(40, start - timedelta(days=6), start - timedelta(days=1), 0)
+    run.cycle()
+    dismissed = dismiss_some(simulator, 10, lambda a: True)
+    runtime = build(run.settings, "sync", clock=lambda: run.now, s3=s3)
+    settings = replace(runtime.revisit().settings, pages_per_cycle=3, days=7)
+    revisit = Revisit(
+        runtime.api,
+        Archive(runtime.store, runtime.layout, "org"),
+        RevisitStore(runtime.store, runtime.layout),
+        settings,
+        runtime.clock,
+        runtime.run_id,
+    )
+    until = start - timedelta(hours=12)  # as if the live window started there
+    reports, before = [], runtime.api.requests_sent
+    for _ in range(5):
+        summary = Summary("sync", runtime.run_id)
+        revisit.run(run.now, until, summary, Guard())
+        assert summary.revisit is not None
+        reports.append(summary.revisit)
+        if summary.revisit.get("finished"):
+            break
+    assert [r["finished"] for r in reports] == [False, False, True]
+    assert reports[1]["resumed"] is True
+    pieces = list(
+        chunks(
+            datetime.fromisoformat(reports[0]["from"]),
+            datetime.fromisoformat(reports[0]["until"]),
+            timedelta(days=1),
+            aligned=True,
+        )
+    )
+    assert runtime.api.requests_sent - before == len(pieces)  # no chunk read twice
+    assert set(dismissal_records(s3, bucket)) == {a.id for a in dismissed}
+    assert reports[-1]["archived"] == 10
