@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,7 +18,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import MotoServer, bucket_listing, bucket_objects
+from conftest import (
+    ROOT,
+    MotoServer,
+    bucket_listing,
+    bucket_objects,
+    poller_env,
+    run_poller,
+    summary_of,
+)
 
 from poller.app import build, run_cycle
 from poller.archive.records import Layout
@@ -233,3 +245,60 @@ def test_a_revisit_that_yields_resumes_from_its_cursor_at_the_next_cycle(
     assert runtime.api.requests_sent - before == len(pieces)  # no chunk read twice
     assert set(dismissal_records(s3, bucket)) == {a.id for a in dismissed}
     assert reports[-1]["archived"] == 10
+
+
+@pytest.mark.crash
+def test_a_revisit_killed_in_the_middle_then_run_again_is_exact(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """``poller sync`` SIGKILLed while its revisit writes dismissal records, then run again:
+    every dismissal archived once, the records written before the kill untouched."""
+    now = utc_now()
+    simulator.generate(60, now - timedelta(days=3, hours=12), now - timedelta(hours=2), 0)
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_SYNC__FIRST_RUN_SINCE="4d",
+        POLLER_SYNC__REVISIT_DAYS="5",
+        POLLER_SYNC__REVISIT_INTERVAL_SECONDS="0",
+        POLLER_SYNC__LEASE_TTL_SECONDS="4",  # the killed run's lease goes stale soon
+    )
+    first = run_poller(["sync"], env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    dismissed = dismiss_some(simulator, 40, lambda a: True)
+
+    simulator.faults.trickle_seconds = 0.5  # each answer takes half a second: time to kill
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poller", "sync"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    written: dict[str, tuple[str, Any]] = {}
+    try:
+        while process.poll() is None and not written:
+            listing = s3.list_objects_v2(Bucket=bucket, Prefix="dismissals/")
+            written = {
+                o["Key"]: (o["ETag"], o["LastModified"]) for o in listing.get("Contents", [])
+            }
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    assert 0 < len(written) < 40, "the kill did not land in the middle of the revisit"
+    kept = {k: v for k, v in bucket_listing(s3, bucket).items() if k.startswith("dismissals/")}
+
+    simulator.faults.trickle_seconds = 0.0
+    again = run_poller(["sync"], env)
+    for _ in range(10):  # exit 75 while the killed run's lease is not stale yet
+        if again.returncode != 75:
+            break
+        time.sleep(1)
+        again = run_poller(["sync"], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert summary_of(again)["dismissals_archived"] == 40 - len(kept)
+    assert dismissal_records(s3, bucket) == {alert.id: alert.doc for alert in dismissed}
+    after = bucket_listing(s3, bucket)
+    assert {k: after[k] for k in kept} == kept  # nothing written twice
