@@ -302,3 +302,33 @@ def test_a_revisit_killed_in_the_middle_then_run_again_is_exact(
     assert dismissal_records(s3, bucket) == {alert.id: alert.doc for alert in dismissed}
     after = bucket_listing(s3, bucket)
     assert {k: after[k] for k in kept} == kept  # nothing written twice
+
+
+def test_a_dismissal_later_than_revisit_days_is_reported_by_verify_and_repaired(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    run = Run(simulator, s3, bucket, first_run_since="5d", revisit_days="2")
+    start = run.now
+    simulator.generate(30, start - timedelta(days=4), start - timedelta(days=3), 0.2)
+    run.cycle()
+    first_dismissed = {a.id for a in simulator.alerts if a.status == "dismissed"}
+    late = dismiss_some(simulator, 4, lambda a: a.status == "active")
+    run.now = start + timedelta(hours=2)
+    assert run.cycle().dismissals_archived == 0  # created before the revisit's reach
+
+    runtime = build(run.settings, "verify", clock=lambda: run.now, s3=s3)
+    since, until = start - timedelta(days=5), start
+    summary = Summary("verify", runtime.run_id)
+    findings = runtime.verifier().run(since, until, False, summary)
+    assert not findings.complete
+    assert sorted(findings.dismissals_missing) == sorted(a.id for a in late)
+    assert sum(day.dismissals_missing for day in findings.days) == 4
+    assert sum(day.dismissed for day in findings.days) == len(first_dismissed) + 4
+
+    run.puts = []
+    repaired = runtime.verifier().run(since, until, True, Summary("verify", runtime.run_id))
+    assert repaired.complete and repaired.dismissals_repaired == 4
+    assert dismissal_records(s3, bucket) == {a.id: a.doc for a in late}
+    assert not run.puts_under("alerts/", "webhooks/")
+    again = runtime.verifier().run(since, until, False, Summary("verify", runtime.run_id))
+    assert again.complete and again.dismissals_missing_count == 0
