@@ -35,6 +35,7 @@ from poller.archive.writer import Archive
 from poller.config import Settings, load_settings
 from poller.simulator import SimAlert, Simulator
 from poller.timeutil import floor_second, utc_now
+from poller.walks.backfill import BackfillRange, backfill
 from poller.walks.revisit import Revisit
 from poller.walks.sync import Summary, chunks
 
@@ -332,3 +333,26 @@ def test_a_dismissal_later_than_revisit_days_is_reported_by_verify_and_repaired(
     assert not run.puts_under("alerts/", "webhooks/")
     again = runtime.verifier().run(since, until, False, Summary("verify", runtime.run_id))
     assert again.complete and again.dismissals_missing_count == 0
+
+
+def test_a_backfill_writes_the_dismissal_records_missing_in_its_range(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    run = Run(simulator, s3, bucket, first_run_since="5d", revisit_days="1")
+    start = run.now
+    simulator.generate(20, start - timedelta(days=4), start - timedelta(days=2), 0.25)
+    run.cycle()
+    late = dismiss_some(simulator, 3, lambda a: a.status == "active")
+    run.now = start + timedelta(hours=2)
+    runtime = build(run.settings, "backfill", clock=lambda: run.now, s3=s3)
+    span = BackfillRange(start - timedelta(days=5), start - timedelta(days=1), to_now=False)
+    before = {k: v for k, v in bucket_listing(s3, bucket).items() if not k.startswith("_poller")}
+    summary = run_cycle(
+        runtime,
+        Summary("backfill", runtime.run_id),
+        work=lambda cycle, s: backfill(cycle, runtime.chunk_records(), span, s),
+    )
+    assert summary.archived == 0 and summary.dismissals_archived == 3
+    assert dismissal_records(s3, bucket) == {a.id: a.doc for a in late}
+    after = bucket_listing(s3, bucket)
+    assert {k: after[k] for k in before} == before  # a backfill's re-reads meet 412s

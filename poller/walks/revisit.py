@@ -269,4 +269,9 @@ class Revisit:
                 state.handled.update(handled_now)
                 guard.fence()
                 state.etag = self.states.save(state, self.run_id, now).etag
-        summary.revisit = {"from": iso_z(since), "until": iso_z(until), **counts_total}
+        previous = summary.revisit or {}
+        summary.revisit = {
+            "from": previous.get("from", iso_z(since)),
+            "until": iso_z(until),
+            **{k: previous.get(k, 0) + v for k, v in counts_total.items()},
+        }

@@ -95,6 +95,11 @@ class Revisitor(Protocol):
         """Revisit, if due, the dismissed list created before ``until`` (where the live
         window starts)."""
 
+    def sweep(
+        self, since: datetime, until: datetime, now: datetime, summary: Summary, guard: CycleGuard
+    ) -> None:
+        """The dismissed list of [since, until), due or not (``backfill``)."""
+
 
 class ChunkPlan(Protocol):
     """What a walk does around each chunk: ``sync`` commits the live checkpoint after each;
