@@ -132,6 +132,9 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         )
         row("seen ids", str(checkpoint.get("seen_ids", 0)))
     row("lease", _lease_line(report.get("lease")))
+    revisit = report.get("revisit") or {}
+    if revisit.get("last") or revisit.get("current"):
+        row("revisit", _revisit_line(revisit))
     pending = report.get("pending") or {}
     if pending.get("count"):
         row(
@@ -140,6 +143,22 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
             f" {' '.join(pending['ids'])}",
         )
     return table
+
+
+def _revisit_line(revisit: dict[str, Any]) -> Text:
+    """When the last revisit ran, over which creation times, what it archived."""
+    last, current = revisit.get("last"), revisit.get("current")
+    if not last:
+        text = "none finished yet"
+    else:
+        text = (
+            f"{last.get('started_at')} ({span(revisit.get('lag_s'))} ago), created"
+            f" {last.get('from')} → {last.get('until')}: {last.get('archived', 0)} dismissals"
+            f" archived of {last.get('listed', 0)} dismissed alerts listed"
+        )
+    if current:
+        text += f"; one under way since {current.get('started_at')}, at {current.get('cursor')}"
+    return Text(text + f"; {revisit.get('handled', 0)} handled ids kept")
 
 
 def _lease_line(lease: dict[str, Any] | None) -> Text:

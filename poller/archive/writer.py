@@ -50,10 +50,18 @@ class Archive:
 
     def take(self, item: Alert | Rejected, status: str, seen_at: datetime) -> Outcome:
         """Archive an alert or quarantine a rejected object. Raises only PollerError."""
+        return self.take_detail(item, status, seen_at)[0]
+
+    def take_detail(
+        self, item: Alert | Rejected, status: str, seen_at: datetime
+    ) -> tuple[Outcome, bool]:
+        """``take``, also saying whether the full record was written now (from ``status``'s
+        list: the revisit needs no GET to know a full record written from the dismissed list
+        is the dismissed version)."""
         try:
             if isinstance(item, Rejected):
-                return self.quarantine(item, status, seen_at)
-            return self.store_alert(item, status, seen_at)
+                return self.quarantine(item, status, seen_at), False
+            return self._store_alert(item, status, seen_at)
         except PollerError:
             raise
         except Exception as exc:
@@ -63,7 +71,7 @@ class Archive:
                 detail = f"{type(exc).__name__} while archiving"
                 return self.quarantine(
                     Rejected("internal_error", detail, item.raw), status, seen_at
-                )
+                ), False
             except PollerError:
                 raise
             except Exception as again:
@@ -73,16 +81,20 @@ class Archive:
         """Write the full record, then the webhook record; each only if it is not there yet.
         Both bodies are rendered first: an alert with no faithful JSON form is quarantined
         whole (``unencodable``), never half archived."""
+        return self._store_alert(alert, status, seen_at)[0]
+
+    def _store_alert(self, alert: Alert, status: str, seen_at: datetime) -> tuple[Outcome, bool]:
         try:
             full_body = json_body(alert.raw)
             webhook_body = json_body(webhook_record(alert, self._organization_id))
         except UNENCODABLE as exc:
             detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
             log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
-            return self.quarantine(Rejected("unencodable", detail, alert.raw), status, seen_at)
+            rejected = Rejected("unencodable", detail, alert.raw)
+            return self.quarantine(rejected, status, seen_at), False
         full = self._create(self.layout.alert_key(alert.id), full_body)
         webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
-        return Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED
+        return (Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED), full
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when

@@ -67,7 +67,8 @@ class BackfillPlan:
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
     ) -> None:
         if self._cycle.revisit is not None and since < until:
-            self._cycle.revisit.sweep(since, until, self._now, summary, self._cycle)
+            fresh = self._cycle.first_dismissed
+            self._cycle.revisit.sweep(since, until, self._now, summary, self._cycle, fresh)
         self._records.record(
             since,
             until,

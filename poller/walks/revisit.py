@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -75,6 +75,13 @@ def _last_started(state: RevisitState) -> str | None:
     return None if state.last is None else state.last.get("started_at")
 
 
+def _remember(state: RevisitState, first_dismissed: dict[str, int] | None) -> bool:
+    """Add ids whose full record was just written from the dismissed list; True if new."""
+    fresh = {k: v for k, v in (first_dismissed or {}).items() if k not in state.handled}
+    state.handled.update(fresh)
+    return bool(fresh)
+
+
 def prune_handled(handled: dict[str, int], horizon: datetime) -> dict[str, int]:
     """Keep the ids a revisit can still meet: created at or after ``horizon``."""
     limit = int(horizon.timestamp())
@@ -102,12 +109,23 @@ class Revisit:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the cycle's revisit
-    def run(self, now: datetime, until: datetime, summary: Summary, guard: CycleGuard) -> None:
+    def run(
+        self,
+        now: datetime,
+        until: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int] | None = None,
+    ) -> None:
         if self.settings.days <= 0:
             return
         state = self.states.load()
+        fresh = _remember(state, first_dismissed)
         if not revisit_due(state, now, self.settings.interval):
             summary.revisit = {"due": False, "last_started_at": _last_started(state)}
+            if fresh:  # one PUT, so the next revisit needs no GET for them
+                guard.fence()
+                self.states.save(state, self.run_id, now)
             return
         current = state.current
         if current is None:
@@ -115,6 +133,9 @@ class Revisit:
             if since >= until:
                 # The live window reaches back further than the revisit would.
                 summary.revisit = {"due": False, "last_started_at": _last_started(state)}
+                if fresh:
+                    guard.fence()
+                    self.states.save(state, self.run_id, now)
                 return
             current = {
                 "from": iso_z(since),
@@ -171,7 +192,9 @@ class Revisit:
                 saved = self.states.save(state, self.run_id, now)
                 state.etag = saved.etag
                 return False
-            counts, handled_now, used = self._chunk(chunk_since, chunk_until, state, summary, guard)
+            counts, handled_now, used = self._chunk(
+                chunk_since, chunk_until, state.handled, summary, guard
+            )
             pages += used
             for name, value in counts.items():
                 state.current[name] = state.current.get(name, 0) + value
@@ -187,7 +210,7 @@ class Revisit:
         self,
         since: datetime,
         until: datetime,
-        state: RevisitState,
+        handled: Mapping[str, int],
         summary: Summary,
         guard: CycleGuard,
     ) -> tuple[dict[str, int], dict[str, int], int]:
@@ -211,7 +234,7 @@ class Revisit:
                             continue
                         seen.add(item.id)
                         counts["listed"] += 1
-                        if item.id in state.handled:
+                        if item.id in handled:
                             continue
                         writer.submit(self._task(item, handled_now))
             writer.finish()
@@ -255,17 +278,30 @@ class Revisit:
 
     # ------------------------------------------------------------------ backfill's sweep
     def sweep(
-        self, since: datetime, until: datetime, now: datetime, summary: Summary, guard: CycleGuard
+        self,
+        since: datetime,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int] | None = None,
     ) -> None:
         """The dismissed list of [since, until) at once, whatever is due (``backfill``):
         writes the dismissal records missing there, and remembers what it decided."""
         state = self.states.load()
+        # Only what a revisit can still meet is worth a PUT: a backfill of a month would
+        # otherwise carry every old dismissed id in the state.
+        reach = floor_second(now - timedelta(days=self.settings.days))
+        dirty = _remember(state, prune_handled(first_dismissed or {}, reach))
         counts_total = dict.fromkeys(("listed", *RESULTS), 0)
         for chunk_since, chunk_until in chunks(since, until, self.settings.chunk, aligned=True):
-            counts, handled_now, _ = self._chunk(chunk_since, chunk_until, state, summary, guard)
+            known = {**state.handled, **(first_dismissed or {})}
+            counts, handled_now, _ = self._chunk(chunk_since, chunk_until, known, summary, guard)
             for name, value in counts.items():
                 counts_total[name] += value
-            if handled_now:
+            handled_now = prune_handled(handled_now, reach)
+            if handled_now or dirty:
+                dirty = False
                 state.handled.update(handled_now)
                 guard.fence()
                 state.etag = self.states.save(state, self.run_id, now).etag

@@ -91,12 +91,26 @@ class CycleGuard(Protocol):
 class Revisitor(Protocol):
     """The revisit (see ``poller.walks.revisit``), run by a cycle after its live window."""
 
-    def run(self, now: datetime, until: datetime, summary: Summary, guard: CycleGuard) -> None:
+    def run(
+        self,
+        now: datetime,
+        until: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int],
+    ) -> None:
         """Revisit, if due, the dismissed list created before ``until`` (where the live
-        window starts)."""
+        window starts). ``first_dismissed``: ids whose full record was just written from
+        the dismissed list (id -> creation second), handled already."""
 
     def sweep(
-        self, since: datetime, until: datetime, now: datetime, summary: Summary, guard: CycleGuard
+        self,
+        since: datetime,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int],
     ) -> None:
         """The dismissed list of [since, until), due or not (``backfill``)."""
 
@@ -312,6 +326,9 @@ class Cycle:
         self.run_id = run_id
         self.mode = mode
         self.revisit = revisit  # None: this cycle archives no later dismissals
+        # Ids whose full record this run wrote from the dismissed list (id -> creation
+        # second): the revisit and backfill's sweep know them handled without a GET.
+        self.first_dismissed: dict[str, int] = {}
         self.lease_lost: Callable[[], LeaseLost | None] = lambda: None
         self.should_stop: Callable[[], bool] = lambda: False  # the daemon's stop request
         self.observer: CycleObserver = Unobserved()
@@ -345,7 +362,7 @@ class Cycle:
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
         # New alerts first: the revisit runs once the live window is committed.
         if self.revisit is not None:
-            self.revisit.run(now, since, summary, self)
+            self.revisit.run(now, since, summary, self, self.first_dismissed)
 
     def fence(self) -> None:
         self._fence()
@@ -558,7 +575,18 @@ class Cycle:
                 "alert.quarantined",
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
-        writer.submit(lambda: self.archive.take(item, status, now))
+        if status != "dismissed" or not isinstance(item, Alert):
+            writer.submit(lambda: self.archive.take(item, status, now))
+            return
+        alert = item
+
+        def take_dismissed() -> Outcome:
+            outcome, full_written = self.archive.take_detail(alert, status, now)
+            if full_written:  # its full record is the dismissed version: no revisit needed
+                self.first_dismissed[alert.id] = created
+            return outcome
+
+        writer.submit(take_dismissed)
 
 
 class LiveCheckpoint:
