@@ -9,7 +9,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,7 +35,15 @@ from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
 from poller.walks.revisit import Revisit, RevisitSettings
-from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
+from poller.walks.sync import (
+    PAGES_PER_LISTING,
+    Cycle,
+    CycleHooks,
+    CycleObserver,
+    CycleSettings,
+    Summary,
+    Unobserved,
+)
 from poller.walks.verify import Verifier
 
 
@@ -95,6 +104,28 @@ def local_s3_client(endpoint_url: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class RequestCount:
+    """The one count of a process's requests, retries included: the API side's budget
+    counts every Threat Stack attempt, the S3 client's send hook every S3 request."""
+
+    budget: RequestBudget
+    s3_sent: Callable[[], int]
+
+    @contextmanager
+    def measure(self, summary: Summary) -> Iterator[None]:
+        """Fill ``summary``'s request counts and duration with what the block spends, even
+        when it raises (deltas: the daemon reuses its clients from cycle to cycle)."""
+        started = time.monotonic()
+        api_before, s3_before = self.budget.sent, self.s3_sent()
+        try:
+            yield
+        finally:
+            summary.api_requests = self.budget.sent - api_before
+            summary.s3_requests = self.s3_sent() - s3_before
+            summary.duration_s = round(time.monotonic() - started, 3)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -104,7 +135,7 @@ class Runtime:
     api: ThreatStackClient
     budget: RequestBudget
     store: ObjectStore
-    s3_requests: Callable[[], int]
+    requests: RequestCount
     layout: Layout
     stop: threading.Event
 
@@ -220,9 +251,9 @@ class Runtime:
             self.run_id,
         )
 
-    def cycle(self, lease: Lease) -> Cycle:
+    def cycle(self, lease: Lease, hooks: CycleHooks) -> Cycle:
         settings = self.settings
-        cycle = Cycle(
+        return Cycle(
             source=self.api,
             archive=Archive(self.store, self.layout, settings.threatstack.org_id),
             checkpoints=CheckpointStore(self.store, self.layout),
@@ -243,13 +274,12 @@ class Runtime:
                 deadline_floor_seconds=longest_request_seconds(settings),
             ),
             clock=self.clock,
-            s3_requests=self.s3_requests,
             run_id=self.run_id,
             mode=self.mode,
+            hooks=hooks,
+            pending=self.pending(),
             revisit=self.revisit(),
         )
-        cycle.pending = self.pending()
-        return cycle
 
 
 def build(
@@ -284,36 +314,43 @@ def build(
         api=api,
         budget=budget,
         store=S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock),
-        s3_requests=count_requests(client),
+        requests=RequestCount(budget, count_requests(client)),
         layout=Layout(settings.s3.prefix),
         stop=stop,
     )
+
+
+# A walk other than sync's over a cycle's parts, such as a backfill.
+Walk = Callable[[Runtime, Cycle, Summary], None]
 
 
 def run_cycle(
     runtime: Runtime,
     summary: Summary,
     observer: CycleObserver | None = None,
-    work: Callable[[Cycle, Summary], None] | None = None,
+    walk: Walk | None = None,
 ) -> Summary:
-    """Take the lease, run one cycle (or ``work``, e.g. a backfill, on the cycle's parts)
+    """Take the lease, run one cycle (or ``walk``, e.g. a backfill, on the cycle's parts)
     while keeping it renewed, release it. Raises LeaseHeld (exit 75) when another run holds
-    it. ``observer`` is told of every page and commit."""
-    api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
+    it. ``observer`` is told of every page and commit. The summary's request counts and
+    duration cover the whole run, the lease's requests included."""
     lease = runtime.lease()
-    try:
-        lease.acquire()
-        # The budget holds across processes taking turns: count the last holder's requests.
-        runtime.budget.inherit(lease.inherited_requests)
-        cycle = runtime.cycle(lease)
-        with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
-            cycle.lease_lost = lambda: keeper.lost
-            cycle.should_stop = runtime.stop.is_set
-            if observer is not None:
-                cycle.observer = observer
-            return cycle.run(summary, None if work is None else lambda s: work(cycle, s))
-    finally:
-        lease.release()
-        # Whole-run figures, the lease's requests included (deltas: the daemon reuses clients).
-        summary.api_requests = runtime.api.requests_sent - api_before
-        summary.s3_requests = runtime.s3_requests() - s3_before
+    with runtime.requests.measure(summary):
+        try:
+            lease.acquire()
+            # The budget holds across processes taking turns: count the last holder's requests.
+            runtime.budget.inherit(lease.inherited_requests)
+            with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
+                hooks = CycleHooks(
+                    lease_lost=lambda: keeper.lost,
+                    should_stop=runtime.stop.is_set,
+                    observer=observer or Unobserved(),
+                )
+                cycle = runtime.cycle(lease, hooks)
+                if walk is None:
+                    cycle.run(summary)
+                else:
+                    walk(runtime, cycle, summary)
+        finally:
+            lease.release()
+    return summary

@@ -8,14 +8,13 @@ import json
 import logging
 import signal
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import Runtime, build, new_run_id, run_cycle
+from poller.app import Runtime, Walk, build, new_run_id, run_cycle
 from poller.archive.probe import check_bucket
 from poller.archive.revisits import RevisitState, RevisitStore
 from poller.archive.state import CheckpointStore
@@ -170,15 +169,12 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     verifier.observer = Observers(
         *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
     )
-    started = time.monotonic()
     try:
-        findings = verifier.run(since, until, args.repair, summary, args.checksums)
+        with runtime.requests.measure(summary):
+            findings = verifier.run(since, until, args.repair, summary, args.checksums)
     finally:
         if progress is not None:
             progress.close()
-        summary.api_requests = runtime.api.requests_sent
-        summary.s3_requests = runtime.s3_requests()
-        summary.duration_s = round(time.monotonic() - started, 3)
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -219,7 +215,7 @@ def _walk_command(
     settings: Settings,
     run_id: str,
     mode: str,
-    work: Callable[[Runtime, Cycle, Summary], None] | None,
+    walk: Walk | None,
 ) -> int:
     """sync and backfill: one walk under the lease, progress, the summary last on stdout."""
     runtime = build(settings, mode, run_id=run_id)
@@ -233,8 +229,7 @@ def _walk_command(
         *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
     )
     try:
-        steps = None if work is None else lambda cycle, s: work(runtime, cycle, s)
-        run_cycle(runtime, summary, observers, steps)
+        run_cycle(runtime, summary, observers, walk)
         log.info(f"{mode}.done", extra={"fields": summary.as_dict()})
     except PollerError as exc:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code

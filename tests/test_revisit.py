@@ -349,7 +349,7 @@ def test_a_backfill_writes_the_dismissal_records_missing_in_its_range(
     summary = run_cycle(
         runtime,
         Summary("backfill", runtime.run_id),
-        work=lambda cycle, s: backfill(cycle, runtime.chunk_records(), span, s),
+        walk=lambda rt, cycle, s: backfill(cycle, rt.chunk_records(), span, s),
     )
     assert summary.archived == 0 and summary.dismissals_archived == 3
     assert dismissal_records(s3, bucket) == {a.id: a.doc for a in late}
