@@ -224,7 +224,7 @@ def test_a_revisit_that_yields_resumes_from_its_cursor_at_the_next_cycle(
         runtime.run_id,
     )
     until = start - timedelta(hours=12)  # as if the live window started there
-    reports, before = [], runtime.api.requests_sent
+    reports, before = [], runtime.budget.sent
     for _ in range(5):
         summary = Summary("sync", runtime.run_id)
         revisit.run(run.now, until, summary, Guard())
@@ -242,7 +242,7 @@ def test_a_revisit_that_yields_resumes_from_its_cursor_at_the_next_cycle(
             aligned=True,
         )
     )
-    assert runtime.api.requests_sent - before == len(pieces)  # no chunk read twice
+    assert runtime.budget.sent - before == len(pieces)  # no chunk read twice
     assert set(dismissal_records(s3, bucket)) == {a.id for a in dismissed}
     assert reports[-1]["archived"] == 10
 
