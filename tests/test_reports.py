@@ -91,10 +91,6 @@ def test_status_before_and_after_a_run(
         " 12 listed, 12 archived, 0 already archived, 0 quarantined"
     )
     assert after[4].startswith(f"lease free: released by run {checkpoint['updated_by']} (sync)")
-    # The first sync's revisit ran (none had) over what lies behind its window: nothing.
-    last = report["revisit"]["last"]
-    assert after[5].startswith(f"revisit {last['started_at']} (")
-    assert f"created {last['from']} → {last['until']}: 0 dismissals archived" in after[5]
 
 
 def test_a_long_sync_on_a_terminal_shows_progress_and_keeps_the_summary_last(

@@ -99,7 +99,8 @@ def test_dismissals_of_archived_alerts_are_archived_once_at_the_spec_cost(
     simulator.generate(600, start - timedelta(days=3, hours=12), start, dismissed_fraction=0)
     first = run.cycle()
     assert (first.archived, first.dismissals_archived) == (600, 0)
-    assert first.revisit is not None and first.revisit["due"] is True  # none ran yet
+    # The first cycle revisits nothing: no checkpoint, so nothing archived lies behind it.
+    assert first.revisit is not None and first.revisit["due"] is False
 
     run.now = start + timedelta(hours=1, minutes=1)  # sync.revisit_interval_seconds: 3600
     dismissed = dismiss_some(
@@ -182,8 +183,17 @@ def test_a_cronjob_every_five_minutes_revisits_only_when_due(
         due.append(summary.revisit["due"])
         if step == 2:
             assert summary.dismissals_archived == 0  # not due: the dismissals wait
-    assert due == [True, False, False, False, False, False, True, False, False]
+    # The first cycle never revisits; the second does (none ran yet), then every 30 min.
+    assert due == [False, True, False, False, False, False, False, True, False]
     assert len(dismissal_records(s3, bucket)) == 3
+
+    # poller status shows the last revisit: when, over which creation times, what it archived.
+    env = poller_env(simulator, moto_server, bucket, COLUMNS="200")
+    report = json.loads(run_poller(["status", "--json"], env).stdout)["revisit"]
+    assert report["last"]["archived"] == 3 and report["current"] is None
+    text = run_poller(["status", "--text"], env).stdout
+    line = next(x for x in text.splitlines() if x.startswith("revisit"))
+    assert f"created {report['last']['from']} → {report['last']['until']}: 3 dismissals" in line
     counts = Counter(
         "status=dismissed" in r.query and "from=" in r.query for r in simulator.requests
     )

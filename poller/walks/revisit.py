@@ -116,12 +116,13 @@ class Revisit:
         summary: Summary,
         guard: CycleGuard,
         first_dismissed: dict[str, int] | None = None,
+        first_cycle: bool = False,
     ) -> None:
         if self.settings.days <= 0:
             return
         state = self.states.load()
         fresh = _remember(state, first_dismissed)
-        if not revisit_due(state, now, self.settings.interval):
+        if first_cycle or not revisit_due(state, now, self.settings.interval):
             summary.revisit = {"due": False, "last_started_at": _last_started(state)}
             if fresh:  # one PUT, so the next revisit needs no GET for them
                 guard.fence()

@@ -98,10 +98,13 @@ class Revisitor(Protocol):
         summary: Summary,
         guard: CycleGuard,
         first_dismissed: dict[str, int],
+        first_cycle: bool = False,
     ) -> None:
         """Revisit, if due, the dismissed list created before ``until`` (where the live
         window starts). ``first_dismissed``: ids whose full record was just written from
-        the dismissed list (id -> creation second), handled already."""
+        the dismissed list (id -> creation second), handled already. ``first_cycle``: there
+        was no checkpoint, so nothing lies behind the window yet but what an earlier
+        backfill or receiver archived: the revisit waits for the next cycle."""
 
     def sweep(
         self,
@@ -363,7 +366,8 @@ class Cycle:
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
         # New alerts first: the revisit runs once the live window is committed.
         if self.revisit is not None:
-            self.revisit.run(now, since, summary, self, self.first_dismissed)
+            first = checkpoint.watermark is None
+            self.revisit.run(now, since, summary, self, self.first_dismissed, first)
         return summary
 
     def fence(self) -> None:
