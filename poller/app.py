@@ -18,7 +18,6 @@ from typing import Any
 import boto3
 import requests
 from botocore.config import Config
-from prometheus_client import CollectorRegistry
 
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
@@ -28,7 +27,7 @@ from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
-from poller.serving.http import App, Health, status_document
+from poller.serving.http import CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
@@ -156,13 +155,14 @@ class Runtime:
             recent_requests=self.budget.recent,
         )
 
-    def verifier(self) -> Verifier:
+    def verifier(self, observer: CycleObserver | None = None) -> Verifier:
         return Verifier(
             self.api,
             self.store,
             Archive(self.store, self.layout, self.settings.threatstack.org_id),
             self.settings.threatstack.statuses,
             self.clock,
+            observer,
         )
 
     def pending(self) -> PendingRecords:
@@ -188,14 +188,11 @@ class Runtime:
         )
         return Receiver(self.store, self.layout, self.settings.threatstack.org_id, fetcher)
 
-    def http_app(
-        self,
-        registry: CollectorRegistry | None = None,
-        health: Health | None = None,
-        ready: Health | None = None,
-    ) -> App:
-        """One HTTP application: the daemon's health and metrics, and the push path."""
-        registry = registry or CollectorRegistry()
+    def push_parts(self) -> PushParts | None:
+        """What the push routes work with; None while ``receiver.token`` is unset."""
+        settings = self.settings.receiver
+        if not settings.token:
+            return None
         layout, store = self.layout, self.store
 
         def read_object(alert_id: str) -> Any:
@@ -215,18 +212,18 @@ class Runtime:
             self.api.self_test()  # raises when the credentials or the API fail
             return True
 
-        def status() -> dict[str, Any]:
-            return status_document(bucket_reachable, api_reachable)
+        def confirm_subscription(url: str) -> None:
+            # Only for an https SNS host and an allowed topic (checked by the caller).
+            requests.get(url, timeout=10).raise_for_status()
 
-        return App(
-            registry,
-            self.settings.receiver,
-            self.receiver() if self.settings.receiver.token else None,
-            read_object,
-            list_webhooks,
-            status,
-            health,
-            ready,
+        return PushParts(
+            settings=settings,
+            organization_id=self.settings.threatstack.org_id,
+            receiver=self.receiver(),
+            read_object=read_object,
+            list_webhooks=list_webhooks,
+            status=CachedStatus(lambda: status_document(bucket_reachable, api_reachable)),
+            confirm_subscription=confirm_subscription,
         )
 
     def chunk_records(self) -> ChunkRecords:

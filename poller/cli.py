@@ -29,7 +29,6 @@ from poller.errors import (
     PollerError,
     Stopped,
 )
-from poller.serving.http import HttpServer
 from poller.terminal import (
     ChunkProgress,
     console_for,
@@ -162,12 +161,13 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     since, until = _range(settings, args)
     runtime = build(settings, "verify", run_id=run_id)
     summary = Summary(mode="verify", run_id=run_id)
-    verifier = runtime.verifier()
     ts = settings.threatstack
     pace = Pace(len(ts.statuses) * 60.0 / ts.requests_per_minute)
     progress = ChunkProgress(console_for(sys.stderr), pace) if sys.stderr.isatty() else None
-    verifier.observer = Observers(
-        *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+    verifier = runtime.verifier(
+        Observers(
+            *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+        )
     )
     try:
         with runtime.requests.measure(summary):
@@ -424,10 +424,18 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     def alive() -> tuple[bool, dict[str, Any]]:
         return True, {}
 
-    app = runtime.http_app(None, alive, alive)
+    from prometheus_client import CollectorRegistry
+
+    from poller.serving.daemon import start_listeners
+
     port = settings.http.port or 8080
-    server = HttpServer(app, settings.http.host, port, settings.receiver).start()
-    log.info("serve.listening", extra={"fields": {"host": settings.http.host, "port": server.port}})
+    listeners = start_listeners(
+        runtime, CollectorRegistry(), alive, alive, settings.http.host, port
+    )
+    log.info(
+        "serve.listening",
+        extra={"fields": {"host": settings.http.host, "ports": [x.port for x in listeners]}},
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
@@ -435,7 +443,8 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
-    server.stop()
+    for listener in listeners:
+        listener.stop()
     log.info("serve.stopped")
     return 0
 

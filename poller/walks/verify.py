@@ -174,6 +174,7 @@ class Verifier:
         archive: Archive,
         statuses: tuple[str, ...],
         clock: Clock,
+        observer: CycleObserver | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -181,7 +182,7 @@ class Verifier:
         self.layout = archive.layout
         self.statuses = poll_order(statuses)
         self.clock = clock
-        self.observer: CycleObserver = Unobserved()
+        self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
 
     def run(
