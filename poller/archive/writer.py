@@ -48,12 +48,15 @@ class Archive:
             return False
         return True
 
-    def take(self, item: Alert | Rejected, status: str, seen_at: datetime) -> Outcome:
-        """Archive an alert or quarantine a rejected object. Raises only PollerError."""
-        return self.take_detail(item, status, seen_at)[0]
+    def take(
+        self, item: Alert | Rejected, status: str, seen_at: datetime, webhook: bool = True
+    ) -> Outcome:
+        """Archive an alert or quarantine a rejected object. Raises only PollerError.
+        ``webhook=False``: a pushed alert, whose webhook record the push path wrote."""
+        return self.take_detail(item, status, seen_at, webhook)[0]
 
     def take_detail(
-        self, item: Alert | Rejected, status: str, seen_at: datetime
+        self, item: Alert | Rejected, status: str, seen_at: datetime, webhook: bool = True
     ) -> tuple[Outcome, bool]:
         """``take``, also saying whether the full record was written now (from ``status``'s
         list: the revisit needs no GET to know a full record written from the dismissed list
@@ -61,7 +64,7 @@ class Archive:
         try:
             if isinstance(item, Rejected):
                 return self.quarantine(item, status, seen_at), False
-            return self._store_alert(item, status, seen_at)
+            return self._store_alert(item, status, seen_at, webhook)
         except PollerError:
             raise
         except Exception as exc:
@@ -77,13 +80,19 @@ class Archive:
             except Exception as again:
                 raise FatalError(f"cannot quarantine an object ({type(again).__name__})") from again
 
-    def store_alert(self, alert: Alert, status: str, seen_at: datetime) -> Outcome:
+    def store_alert(
+        self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
+    ) -> Outcome:
         """Write the full record, then the webhook record; each only if it is not there yet.
         Both bodies are rendered first: an alert with no faithful JSON form is quarantined
-        whole (``unencodable``), never half archived."""
-        return self._store_alert(alert, status, seen_at)[0]
+        whole (``unencodable``), never half archived. ``webhook=False`` writes the full
+        record only: the push path wrote the webhook record, under the push's minute, and a
+        second one under the API's minute would be a duplicate (README, *One webhook key*)."""
+        return self._store_alert(alert, status, seen_at, webhook)[0]
 
-    def _store_alert(self, alert: Alert, status: str, seen_at: datetime) -> tuple[Outcome, bool]:
+    def _store_alert(
+        self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
+    ) -> tuple[Outcome, bool]:
         try:
             full_body = json_body(alert.raw)
             webhook_body = json_body(webhook_record(alert, self._organization_id))
@@ -93,8 +102,11 @@ class Archive:
             rejected = Rejected("unencodable", detail, alert.raw)
             return self.quarantine(rejected, status, seen_at), False
         full = self._create(self.layout.alert_key(alert.id), full_body)
-        webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
-        return (Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED), full
+        wrote_webhook = webhook and self._create(
+            self.layout.webhook_key(alert.id, alert.created), webhook_body
+        )
+        outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
+        return outcome, full
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when
