@@ -10,8 +10,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -28,6 +29,8 @@ from poller.config import S3Settings, Settings
 from poller.errors import Stopped
 from poller.serving.http import App, Health, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
+from poller.tables.build import TablesBuilder, TablesReport
+from poller.tables.query import PartCache, default_cache_dir
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
@@ -105,6 +108,11 @@ class Runtime:
     s3_requests: Callable[[], int]
     layout: Layout
     stop: threading.Event
+    # Creation days this process archived into (see Archive.touched).
+    touched_days: set[date] = field(default_factory=set)
+
+    def archive(self) -> Archive:
+        return Archive(self.store, self.layout, self.settings.threatstack.org_id, self.touched_days)
 
     def lease(self) -> Lease:
         holder = {
@@ -127,7 +135,7 @@ class Runtime:
         return Verifier(
             self.api,
             self.store,
-            Archive(self.store, self.layout, self.settings.threatstack.org_id),
+            self.archive(),
             self.settings.threatstack.statuses,
             self.clock,
         )
@@ -139,7 +147,7 @@ class Runtime:
         """The push path's receiver; its detail fetches share this process's budget and
         take only what the polling cycle leaves (under half of the budget in 60 s)."""
         pending = self.pending()
-        archive = Archive(self.store, self.layout, self.settings.threatstack.org_id)
+        archive = self.archive()
         budget = self.budget
 
         def headroom() -> bool:
@@ -196,6 +204,55 @@ class Runtime:
             ready,
         )
 
+    def tables_builder(self) -> TablesBuilder:
+        settings = self.settings
+        return TablesBuilder(
+            self.store,
+            self.layout,
+            lookback=timedelta(seconds=settings.sync.lookback_seconds),
+            batch_size=settings.tables.batch_size,
+            concurrency=settings.s3.max_concurrency,
+            should_stop=self.stop.is_set,
+        )
+
+    def watermark(self) -> datetime | None:
+        return CheckpointStore(self.store, self.layout).load().watermark
+
+    def tables_pass(
+        self,
+        since: date | None = None,
+        until: date | None = None,
+        deadline: float | None = None,
+    ) -> TablesReport:
+        """One pass of ``poller tables`` (see poller.tables.build); no lease: parts are
+        create-only and a lost race re-reads what the winner wrote."""
+        before = self.s3_requests()
+        report = TablesReport()
+        try:
+            builder = self.tables_builder()
+            plan = builder.plan(self.watermark(), since, until)
+            return builder.run(plan, deadline, report)
+        finally:
+            report.s3_requests = self.s3_requests() - before
+
+    def mark_tables_due(self) -> int:
+        """Days a backfill or a repair archived into are built again (a new part holds what
+        their parts lack). Returns how many days were marked."""
+        touched = sorted(self.touched_days)
+        builder = self.tables_builder()
+        for day in touched:
+            builder.mark_due(day, f"archived into by {self.mode}")
+        return len(touched)
+
+    def part_cache(self) -> PartCache:
+        folder = self.settings.tables.cache_dir
+        path = (
+            Path(folder).expanduser()
+            if folder
+            else default_cache_dir(self.settings.s3.bucket, self.settings.s3.prefix)
+        )
+        return PartCache(self.store, self.layout, path)
+
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
 
@@ -203,7 +260,7 @@ class Runtime:
         settings = self.settings
         cycle = Cycle(
             source=self.api,
-            archive=Archive(self.store, self.layout, settings.threatstack.org_id),
+            archive=self.archive(),
             checkpoints=CheckpointStore(self.store, self.layout),
             lease=lease,
             settings=CycleSettings(

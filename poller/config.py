@@ -121,6 +121,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TablesSettings:
+    """The query tables (SPEC "Query tables", poller.tables)."""
+
+    enabled: bool = True  # the daemon builds the tables of closed days after its cycles
+    cache_dir: str = ""  # poller query's local copy of parts; "": $XDG_CACHE_HOME/poller/...
+    max_seconds_per_cycle: int = 120  # the daemon starts no new day after this
+    batch_size: int = 1000  # full records read and staged at a time (bounds memory)
+
+
+@dataclass(frozen=True)
 class Settings:
     threatstack: ThreatStackSettings = field(default_factory=ThreatStackSettings)
     s3: S3Settings = field(default_factory=S3Settings)
@@ -128,6 +138,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    tables: TablesSettings = field(default_factory=TablesSettings)
 
 
 # ---------------------------------------------------------------- value parsers
@@ -327,6 +338,12 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "tls_cert_file": _text,
         "tls_key_file": _text,
     },
+    "tables": {
+        "enabled": _bool,
+        "cache_dir": _text,
+        "max_seconds_per_cycle": _int(1, 86_400),
+        "batch_size": _int(1, 100_000),
+    },
     "log": {
         "format": _choice("auto", "json", "text"),
         "level": _level,
@@ -341,6 +358,7 @@ SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "log": LogSettings,
     "receiver": ReceiverSettings,
+    "tables": TablesSettings,
 }
 
 # The names the old webhook receiver and the vendor's examples use (SPEC "Configuration").

@@ -9,7 +9,7 @@ bug met by one alert quarantines that alert (``internal_error``) instead of stop
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 
 from poller.archive.records import (
@@ -34,10 +34,19 @@ class Outcome(Enum):
 
 
 class Archive:
-    def __init__(self, store: ObjectStore, layout: Layout, organization_id: str) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        organization_id: str,
+        touched: set[date] | None = None,
+    ) -> None:
         self._store = store
         self.layout = layout
         self._organization_id = organization_id
+        # The UTC creation days archived into: a backfill or a repair makes them due again
+        # for the query tables (poller.tables).
+        self.touched = touched if touched is not None else set()
 
     def _create(self, key: str, body: bytes) -> bool:
         try:
@@ -80,6 +89,8 @@ class Archive:
             return self.quarantine(Rejected("unencodable", detail, alert.raw), status, seen_at)
         full = self._create(self.layout.alert_key(alert.id), full_body)
         webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
+        if full or webhook:
+            self.touched.add(alert.created.date())
         return Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED
 
     def store_full(self, alert: Alert) -> bool:
