@@ -275,3 +275,18 @@ def test_query_counts_by_severity_like_the_archive_and_bad_sql_is_refused(
 def test_query_over_days_without_tables_has_the_tables_empty(tmp_path: Path) -> None:
     con = connect({})
     assert run_sql(con, "SELECT count(*) FROM alerts_latest").rows == [(0,)]
+
+
+def test_the_readme_questions_run(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.build()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("Three questions:", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    statements = [s.strip() for s in block.split(";") if s.strip()]
+    assert len(statements) == 3
+    cache = PartCache(world.store, world.layout, tmp_path / "cache")
+    con = connect(cache.fetch(date(2026, 11, 1), date(2026, 11, 3)).files)
+    per_day = run_sql(con, statements[1])
+    assert sum(row[2] for row in per_day.rows) == len(world.closed_ids())
+    for statement in (statements[0], statements[2]):
+        run_sql(con, statement)

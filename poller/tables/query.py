@@ -120,6 +120,8 @@ def _quoted_list(paths: list[Path]) -> str:
 def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with ``alerts``, ``dismissals`` and ``alerts_latest`` defined."""
     con = duckdb.connect(":memory:")
+    # The tables hold UTC without a zone: now(), casts and comparisons in UTC as well.
+    con.execute("SET TimeZone = 'UTC'")
     for table in TABLES:
         columns = COLUMNS[table]
         paths = files.get(table, [])
