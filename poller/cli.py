@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the real daemon against a local simulator and S3 server, no setup"
     )
-    demo.add_argument("--alerts", type=int, default=300, help="alerts of the past day (300)")
+    demo.add_argument("--alerts", type=int, default=300, help="alerts since yesterday 0:00 UTC")
     demo.add_argument("--interval", type=int, default=10, help="seconds between cycles (10)")
     demo.add_argument("--port", type=int, default=8080, help="the daemon's HTTP port (8080)")
     demo.add_argument("--keep", type=Path, metavar="DIR", help="copy the archive here at the end")

@@ -62,7 +62,7 @@ def test_demo_archives_both_layouts_then_stops_on_sigint_with_a_tour_of_real_key
         assert any(k.startswith("alerts/") for k in keys), keys
         assert any(k.startswith("webhooks/") for k in keys), keys
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
+        out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
@@ -72,6 +72,9 @@ def test_demo_archives_both_layouts_then_stops_on_sigint_with_a_tour_of_real_key
     assert any(k.startswith("alerts/") for k in shown), out[-3000:]
     assert any(k.startswith("webhooks/") for k in shown), out[-3000:]
     assert "_poller/quarantine/missing_id/" in out  # the malformed ones it brought along
+    # The tour ends with poller query over the demo's closed day (yesterday).
+    assert "Query tables" in out and "$ poller query --since 2d" in out, out[-3000:]
+    assert re.search(r"\d+ rows", out), out[-3000:]
 
 
 def test_demo_without_moto_says_how_to_get_it(
