@@ -13,15 +13,20 @@ from typing import Any
 import duckdb
 import pytest
 
+from poller.app import build, local_s3_client
 from poller.archive.records import Alert, Layout, classify, json_body
 from poller.archive.state import CheckpointStore
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
+from poller.config import Settings, TablesSettings
 from poller.errors import QueryError
+from poller.serving.daemon import Daemon
 from poller.simulator.alerts import AlertFactory
 from poller.tables.build import TablesBuilder
 from poller.tables.keys import last_closed_day
 from poller.tables.query import PartCache, connect, run_sql
+from poller.timeutil import utc_now
+from poller.walks.sync import Summary
 
 DAY1 = datetime(2026, 11, 1, tzinfo=UTC)
 LOOKBACK = timedelta(seconds=900)
@@ -290,3 +295,48 @@ def test_the_readme_questions_run(tmp_path: Path) -> None:
     assert sum(row[2] for row in per_day.rows) == len(world.closed_ids())
     for statement in (statements[0], statements[2]):
         run_sql(con, statement)
+
+
+def test_a_pass_past_its_deadline_starts_no_new_day_and_the_next_goes_on(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    builder = world.builder()
+    first = builder.run(builder.plan(world.watermark), deadline=0.0)  # long past
+    assert first.days_built == ["2026-11-01"] and first.days_left == 1
+    second = world.build()
+    assert second.days_built == ["2026-11-02"]
+    assert Counter(r["id"] for r in world.rows("alerts")) == Counter(list(world.closed_ids()))
+
+
+def _daemon(world: World, enabled: bool) -> Any:
+    settings = Settings(tables=TablesSettings(enabled=enabled))
+    runtime = build(settings, "run", s3=local_s3_client("http://127.0.0.1:9"))
+    runtime.store, runtime.layout = world.store, world.layout
+    runtime.s3_requests = lambda: world.store.requests
+    return Daemon(runtime, utc_now)
+
+
+def test_the_daemon_builds_tables_after_an_ok_cycle_and_then_only_when_a_day_closes(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    daemon = _daemon(world, enabled=True)
+    summary = Summary(mode="run", run_id="r", watermark=world.watermark.isoformat())
+    daemon.tables(summary)
+    assert len(world.part_keys("alerts")) == 2
+    requests = world.store.requests
+    daemon.tables(summary)  # no day closed since: not even a listing
+    assert world.store.requests == requests
+    world.set_watermark(DAY1 + timedelta(days=3, hours=1))
+    daemon.tables(Summary(mode="run", run_id="r", watermark=world.watermark.isoformat()))
+    assert len(world.part_keys("alerts")) == 3
+
+
+def test_the_daemon_leaves_tables_alone_when_disabled(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    requests = world.store.requests
+    _daemon(world, enabled=False).tables(
+        Summary(mode="run", run_id="r", watermark=world.watermark.isoformat())
+    )
+    assert world.store.requests == requests and world.part_keys("alerts") == []
