@@ -340,3 +340,20 @@ def test_the_daemon_leaves_tables_alone_when_disabled(tmp_path: Path) -> None:
         Summary(mode="run", run_id="r", watermark=world.watermark.isoformat())
     )
     assert world.store.requests == requests and world.part_keys("alerts") == []
+
+
+def test_a_kill_after_a_day_looks_finished_still_leaves_its_owed_alert_to_a_later_part(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path, count=6, dismissed=0)
+    pushed = classify(world.factory.alert(DAY1 + timedelta(hours=5)))
+    assert isinstance(pushed, Alert)
+    world.store.put(world.layout.webhook_key(pushed.id, pushed.created), b"{}")
+    world.store = DyingStore(world.store, die_at=4)  # after the last dismissals part
+    with pytest.raises(Killed):
+        world.build()
+    world.store.die_at = 0
+    world.archive.store_full(pushed)
+    world.docs[pushed.id] = pushed.raw
+    world.build()
+    assert Counter(r["id"] for r in world.rows("alerts")) == Counter(list(world.closed_ids()))

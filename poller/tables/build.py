@@ -304,6 +304,15 @@ class _Pass:
         self.owed_days: set[date] = set()
         self.built: list[date] = []
         self._files = 0
+        self._kept_due: set[date] = set()
+        self.mark_state: tuple[datetime | None, str | None] = (None, None)
+
+    def _keep_due(self, day: date, reason: str) -> None:
+        """Mark ``day`` due before anything makes it look finished (its dismissals part), so
+        a kill after that point still leaves it to be built again."""
+        if day not in self.plan.markers and day not in self._kept_due:
+            self.b.mark_due(day, reason)
+            self._kept_due.add(day)
 
     def _file(self, suffix: str) -> Path:
         self._files += 1
@@ -345,11 +354,7 @@ class _Pass:
         deferred_days = self._dismissals()
         for day in self.built:
             etag = self.plan.markers.get(day)
-            if day in self.owed_days or day in deferred_days:
-                if etag is None:
-                    reason = "owed full records" if day in self.owed_days else "dismissals wait"
-                    self.b.mark_due(day, reason)
-            elif etag is not None:
+            if etag is not None and day not in self.owed_days and day not in deferred_days:
                 self.b.clear_due(day, etag)
         self.report.duration_s = round(time.monotonic() - started, 3)
 
@@ -425,6 +430,7 @@ class _Pass:
             rows: list[dict[str, Any]] = []
             for alert_id, key, stored in zip(batch, keys, self.b.read(keys), strict=True):
                 if stored is None:
+                    self._keep_due(day, "owed full records")
                     self.owed_days.add(day)
                     self.report.owed_full_records += 1
                     continue
@@ -443,7 +449,8 @@ class _Pass:
     # ------------------------------------------------------------------ dismissals
     def _dismissal_records(self) -> datetime | None:
         """Stage the dismissal records written since the mark; return the new mark."""
-        mark, _ = self.mark_state = self.b.load_mark()
+        self.mark_state = self.b.load_mark()
+        mark = self.mark_state[0]
         listed = self.b._store.list_objects(self.b.keys.dismissals_prefix)
         fresh = [o for o in listed if mark is None or o.last_modified >= mark - MARK_MARGIN]
         for batch in _batches([o.key for o in fresh], self.b._batch):
@@ -479,16 +486,7 @@ class _Pass:
             for row in self.con.execute("SELECT DISTINCT date FROM dismissal_rows").fetchall()
         }
         target.update(d for d in self.built if d not in self.plan.parts["dismissals"])
-        for day in sorted(target):
-            if day > last_closed:
-                continue
-            self._dismissals_day(day)
         closed = f"DATE '{last_closed.isoformat()}'"
-        waiting = self.con.execute(
-            f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE date > {closed}"
-        ).fetchone()
-        assert waiting is not None
-        self.report.waiting_dismissals = int(waiting[0])
         waiting_sources = {
             row[0]
             for row in self.con.execute(
@@ -496,6 +494,17 @@ class _Pass:
                 f" WHERE date > {closed} AND source_day IS NOT NULL"
             ).fetchall()
         }
+        for day in waiting_sources:
+            self._keep_due(day, "dismissals wait for their day to close")
+        for day in sorted(target):
+            if day > last_closed:
+                continue
+            self._dismissals_day(day)
+        waiting = self.con.execute(
+            f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE date > {closed}"
+        ).fetchone()
+        assert waiting is not None
+        self.report.waiting_dismissals = int(waiting[0])
         if newest is not None:
             mark = newest
             if waiting[1] is not None:  # a record whose day is not closed: read it again
