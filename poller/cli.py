@@ -450,7 +450,8 @@ def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, An
         "enabled_in_daemon": runtime.settings.tables.enabled,
         "last_closed": plan.last_closed.isoformat() if plan.last_closed else None,
         "last_day_with_tables": last.isoformat() if last else None,
-        "pending_days": [day.isoformat() for day in plan.due],
+        "pending": len(plan.due),
+        "pending_days": [day.isoformat() for day in plan.due[:30]],  # the oldest 30
     }
 
 

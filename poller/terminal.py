@@ -140,10 +140,11 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
             f" {' '.join(pending['ids'])}",
         )
     tables = report.get("tables")
-    if tables:
+    if tables and tables.get("last_closed"):  # no row before the first closed day
         last = tables.get("last_day_with_tables") or "none yet"
         due = tables.get("pending_days") or []
-        waiting = f"{len(due)} days pending: {' '.join(due[:10])}" if due else "nothing pending"
+        count = tables.get("pending", len(due))
+        waiting = f"{count} days pending: {' '.join(due[:10])}" if due else "nothing pending"
         row("query tables", f"through {last} (last closed {tables.get('last_closed')}); {waiting}")
     return table
 

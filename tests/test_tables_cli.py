@@ -72,6 +72,17 @@ def test_tables_then_query_then_a_repair_makes_a_new_part_with_exactly_the_late_
         for d in every
     )  # one part per closed day and table; the open day has none
 
+    status = run_poller(["status", "--json"], env)
+    tables = json.loads(status.stdout)["tables"]
+    assert tables["last_day_with_tables"] == closed.isoformat()
+    # Still pending: only days with an alert whose dismissal falls on a day not closed yet.
+    waiting = {
+        _created(d).date().isoformat()
+        for d in in_closed
+        if d.get("dismissedAt") and _created({"createdAt": d["dismissedAt"]}).date() > closed
+    }
+    assert set(tables["pending_days"]) == waiting
+
     # A count by severity, as JSON lines, equal to the archive's.
     sql = "SELECT severity, count(*) AS n FROM alerts GROUP BY severity ORDER BY severity"
     answer = run_poller(["query", sql, "--since", first.isoformat(), "--json"], env)
