@@ -139,7 +139,9 @@ class TablesBuilder:
         lookback: timedelta,
         batch_size: int = 1000,
         concurrency: int = 16,
-        memory_limit: str = "256MB",
+        # DuckDB's own working set; beyond it, it spills to the work folder. Kept well under
+        # the daemon's 256 MiB container limit with Python's ~70 MiB beside it.
+        memory_limit: str = "96MB",
         workdir: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
