@@ -313,7 +313,6 @@ def _daemon(world: World, enabled: bool) -> Any:
     settings = Settings(tables=TablesSettings(enabled=enabled))
     runtime = build(settings, "run", s3=local_s3_client("http://127.0.0.1:9"))
     runtime.store, runtime.layout = world.store, world.layout
-    runtime.s3_requests = lambda: world.store.requests
     return Daemon(runtime, utc_now)
 
 
