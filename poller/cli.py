@@ -299,6 +299,11 @@ def cmd_tables(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     started = time.monotonic()
     try:
         report = runtime.tables_pass(since, until)
+        if report.last_closed is None:
+            log.warning(
+                "tables.nothing_closed",
+                extra={"fields": {"why": "no checkpoint yet, or no UTC day has closed"}},
+            )
         log.info("tables.done", extra={"fields": report.as_dict()})
     except PollerError as exc:
         report.ok, report.error, code = False, str(exc), exc.exit_code

@@ -356,3 +356,10 @@ def test_a_kill_after_a_day_looks_finished_still_leaves_its_owed_alert_to_a_late
     world.docs[pushed.id] = pushed.raw
     world.build()
     assert Counter(r["id"] for r in world.rows("alerts")) == Counter(list(world.closed_ids()))
+
+
+def test_a_range_from_before_the_archive_starts_at_its_first_day(tmp_path: Path) -> None:
+    world = World(tmp_path, count=6)
+    builder = world.builder()
+    plan = builder.plan(world.watermark, since=date(2020, 1, 1))
+    assert plan.due == [date(2026, 11, 1), date(2026, 11, 2)]

@@ -184,10 +184,15 @@ class TablesBuilder:
         self, watermark: datetime | None, since: date | None = None, until: date | None = None
     ) -> Plan:
         """The closed days in [since, until] that lack a part of either table or are marked
-        due. ``since`` defaults to the archive's first day; ``until`` to the last closed day."""
+        due; ``since`` is never before the archive's first day (its default), ``until``
+        defaults to the last closed day."""
         last_closed = last_closed_day(watermark, self._lookback)
         parts, markers = self.parts(), self.markers()
-        first = since if since is not None else self.first_day()
+        # Never before the archive's first day: days before it would only get empty parts.
+        archive_first = self.first_day()
+        first = (
+            archive_first if since is None or archive_first is None else max(since, archive_first)
+        )
         due: list[date] = []
         if last_closed is not None and first is not None:
             end = min(until, last_closed) if until is not None else last_closed
