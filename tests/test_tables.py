@@ -324,6 +324,7 @@ def test_the_daemon_builds_tables_after_an_ok_cycle_and_then_only_when_a_day_clo
     summary = Summary(mode="run", run_id="r", watermark=world.watermark.isoformat())
     daemon.tables(summary)
     assert len(world.part_keys("alerts")) == 2
+    assert daemon.metrics.registry.get_sample_value("poller_table_parts_total") == 4
     requests = world.store.requests
     daemon.tables(summary)  # no day closed since: not even a listing
     assert world.store.requests == requests

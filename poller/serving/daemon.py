@@ -134,6 +134,8 @@ class Daemon:
             return
         self._tables_checked, self._tables_through = now, last_closed
         self._tables_more = report.days_left > 0
+        self.metrics.table_parts.inc(report.parts_written)
+        self.metrics.tables_pending.set(report.days_left)
         self.last_progress = self.clock()
         if report.days_built or report.parts_written:
             log.info("tables.done", extra={"fields": report.as_dict()})

@@ -46,6 +46,16 @@ class Metrics:
             "threatstack.requests_per_minute",
             registry=self.registry,
         )
+        self.table_parts = Counter(
+            "poller_table_parts",
+            "Query-table Parquet parts written by the daemon",
+            registry=self.registry,
+        )
+        self.tables_pending = Gauge(
+            "poller_tables_pending_days",
+            "Closed days still due for query tables after the daemon's last pass",
+            registry=self.registry,
+        )
 
     def observe(self, summary: Summary, outcome: str, now: datetime) -> None:
         self.cycles.labels(outcome).inc()
