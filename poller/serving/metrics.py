@@ -53,7 +53,7 @@ class Metrics:
         )
         self.tables_pending = Gauge(
             "poller_tables_pending_days",
-            "Closed days still due for query tables after the daemon's last pass",
+            "Due days of query tables the daemon's last pass left for the next (its time bound)",
             registry=self.registry,
         )
 
