@@ -364,3 +364,14 @@ def test_a_range_from_before_the_archive_starts_at_its_first_day(tmp_path: Path)
     builder = world.builder()
     plan = builder.plan(world.watermark, since=date(2020, 1, 1))
     assert plan.due == [date(2026, 11, 1), date(2026, 11, 2)]
+
+
+def test_query_cells_become_json_values() -> None:
+    from decimal import Decimal
+
+    from poller.tables.query import json_value
+
+    assert json_value(datetime(2026, 11, 1, 12, 0)) == "2026-11-01T12:00:00Z"
+    assert json_value(date(2026, 11, 1)) == "2026-11-01"
+    assert json_value(Decimal("3")) == 3 and json_value(Decimal("2.5")) == 2.5
+    assert json_value([1, None, "x"]) == [1, None, "x"]

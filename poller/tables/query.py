@@ -19,6 +19,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,8 @@ def json_value(value: Any) -> Any:
         return text + "Z" if value.tzinfo is None else text.replace("+00:00", "Z")
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, Decimal):  # sum() and DECIMAL columns: a JSON number
+        return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
     if isinstance(value, (str, int, float, bool)) or value is None:
