@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from poller.serving.daemon import Daemon
 from poller.simulator.alerts import AlertFactory
 from poller.tables.build import TablesBuilder
 from poller.tables.keys import last_closed_day
-from poller.tables.query import PartCache, connect, run_sql
+from poller.tables.query import PartCache, connect, json_value, run_sql
 from poller.timeutil import utc_now
 from poller.walks.sync import Summary
 
@@ -367,10 +368,6 @@ def test_a_range_from_before_the_archive_starts_at_its_first_day(tmp_path: Path)
 
 
 def test_query_cells_become_json_values() -> None:
-    from decimal import Decimal
-
-    from poller.tables.query import json_value
-
     assert json_value(datetime(2026, 11, 1, 12, 0)) == "2026-11-01T12:00:00Z"
     assert json_value(date(2026, 11, 1)) == "2026-11-01"
     assert json_value(Decimal("3")) == 3 and json_value(Decimal("2.5")) == 2.5
