@@ -22,6 +22,7 @@ from botocore.config import Config
 
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
+from poller.archive.revisits import RevisitStore
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
 from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count_requests
 from poller.archive.writer import Archive
@@ -35,6 +36,7 @@ from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
+from poller.walks.revisit import Revisit, RevisitSettings
 from poller.walks.sync import (
     PAGES_PER_LISTING,
     Cycle,
@@ -284,6 +286,25 @@ class Runtime:
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
 
+    def revisit(self) -> Revisit:
+        """The revisit of later dismissals; its list requests share this process's budget,
+        and it yields after a minute's worth of them per cycle (new alerts first)."""
+        sync = self.settings.sync
+        return Revisit(
+            self.api,
+            Archive(self.store, self.layout, self.settings.threatstack.org_id),
+            RevisitStore(self.store, self.layout),
+            RevisitSettings(
+                days=sync.revisit_days,
+                interval=timedelta(seconds=sync.revisit_interval_seconds),
+                chunk=timedelta(seconds=sync.max_window_seconds),
+                max_concurrency=self.settings.s3.max_concurrency,
+                pages_per_cycle=self.settings.threatstack.requests_per_minute,
+            ),
+            self.clock,
+            self.run_id,
+        )
+
     def cycle(self, lease: Lease, hooks: CycleHooks) -> Cycle:
         settings = self.settings
         return Cycle(
@@ -311,6 +332,7 @@ class Runtime:
             mode=self.mode,
             hooks=hooks,
             pending=self.pending(),
+            revisit=self.revisit(),
         )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from poller import __version__
 from poller.app import Runtime, Walk, build, new_run_id, run_cycle
 from poller.archive.probe import check_bucket
+from poller.archive.revisits import RevisitState, RevisitStore
 from poller.archive.state import CheckpointStore
 from poller.archive.store import BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
@@ -436,6 +437,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
             "tables": _tables_status(runtime, watermark),
+            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -454,6 +456,17 @@ def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, An
         "pending": len(plan.due),
         "pending_days": [day.isoformat() for day in plan.due[:30]],  # the oldest 30
     }
+
+
+def _revisit(state: RevisitState, now: datetime) -> dict[str, Any]:
+    """The last finished revisit (when, its range, dismissals archived), the one under way,
+    and how many dismissed alerts it remembers as handled."""
+    last = state.last
+    started = last.get("started_at") if last else None
+    lag = None
+    if isinstance(started, str):
+        lag = round((now - parse_instant(started, now)).total_seconds(), 1)
+    return {"last": last, "current": state.current, "handled": len(state.handled), "lag_s": lag}
 
 
 def _pending(ids: list[str]) -> dict[str, Any]:
