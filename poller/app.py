@@ -28,7 +28,7 @@ from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
-from poller.serving.http import CachedStatus, PushParts, status_document
+from poller.serving.http import PROVISIONAL_STATUS, CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.tables.build import TablesBuilder, TablesReport
 from poller.tables.query import PartCache, default_cache_dir
@@ -221,8 +221,9 @@ class Runtime:
             return True
 
         def confirm_subscription(url: str) -> None:
-            # Only for an https SNS host and an allowed topic (checked by the caller).
-            requests.get(url, timeout=10).raise_for_status()
+            # Only for an https SNS host and an allowed topic (checked by the caller); no
+            # redirect is followed, so the check is about the host that is really asked.
+            requests.get(url, timeout=10, allow_redirects=False).raise_for_status()
 
         return PushParts(
             settings=settings,
@@ -230,7 +231,10 @@ class Runtime:
             receiver=self.receiver(),
             read_object=read_object,
             list_webhooks=list_webhooks,
-            status=CachedStatus(lambda: status_document(bucket_reachable, api_reachable)),
+            status=CachedStatus(
+                lambda: status_document(bucket_reachable, api_reachable),
+                provisional=PROVISIONAL_STATUS,
+            ),
             confirm_subscription=confirm_subscription,
         )
 
