@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +31,7 @@ from poller.errors import LeaseHeld, PollerError, Stopped
 from poller.serving.http import Health, build_app
 from poller.serving.metrics import Metrics
 from poller.serving.server import Limits, Listener
+from poller.tables.keys import last_closed_day
 from poller.timeutil import Clock, iso_z
 from poller.walks.sync import Summary
 
@@ -67,6 +68,11 @@ class Daemon:
         self._cycle_lock = threading.Lock()
         self.http_port: int | None = None  # the port actually bound (http.port may be 0)
         self.push_port: int | None = None  # receiver.port's, when the push path has its own
+        # The query tables: built after a cycle when a day has closed since the last pass,
+        # when the last pass ran out of time, or hourly (days a backfill marked due).
+        self._tables_through: date | None = None
+        self._tables_checked: float | None = None  # monotonic
+        self._tables_more = False
 
     def _progressed(self) -> None:
         self.last_progress = self.clock()
@@ -112,6 +118,47 @@ class Daemon:
             self.metrics.failures_in_a_row.set(self.failures_in_a_row)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
             self.metrics.budget.set(self.runtime.budget.per_minute)
+            if outcome == "ok":
+                self.tables(summary)
+
+    TABLES_RECHECK = timedelta(hours=1)
+
+    def tables(self, summary: Summary) -> None:
+        """The query tables of closed days, within ``tables.max_seconds_per_cycle`` (no new
+        day is started after it; the next cycle carries on). Never raises."""
+        settings = self.runtime.settings
+        if not settings.tables.enabled or summary.watermark is None:
+            return
+        watermark = datetime.fromisoformat(summary.watermark.replace("Z", "+00:00"))
+        last_closed = last_closed_day(watermark, timedelta(seconds=settings.sync.lookback_seconds))
+        if (
+            last_closed == self._tables_through
+            and not self._tables_more
+            and self._tables_checked is not None
+            and self.monotonic() - self._tables_checked < self.TABLES_RECHECK.total_seconds()
+        ):
+            return
+        deadline = time.monotonic() + settings.tables.max_seconds_per_cycle
+        try:
+            report = self.runtime.tables_pass(deadline=deadline)
+        except PollerError as exc:
+            self._tables_more = True
+            log.error("tables.failed", extra={"fields": {"error": str(exc)}})
+            return
+        except Stopped:
+            log.warning("tables.stopped")
+            return
+        except Exception:  # a bug must not kill the daemon
+            self._tables_more = True
+            log.exception("tables.crashed")
+            return
+        self._tables_checked, self._tables_through = self.monotonic(), last_closed
+        self._tables_more = report.days_left > 0
+        self.metrics.table_parts.inc(report.parts_written)
+        self.metrics.tables_pending.set(report.days_left)
+        self._progressed()
+        if report.days_built or report.parts_written:
+            log.info("tables.done", extra={"fields": report.as_dict()})
 
     # A CycleObserver: every page and commit is progress, for liveness.
     def started(self, summary: Summary, chunk_count: int) -> None:
