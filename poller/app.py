@@ -4,6 +4,7 @@ the objects of a run, wired together. Tests build the same objects with fakes in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ import requests
 from botocore.config import Config
 from prometheus_client import CollectorRegistry
 
+from poller.archive.probe import StoreProof, fingerprint, prove_store, record_proof, recorded_proof
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
@@ -34,6 +36,15 @@ from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
 from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
 from poller.walks.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+UNGUARDED = (
+    "s3.require_conditional_writes=false on a store without conditional writes: the lease is"
+    " taken by read-then-write, so two runs starting within the same moment can both work"
+    " until the next renewal shows one of them it lost; a record is checked before it is"
+    " written, not atomically"
+)
 
 
 def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
@@ -61,12 +72,21 @@ def s3_client(settings: S3Settings) -> Any:
     """The only boto3 client. Endpoint, region and credentials come from the standard AWS
     variables (``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, IRSA...), as boto3 reads them.
     Retries are botocore's ``standard`` mode (throttling, 5xx, timeouts, with backoff),
-    chosen here rather than left to the environment."""
+    chosen here rather than left to the environment.
+
+    ``s3.checksums=false`` sends no checksum at all: botocore (>= 1.36) otherwise adds a CRC32
+    to every PutObject, and over HTTPS streams it as ``aws-chunked`` with a trailer, which
+    some S3-compatible stores reject or store as the body. ``when_required`` is what
+    ``AWS_REQUEST_CHECKSUM_CALCULATION`` would set; the setting makes it one switch."""
+    when = {} if settings.checksums else {"request_checksum_calculation": "when_required"}
+    validation = {} if settings.checksums else {"response_checksum_validation": "when_required"}
     config = Config(
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
         max_pool_connections=settings.max_concurrency + 2,
         connect_timeout=10,
         read_timeout=60,
+        **when,
+        **validation,
     )
     return boto3.session.Session().client("s3", config=config)
 
@@ -105,6 +125,42 @@ class Runtime:
     s3_requests: Callable[[], int]
     layout: Layout
     stop: threading.Event
+    # The store sending the conditional headers whatever s3.require_conditional_writes
+    # says: the probe asks the store itself what it does.
+    native_store: ObjectStore | None = None
+    proof: StoreProof | None = None
+
+    def probe(self, fresh: bool = False) -> StoreProof:
+        """What the store does (see poller.archive.probe): a recorded proof when one under a
+        day old matches (unless ``fresh``), else the probe, recorded when it passes."""
+        s3 = self.settings.s3
+        print_ = fingerprint(write_options(s3), s3.require_conditional_writes)
+        proof = None if fresh else recorded_proof(self.store, self.layout, print_)
+        if proof is None:
+            native = self.native_store or self.store
+            proof = prove_store(native, self.layout, self.run_id, s3.checksums)
+            if proof.refusal(s3.require_conditional_writes) is None:
+                record_proof(self.store, self.layout, print_, proof, self.run_id, self.clock())
+        return proof
+
+    def prove_store(self) -> StoreProof:
+        """Once per process, before the first write of every command that writes: raise
+        StoreUnfit or UnguardedStore (with the setting that works around it) when nothing
+        may be archived on this store as configured."""
+        if self.proof is None:
+            proof = self.probe()
+            refusal = proof.refusal(self.settings.s3.require_conditional_writes)
+            if refusal is not None:
+                raise refusal
+            if proof.conditional_writes and isinstance(self.store, S3ObjectStore):
+                self.store.conditional_writes = True  # the store has them: use them
+            if not proof.conditional_writes:
+                log.warning(
+                    "store.unguarded",
+                    extra={"fields": {"lost": UNGUARDED, "findings": proof.as_dict()}},
+                )
+            self.proof = proof
+        return self.proof
 
     def lease(self) -> Lease:
         holder = {
@@ -119,7 +175,6 @@ class Runtime:
             self.settings.sync.lease_ttl_seconds,
             holder,
             self.clock,
-            self.settings.s3.require_conditional_writes,
             recent_requests=self.budget.recent,
         )
 
@@ -254,6 +309,14 @@ def build(
         sleep,
     )
     client = s3 if s3 is not None else s3_client(settings.s3)
+    options = write_options(settings.s3)
+    store = S3ObjectStore(
+        client,
+        settings.s3.bucket,
+        options,
+        clock,
+        conditional_writes=settings.s3.require_conditional_writes,
+    )
     return Runtime(
         settings=settings,
         run_id=run_id or new_run_id(),
@@ -261,10 +324,11 @@ def build(
         clock=clock,
         api=api,
         budget=budget,
-        store=S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock),
+        store=store,
         s3_requests=count_requests(client),
         layout=Layout(settings.s3.prefix),
         stop=stop,
+        native_store=store.natively(),
     )
 
 
@@ -280,6 +344,7 @@ def run_cycle(
     api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
     lease = runtime.lease()
     try:
+        runtime.prove_store()  # before the first write (the lease), once per process
         lease.acquire()
         # The budget holds across processes taking turns: count the last holder's requests.
         runtime.budget.inherit(lease.inherited_requests)

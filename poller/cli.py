@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import Runtime, build, new_run_id, run_cycle
-from poller.archive.probe import check_bucket
-from poller.archive.state import CheckpointStore
+from poller.app import UNGUARDED, Runtime, build, new_run_id, run_cycle, write_options
+from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
+from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import (
@@ -28,6 +28,7 @@ from poller.errors import (
     ConfigError,
     PollerError,
     Stopped,
+    UnreadableState,
 )
 from poller.serving.http import HttpServer
 from poller.terminal import (
@@ -170,6 +171,8 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
     )
     started = time.monotonic()
+    if args.repair:
+        runtime.prove_store()  # before the first write
     try:
         findings = verifier.run(since, until, args.repair, summary, args.checksums)
     finally:
@@ -271,7 +274,11 @@ def _report(document: dict[str, Any], output: str | None, render: Any) -> None:
 
 def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     runtime = build(settings, "status", run_id=run_id)
-    checkpoint = CheckpointStore(runtime.store, runtime.layout).load()
+    unreadable: dict[str, str] = {}
+    try:
+        checkpoint = CheckpointStore(runtime.store, runtime.layout).load()
+    except UnreadableState as exc:
+        checkpoint, unreadable["checkpoint"] = Checkpoint(), str(exc)
     lease = runtime.lease().inspect()
     now = utc_now()
     watermark = checkpoint.watermark
@@ -279,7 +286,9 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         {
             "bucket": settings.s3.bucket,
             "prefix": settings.s3.prefix,
-            "checkpoint": None
+            "checkpoint": {"unreadable": unreadable["checkpoint"]}
+            if "checkpoint" in unreadable
+            else None
             if checkpoint.etag is None
             else {
                 "watermark": iso_z(watermark) if watermark else None,
@@ -291,6 +300,8 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             },
             "lease": None
             if lease is None
+            else {"unreadable": lease.problem, "age_s": round(lease.age_seconds, 1)}
+            if lease.problem
             else {
                 **lease.document,
                 "age_s": round(lease.age_seconds, 1),
@@ -299,11 +310,31 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             },
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
+            "store": _store_status(runtime),
         },
         args.output,
         lambda document: render_status(document, now),
     )
     return 0
+
+
+def _store_status(runtime: Runtime) -> dict[str, Any] | None:
+    """The store's last recorded proof (see poller.archive.probe), and what is lost when it
+    runs without conditional writes; None when no run has proved it today."""
+    s3 = runtime.settings.s3
+    proof = recorded_proof(
+        runtime.store, runtime.layout, fingerprint(write_options(s3), s3.require_conditional_writes)
+    )
+    if proof is None:
+        return None
+    document: dict[str, Any] = {
+        "proven_at": proof.recorded_at,
+        "keeps_bodies": proof.keeps_bodies,
+        "conditional_writes": proof.conditional_writes,
+    }
+    if not proof.conditional_writes:
+        document["unguarded"] = UNGUARDED
+    return document
 
 
 def _pending(ids: list[str]) -> dict[str, Any]:
@@ -347,27 +378,22 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         fixes["threatstack"] = fix_for(exc)
         code = 1
     try:
-        honoured = check_bucket(runtime.store, runtime.layout, runtime.run_id)
+        proof = runtime.probe(fresh=True)  # check always asks the store afresh
         report["bucket"] = "ok"
-        report["conditional_writes"] = honoured
-        if not honoured:
-            if settings.s3.require_conditional_writes:
-                report["bucket"] = "refused: the store ignores conditional writes"
-                fixes["bucket"] = (
-                    "use a store that honours If-None-Match/If-Match, or set"
-                    " s3.require_conditional_writes=false to run without guards"
-                )
-                code = 1
+        report["conditional_writes"] = proof.conditional_writes
+        require = settings.s3.require_conditional_writes
+        for finding in proof.findings:
+            if finding.ok:
+                report[finding.name] = "ok"
+            elif finding.name in ("create_only", "compare_and_swap") and not require:
+                report[finding.name] = f"allowed: {finding.detail}"
+                report["unguarded"] = UNGUARDED
             else:
-                log.warning(
-                    "store.unguarded",
-                    extra={
-                        "fields": {
-                            "message": "conditional writes are ignored; running"
-                            " unguarded as configured"
-                        }
-                    },
-                )
+                report[finding.name] = f"failed: the store {finding.detail}"
+                fixes[finding.name] = finding.fix
+                code = 1
+        for name in FINDINGS:
+            report.setdefault(name, "not run (the write failed)")
     except PollerError as exc:
         report["bucket"] = f"failed: {exc}"
         fixes["bucket"] = fix_for(exc)
@@ -411,6 +437,7 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
             ["receiver.token: required for poller serve (set POLLER_RECEIVER__TOKEN_FILE)"]
         )
     runtime = build(settings, "serve", run_id=run_id)
+    runtime.prove_store()  # before the first webhook is written
     stop = runtime.stop
 
     def alive() -> tuple[bool, dict[str, Any]]:

@@ -118,6 +118,8 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
     checkpoint = report.get("checkpoint")
     if checkpoint is None:
         row("checkpoint", "none yet: the first run starts at sync.first_run_since")
+    elif "unreadable" in checkpoint:
+        row("checkpoint", Text(checkpoint["unreadable"], style="bold red"))
     else:
         lag = report.get("lag_s")
         row("watermark", f"{checkpoint['watermark']}  (lag {span(lag)})")
@@ -132,6 +134,13 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         )
         row("seen ids", str(checkpoint.get("seen_ids", 0)))
     row("lease", _lease_line(report.get("lease")))
+    store = report.get("store")
+    if store is None:
+        row("store", "not proved today (the next writing run proves it; poller check now)")
+    elif store.get("conditional_writes"):
+        row("store", Text(f"proved {store.get('proven_at')}: bodies kept, conditional writes"))
+    else:
+        row("store", Text(f"proved {store.get('proven_at')}: {store.get('unguarded')}", "yellow"))
     pending = report.get("pending") or {}
     if pending.get("count"):
         row(
@@ -145,6 +154,12 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
 def _lease_line(lease: dict[str, Any] | None) -> Text:
     if lease is None:
         return Text("free (never taken)", style="green")
+    if "unreadable" in lease:
+        return Text(
+            f"unreadable ({lease['unreadable']}): not a lease poller wrote; runs refuse it"
+            " until it is deleted",
+            style="bold red",
+        )
     who = (
         f"run {lease.get('run_id')} ({lease.get('mode')})"
         f" on {lease.get('host')} pid {lease.get('pid')}"
@@ -162,6 +177,10 @@ CHECK_LABELS = (
     ("config", "configuration"),
     ("threatstack", "Threat Stack"),
     ("bucket", "bucket"),
+    ("write", "probe write"),
+    ("read_back", "read back"),
+    ("create_only", "create-only"),
+    ("compare_and_swap", "compare+swap"),
 )
 
 
@@ -170,20 +189,26 @@ def render_check(report: dict[str, Any]) -> Group:
     lines: list[Text] = []
     fixes = report.get("fix") or {}
     for key, label in CHECK_LABELS:
+        if key not in report and key in ("write", "read_back", "create_only", "compare_and_swap"):
+            continue  # the bucket could not be reached: its line says why
         verdict = str(report.get(key, "not run"))
         ok = verdict == "ok"
+        allowed = verdict.startswith("allowed:")
         line = Text()
-        line.append("✓ " if ok else "✗ ", style="bold green" if ok else "bold red")
+        if allowed:
+            line.append("! ", style="bold yellow")
+        else:
+            line.append("✓ " if ok else "✗ ", style="bold green" if ok else "bold red")
         line.append(f"{label:<14}", style="bold")
         detail = verdict
         if key == "bucket" and ok:
-            detail = (
-                "ok: writable, conditional writes honoured"
-                if report.get("conditional_writes")
-                else "ok: writable, conditional writes IGNORED (running unguarded)"
-            )
+            detail = "ok: reachable"
         line.append(detail)
         lines.append(line)
+        if (allowed and key == "compare_and_swap") or (
+            allowed and "compare_and_swap" not in report
+        ):
+            lines.append(Text(f"  {'':<14}lost: {report.get('unguarded')}", style="yellow"))
         if not ok and key in fixes:
             lines.append(Text(f"  {'':<14}fix: {fixes[key]}", style="yellow"))
     evidence = report.get("evidence")

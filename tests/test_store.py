@@ -32,6 +32,7 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
         (client_error("RequestTimeout", 400), ArchiveUnavailable),
         (client_error("ConditionalRequestConflict", 409), ArchiveUnavailable),
         (client_error("InvalidArgument", 400), FatalError),
+        (client_error("NotImplemented", 501), FatalError),  # a missing feature, not transient
         (botocore.exceptions.NoCredentialsError(), ArchiveAccessError),
         (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), ArchiveUnavailable),
         (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), ArchiveUnavailable),

@@ -7,6 +7,8 @@ and then the archive is exact, byte for byte."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -22,11 +24,37 @@ from conftest import (
 from s3proxy import S3Proxy
 from test_push import README_PAYLOAD, TOKEN, Served, free_port
 
+from poller import cli
 from poller.archive.records import Layout, json_body
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
 
 pytestmark = pytest.mark.integration
+
+
+def poller(
+    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> tuple[int, str, str]:
+    """``poller ARGS`` in this process, with ``env`` as its environment: the same code path
+    as the command line without an interpreter start each time (exit code, stdout, stderr)."""
+    for name in list(os.environ):
+        if name.startswith(("POLLER_", "THREATSTACK_")) and name not in env:
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    capsys.readouterr()
+    try:
+        code = cli.main(args)
+    finally:
+        root.handlers[:] = handlers
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(text: str) -> Any:
+    return json.loads(text.strip().splitlines()[-1])
 
 
 def assert_byte_exact(s3: Any, bucket: str, sim: Simulator) -> None:
@@ -83,3 +111,92 @@ def test_a_push_over_tls_is_archived_byte_exact(
     assert json.loads(body)["id"] == "587c0159a907346eccb84004"
     assert body.startswith(b"{")  # no aws-chunked framing
     assert tls_s3.streamed > 0
+
+
+# quirk -> (the finding that names it, what check says, the setting that works around it)
+QUIRKS = {
+    "keep_framing": ("read_back", "kept boto3's aws-chunked framing", "POLLER_S3__CHECKSUMS"),
+    "reject_streaming": ("write", "rejected boto3's upload", "POLLER_S3__CHECKSUMS"),
+    "ignore_if_none_match": (
+        "create_only",
+        "ignores If-None-Match",
+        "POLLER_S3__REQUIRE_CONDITIONAL_WRITES",
+    ),
+    "if_match_501": (
+        "compare_and_swap",
+        "does not implement If-Match (501",
+        "POLLER_S3__REQUIRE_CONDITIONAL_WRITES",
+    ),
+}
+SETTING_NAMES = {
+    "POLLER_S3__CHECKSUMS": "s3.checksums=false",
+    "POLLER_S3__REQUIRE_CONDITIONAL_WRITES": "s3.require_conditional_writes=false",
+}
+
+
+@pytest.mark.parametrize("quirk", list(QUIRKS))
+def test_each_quirk_is_named_by_check_refused_before_any_write_and_its_setting_works(
+    quirk: str,
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+):
+    finding, said, variable = QUIRKS[quirk]
+    now = utc_now()
+    simulator.generate(12, now - timedelta(hours=5), now - timedelta(minutes=5))
+    setattr(tls_s3.quirks, quirk, True)
+    env = tls_env(simulator, tls_s3, bucket)
+
+    code, out, _ = poller(["check", "--json"], env, monkeypatch, capsys)
+    report = last_json(out)
+    assert code == 1
+    assert report[finding].startswith("failed: the store") and said in report[finding]
+    assert SETTING_NAMES[variable] in report["fix"][finding]
+
+    code, out, _ = poller(["sync"], env, monkeypatch, capsys)
+    assert code == 1
+    error = last_json(out)["error"]
+    assert said in error and SETTING_NAMES[variable] in error
+    assert tls_s3.writes() == []  # nothing but the probe was written: no lease, no record
+
+    fixed = {**env, variable: "false"}
+    code, out, err = poller(["sync"], fixed, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert last_json(out)["archived"] == 12
+    assert_byte_exact(s3, bucket, simulator)
+    if variable == "POLLER_S3__REQUIRE_CONDITIONAL_WRITES":
+        assert "store.unguarded" in err  # what is lost is said on every run
+        code, out, _ = poller(["status", "--json"], fixed, monkeypatch, capsys)
+        store = last_json(out)["store"]
+        assert store["conditional_writes"] is False and "lease" in store["unguarded"]
+
+
+def test_every_writing_command_refuses_a_store_that_ignores_create_only_writes(
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+):
+    """The field case: `poller serve` ran on such a store and overwrote a record."""
+    tls_s3.quirks.ignore_if_none_match = True
+    env = tls_env(
+        simulator,
+        tls_s3,
+        bucket,
+        POLLER_RECEIVER__TOKEN=TOKEN,
+        POLLER_HTTP__HOST="127.0.0.1",
+        POLLER_HTTP__PORT=str(free_port()),
+    )
+    for command in (["run"], ["serve"]):  # processes: they would serve on if not refused
+        result = run_poller(command, env, timeout=60)
+        assert result.returncode == 1, (command, result.stderr[-2000:])
+        assert "ignores If-None-Match" in result.stderr, command
+    for command in (["backfill", "--since", "2d"], ["verify", "--since", "2d", "--repair"]):
+        code, out, err = poller(command, env, monkeypatch, capsys)
+        assert code == 1, (command, err[-2000:])
+        assert "ignores If-None-Match" in out + err, command
+    assert tls_s3.writes() == []

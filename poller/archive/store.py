@@ -8,6 +8,7 @@ place, ``classify_s3_error``.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +18,22 @@ from typing import Any, Protocol
 
 import botocore.exceptions
 
-from poller.errors import ArchiveAccessError, ArchiveUnavailable, FatalError, PollerError
+from poller.errors import (
+    ArchiveAccessError,
+    ArchiveUnavailable,
+    ConditionalWritesUnsupported,
+    FatalError,
+    PollerError,
+)
 from poller.timeutil import Clock, utc_now
+
+_FRAMING = re.compile(rb"^[0-9a-fA-F]{1,8}(;chunk-signature=[0-9a-f]+)?\r\n")
+
+
+def looks_like_chunk_framing(body: bytes) -> bool:
+    """Whether ``body`` starts as an aws-chunked upload does ("<hex size>\\r\\n...", what a
+    store that does not understand that encoding keeps as the object's body)."""
+    return bool(_FRAMING.match(body))
 
 
 class PreconditionFailed(Exception):
@@ -33,6 +48,7 @@ class StoredObject:
     # The server's clock when it answered (the ``Date`` header): with ``last_modified``
     # it tells an object's age without trusting the local clock.
     server_time: datetime
+    content_type: str = ""
 
 
 class ObjectStore(Protocol):
@@ -97,6 +113,9 @@ def classify_s3_error(exc: Exception, what: str) -> PollerError:
         if code in _ACCESS_CODES or status in (301, 403):
             hint = " (the bucket does not exist)" if code == "NoSuchBucket" else ""
             return ArchiveAccessError(f"S3 refused {what}: {code or status}{hint}")
+        if code == "NotImplemented" or status == 501:
+            # The store lacks a feature the request uses: retrying will not add it.
+            return FatalError(f"S3 does not implement {what}: {code or status}")
         if code in _TRANSIENT_CODES or status >= 500 or status == 409:
             return ArchiveUnavailable(f"S3 failed {what}: {code or status}")
         return FatalError(f"S3 rejected {what}: {code or status}")
@@ -106,6 +125,20 @@ def classify_s3_error(exc: Exception, what: str) -> PollerError:
         # Connection errors, timeouts, bodies cut short: botocore already retried them.
         return ArchiveUnavailable(f"S3 unreachable for {what}: {type(exc).__name__}")
     raise exc
+
+
+def _lacks_feature(exc: botocore.exceptions.ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code == "NotImplemented" or status == 501
+
+
+def _unsupported(header: str, key: str) -> ConditionalWritesUnsupported:
+    return ConditionalWritesUnsupported(
+        f"this S3 store does not implement {header} (501 NotImplemented writing {key}): it"
+        " lacks conditional writes; use a store that has them, or set"
+        " s3.require_conditional_writes=false (single writer through the lease alone)"
+    )
 
 
 def _is_precondition_failure(exc: botocore.exceptions.ClientError) -> bool:
@@ -174,11 +207,43 @@ class S3ObjectStore:
         bucket: str,
         options: WriteOptions | None = None,
         clock: Clock = utc_now,
+        *,
+        conditional_writes: bool = True,
     ) -> None:
         self._client = client
         self.bucket = bucket
         self._options = options or WriteOptions()
         self._clock = clock
+        # False (s3.require_conditional_writes=false on a store that lacks them): no
+        # If-None-Match/If-Match header is ever sent; the conditions are checked by a HEAD
+        # just before the write instead, which is not atomic (see README).
+        self.conditional_writes = conditional_writes
+
+    def natively(self) -> S3ObjectStore:
+        """This store sending the conditional headers whatever the setting (the probe's)."""
+        if self.conditional_writes:
+            return self
+        return S3ObjectStore(self._client, self.bucket, self._options, self._clock)
+
+    def _current_etag(self, key: str) -> str | None:
+        try:
+            return str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"reading {key}") from exc
+
+    def _emulate(self, key: str, if_none_match: bool, if_match: str | None) -> None:
+        """The conditions, checked by a HEAD (a race can slip between it and the write)."""
+        if not if_none_match and if_match is None:
+            return
+        current = self._current_etag(key)
+        if if_none_match and current is not None:
+            raise PreconditionFailed(key)
+        if if_match is not None and current != if_match:
+            raise PreconditionFailed(key)
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self.bucket!r})"
@@ -198,6 +263,7 @@ class S3ObjectStore:
             etag=response["ETag"],
             last_modified=response["LastModified"].astimezone(UTC),
             server_time=_server_time(response),
+            content_type=str(response.get("ContentType") or ""),
         )
 
     def put(
@@ -210,10 +276,13 @@ class S3ObjectStore:
         retain: bool = False,
     ) -> str:
         conditions: dict[str, Any] = self._options.arguments(retain, self._clock())
-        if if_none_match:
-            conditions["IfNoneMatch"] = "*"
-        if if_match is not None:
-            conditions["IfMatch"] = if_match
+        if not self.conditional_writes:
+            self._emulate(key, if_none_match, if_match)
+        else:
+            if if_none_match:
+                conditions["IfNoneMatch"] = "*"
+            if if_match is not None:
+                conditions["IfMatch"] = if_match
         try:
             response = self._client.put_object(
                 Bucket=self.bucket,
@@ -225,8 +294,11 @@ class S3ObjectStore:
         except botocore.exceptions.ClientError as exc:
             if _is_precondition_failure(exc):
                 raise PreconditionFailed(key) from exc
-            if if_match is not None and exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+            if "IfMatch" in conditions and exc.response.get("Error", {}).get("Code") == "NoSuchKey":
                 raise PreconditionFailed(key) from exc
+            if _lacks_feature(exc) and ("IfMatch" in conditions or "IfNoneMatch" in conditions):
+                header = "If-Match" if "IfMatch" in conditions else "If-None-Match"
+                raise _unsupported(header, key) from exc
             raise classify_s3_error(exc, f"writing {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise classify_s3_error(exc, f"writing {key}") from exc
@@ -234,6 +306,13 @@ class S3ObjectStore:
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         extra = {"IfMatch": if_match} if if_match is not None else {}
+        if not self.conditional_writes and extra:
+            current = self._current_etag(key)
+            if current is None:
+                return
+            if current != if_match:
+                raise PreconditionFailed(key)
+            extra = {}
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key, **extra)
         except botocore.exceptions.ClientError as exc:
@@ -242,6 +321,8 @@ class S3ObjectStore:
                 return
             if _is_precondition_failure(exc):
                 raise PreconditionFailed(key) from exc
+            if _lacks_feature(exc) and extra:
+                raise _unsupported("If-Match", key) from exc
             raise classify_s3_error(exc, f"deleting {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise classify_s3_error(exc, f"deleting {key}") from exc
@@ -329,6 +410,7 @@ class MemoryObjectStore:
         self.requests = 0
         self._version = 0
         self.ignore_conditions = False  # behave like a store that drops the headers
+        self.lacks_if_match = False  # behave like a store that answers If-Match with 501
 
     def get(self, key: str) -> StoredObject | None:
         with self._lock:
@@ -336,7 +418,9 @@ class MemoryObjectStore:
             found = self._objects.get(key)
             if found is None:
                 return None
-            return StoredObject(found.body, found.etag, found.last_modified, self._clock())
+            return StoredObject(
+                found.body, found.etag, found.last_modified, self._clock(), "application/json"
+            )
 
     def put(
         self,
@@ -350,6 +434,8 @@ class MemoryObjectStore:
         with self._lock:
             self.requests += 1
             current = self._objects.get(key)
+            if self.lacks_if_match and if_match is not None:
+                raise _unsupported("If-Match", key)
             if not self.ignore_conditions:
                 if if_none_match and current is not None:
                     raise PreconditionFailed(key)

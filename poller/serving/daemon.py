@@ -141,6 +141,13 @@ class Daemon:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         settings = self.runtime.settings
+        try:
+            # Before the push path or a cycle writes anything. A store that cannot be used
+            # as configured will not get better: exit, and say why and what to set.
+            self.runtime.prove_store()
+        except PollerError as exc:
+            log.error("daemon.refused", extra={"fields": {"error": str(exc)}})
+            return exc.exit_code
         scheduler = self._scheduler = BlockingScheduler(
             timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
         )
