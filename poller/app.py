@@ -24,7 +24,7 @@ from poller.archive.probe import StoreProof, fingerprint, prove_store, record_pr
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
-from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count_requests
+from poller.archive.store import ObjectStore, RequestCounter, S3ObjectStore, WriteOptions
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
@@ -308,14 +308,21 @@ def build(
         RetryPolicy(max_attempts=ts.max_attempts, max_delay_seconds=ts.max_retry_seconds),
         sleep,
     )
-    client = s3 if s3 is not None else s3_client(settings.s3)
-    options = write_options(settings.s3)
+    counter = RequestCounter()
+    client = counter.attach(s3 if s3 is not None else s3_client(settings.s3))
+
+    def renew_client() -> Any:
+        # A fresh session re-reads what may have changed under a long-lived process:
+        # rotated key files, a new web identity token (IRSA), a new profile.
+        return counter.attach(s3_client(settings.s3))
+
     store = S3ObjectStore(
         client,
         settings.s3.bucket,
-        options,
+        write_options(settings.s3),
         clock,
         conditional_writes=settings.s3.require_conditional_writes,
+        renew_client=renew_client if s3 is None else None,
     )
     return Runtime(
         settings=settings,
@@ -325,7 +332,7 @@ def build(
         api=api,
         budget=budget,
         store=store,
-        s3_requests=count_requests(client),
+        s3_requests=counter,
         layout=Layout(settings.s3.prefix),
         stop=stop,
         native_store=store.natively(),

@@ -18,7 +18,7 @@ from poller import __version__
 from poller.app import UNGUARDED, Runtime, build, new_run_id, run_cycle, write_options
 from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
 from poller.archive.state import Checkpoint, CheckpointStore
-from poller.archive.store import BucketProtection
+from poller.archive.store import CREDENTIAL_CODES, BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import (
     ApiAuthError,
@@ -355,6 +355,12 @@ def fix_for(error: PollerError) -> str:
     if isinstance(error, ApiUnavailable):
         return "check THREATSTACK_BASE_URL and that this machine can reach it (proxy, firewall)"
     if isinstance(error, ArchiveAccessError):
+        if any(code in text for code in CREDENTIAL_CODES):
+            return (
+                "S3 refused the AWS credentials (expired, rotated or wrong): renew them (the"
+                " rotated key file, a new session token, the IRSA role); the daemon re-reads"
+                " them on its own"
+            )
         if "NoSuchBucket" in text:
             return "create the bucket, or set TS_AWS_S3_BUCKET to an existing one"
         if "credentials" in text:

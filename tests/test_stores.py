@@ -9,11 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
+import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import (
+    ROOT,
     assert_exact_archive,
     bucket_objects,
     expected_archive,
@@ -22,7 +28,7 @@ from conftest import (
     tls_env,
 )
 from s3proxy import S3Proxy
-from test_push import README_PAYLOAD, TOKEN, Served, free_port
+from test_push import README_PAYLOAD, TOKEN, Served, free_port, wait_for
 
 from poller import cli
 from poller.archive.records import Layout, json_body
@@ -200,3 +206,66 @@ def test_every_writing_command_refuses_a_store_that_ignores_create_only_writes(
         assert code == 1, (command, err[-2000:])
         assert "ignores If-None-Match" in out + err, command
     assert tls_s3.writes() == []
+
+
+def _credentials(path: Path, key_id: str) -> None:
+    path.write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = s3cret\n")
+
+
+def test_rotated_credentials_are_picked_up_by_the_daemon_and_expired_ones_fail_healthz(
+    simulator: Simulator, tls_s3: S3Proxy, s3: Any, bucket: str, tmp_path: Path
+):
+    """A static key rotated in its file under a running daemon: S3 answers ExpiredToken for
+    the old one, the daemon rebuilds its client from a fresh session and goes on. When no
+    credentials work any more, /healthz turns red after three failed cycles, saying why."""
+    credentials = tmp_path / "credentials"
+    _credentials(credentials, "old-key")
+    port = free_port()
+    env = tls_env(
+        simulator,
+        tls_s3,
+        bucket,
+        AWS_SHARED_CREDENTIALS_FILE=str(credentials),
+        POLLER_SYNC__INTERVAL_SECONDS="1",
+        POLLER_HTTP__HOST="127.0.0.1",
+        POLLER_HTTP__PORT=str(port),
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name)
+    now = utc_now()
+    simulator.generate(4, now - timedelta(hours=3), now - timedelta(hours=2))
+    first_ids = {a.id for a in simulator.alerts}
+
+    def archived() -> set[str]:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="alerts/").get("Contents", [])
+        return {item["Key"].rsplit("/", 1)[-1] for item in listing}
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "poller", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(daemon.stderr or []), daemon=True).start()
+    try:
+        wait_for(lambda: archived() >= first_ids)
+        tls_s3.quirks.expired_keys = {"old-key"}
+        _credentials(credentials, "new-key")
+        simulator.generate(3, now - timedelta(minutes=8), now - timedelta(minutes=3))
+        wait_for(lambda: archived() == {a.id for a in simulator.alerts})
+
+        tls_s3.quirks.expired_keys = {"old-key", "new-key"}  # nothing works any more
+
+        def red() -> bool:
+            answer = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            return answer.status_code == 503 and "ExpiredToken" in answer.text
+
+        wait_for(red)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert "s3.credentials_renewed" in "".join(log)
+    assert_byte_exact(s3, bucket, simulator)

@@ -314,21 +314,22 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, or take over a stale one; raise LeaseHeld when another holds it."""
-        for _ in range(3):  # the lease may vanish between our write and our read
+        # Read first, write once: the common case (a released lease) costs a GET and one
+        # conditional PUT, and nothing is written before the lease is known to be free.
+        for _ in range(3):  # the lease may appear or vanish between our read and our write
             self._acquired_at = self._clock()
-            body = self._body()
-            try:
-                self._etag = self._store.put(self._key, body, if_none_match=True)
-            except PreconditionFailed:
-                pass
-            else:
-                return
             stored = self._store.get(self._key)
             if stored is None:
-                continue
-            if stored.body == body:  # our own write, whose response was lost
-                self._etag = stored.etag
-                return
+                body = self._body()
+                try:
+                    self._etag = self._store.put(self._key, body, if_none_match=True)
+                    return
+                except PreconditionFailed:
+                    # Another run created it first, or our own write's response was lost.
+                    self._etag = our_write_landed(self._store, self._key, body)
+                    if self._etag is not None:
+                        return
+                    continue
             info = self._info(stored)
             self._refuse_unreadable(stored, info)
             if not info.free:

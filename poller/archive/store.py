@@ -8,6 +8,7 @@ place, ``classify_s3_error``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from poller.errors import (
     PollerError,
 )
 from poller.timeutil import Clock, utc_now
+
+log = logging.getLogger(__name__)
 
 _FRAMING = re.compile(rb"^[0-9a-fA-F]{1,8}(;chunk-signature=[0-9a-f]+)?\r\n")
 
@@ -81,12 +84,20 @@ class ObjectStore(Protocol):
         object was written without one), or None when there is no such object."""
 
 
-_ACCESS_CODES = {
+# The credentials themselves failed: a rebuilt client (a fresh session re-reads rotated key
+# files, a new web identity token) may succeed where this one cannot.
+CREDENTIAL_CODES = {
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+}
+_ACCESS_CODES = CREDENTIAL_CODES | {
     "AccessDenied",
     "AllAccessDisabled",
     "NoSuchBucket",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
     "InvalidBucketName",
     "AuthorizationHeaderMalformed",
     "PermanentRedirect",
@@ -127,6 +138,13 @@ def classify_s3_error(exc: Exception, what: str) -> PollerError:
     raise exc
 
 
+def credentials_failed(exc: BaseException) -> bool:
+    """Whether S3 refused the credentials (expired, unknown, wrong secret), or none were found."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) in CREDENTIAL_CODES
+    return isinstance(exc, botocore.exceptions.NoCredentialsError)
+
+
 def _lacks_feature(exc: botocore.exceptions.ClientError) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -145,6 +163,10 @@ def _is_precondition_failure(exc: botocore.exceptions.ClientError) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in ("PreconditionFailed", "412") or status == 412
+
+
+def _read(response: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    return response, response["Body"].read()
 
 
 def _server_time(response: dict[str, Any]) -> datetime:
@@ -209,8 +231,14 @@ class S3ObjectStore:
         clock: Clock = utc_now,
         *,
         conditional_writes: bool = True,
+        renew_client: Callable[[], Any] | None = None,
     ) -> None:
         self._client = client
+        # Builds a client from a fresh session: called once when S3 refuses the credentials,
+        # and the call is retried once with it (rotated keys, expired session tokens).
+        self._renew_client = renew_client
+        self._renew_lock = threading.Lock()
+        self.renewals = 0
         self.bucket = bucket
         self._options = options or WriteOptions()
         self._clock = clock
@@ -223,11 +251,28 @@ class S3ObjectStore:
         """This store sending the conditional headers whatever the setting (the probe's)."""
         if self.conditional_writes:
             return self
-        return S3ObjectStore(self._client, self.bucket, self._options, self._clock)
+        return S3ObjectStore(
+            self._client, self.bucket, self._options, self._clock, renew_client=self._renew_client
+        )
+
+    def _call(self, call: Callable[[Any], Any]) -> Any:
+        """``call(client)``; when S3 refuses the credentials, once more with a new client."""
+        client = self._client
+        try:
+            return call(client)
+        except (botocore.exceptions.ClientError, botocore.exceptions.NoCredentialsError) as exc:
+            if self._renew_client is None or not credentials_failed(exc):
+                raise
+        with self._renew_lock:
+            if self._client is client:  # one rebuild for all the calls that failed with it
+                self._client = self._renew_client()
+                self.renewals += 1
+                log.warning("s3.credentials_renewed", extra={"fields": {"renewals": self.renewals}})
+        return call(self._client)
 
     def _current_etag(self, key: str) -> str | None:
         try:
-            return str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
+            return str(self._call(lambda c: c.head_object(Bucket=self.bucket, Key=key))["ETag"])
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -250,8 +295,7 @@ class S3ObjectStore:
 
     def get(self, key: str) -> StoredObject | None:
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"].read()
+            response, body = self._call(lambda c: _read(c.get_object(Bucket=self.bucket, Key=key)))
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -284,12 +328,14 @@ class S3ObjectStore:
             if if_match is not None:
                 conditions["IfMatch"] = if_match
         try:
-            response = self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentType="application/json",
-                **conditions,
+            response = self._call(
+                lambda c: c.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/json",
+                    **conditions,
+                )
             )
         except botocore.exceptions.ClientError as exc:
             if _is_precondition_failure(exc):
@@ -314,7 +360,7 @@ class S3ObjectStore:
                 raise PreconditionFailed(key)
             extra = {}
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=key, **extra)
+            self._call(lambda c: c.delete_object(Bucket=self.bucket, Key=key, **extra))
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code in ("NoSuchKey", "404"):
@@ -328,19 +374,23 @@ class S3ObjectStore:
             raise classify_s3_error(exc, f"deleting {key}") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
-            paginator = self._client.get_paginator("list_objects_v2")
+        def listing(client: Any) -> list[str]:
+            keys: list[str] = []
+            paginator = client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(item["Key"] for item in page.get("Contents", []))
+            return keys
+
+        try:
+            return list(self._call(listing))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
-        return keys
 
     def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-            body = response["Body"].read()
+            response, body = self._call(
+                lambda c: _read(c.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"))
+            )
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -363,13 +413,15 @@ class S3ObjectStore:
             except botocore.exceptions.BotoCoreError:
                 return None
 
-        versioning = ask(lambda: self._client.get_bucket_versioning(Bucket=self.bucket), ())
+        versioning = ask(
+            lambda: self._call(lambda c: c.get_bucket_versioning(Bucket=self.bucket)), ()
+        )
         lock = ask(
-            lambda: self._client.get_object_lock_configuration(Bucket=self.bucket),
+            lambda: self._call(lambda c: c.get_object_lock_configuration(Bucket=self.bucket)),
             ("ObjectLockConfigurationNotFoundError",),
         )
         encryption = ask(
-            lambda: self._client.get_bucket_encryption(Bucket=self.bucket),
+            lambda: self._call(lambda c: c.get_bucket_encryption(Bucket=self.bucket)),
             ("ServerSideEncryptionConfigurationNotFoundError",),
         )
         return BucketProtection(
@@ -475,14 +527,28 @@ class MemoryObjectStore:
             return {key: obj.body for key, obj in self._objects.items()}
 
 
-def count_requests(client: Any) -> Callable[[], int]:
-    """Count every HTTP request a boto3 client sends (retries included); returns a reader."""
-    sent = [0]
-    lock = threading.Lock()
+class RequestCounter:
+    """Counts every HTTP request the boto3 clients it is attached to send (retries included);
+    calling it reads the count. A renewed client is attached too, so the count goes on."""
 
-    def on_send(**_: Any) -> None:
-        with lock:
-            sent[0] += 1
+    def __init__(self) -> None:
+        self._sent = 0
+        self._lock = threading.Lock()
 
-    client.meta.events.register("before-send.s3", on_send)
-    return lambda: sent[0]
+    def attach(self, client: Any) -> Any:
+        client.meta.events.register("before-send.s3", self._on_send)
+        return client
+
+    def _on_send(self, **_: Any) -> None:
+        with self._lock:
+            self._sent += 1
+
+    def __call__(self) -> int:
+        return self._sent
+
+
+def count_requests(client: Any) -> RequestCounter:
+    """A counter attached to ``client``: calling it reads the count."""
+    counter = RequestCounter()
+    counter.attach(client)
+    return counter

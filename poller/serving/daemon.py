@@ -29,6 +29,8 @@ from poller.walks.sync import Summary
 
 log = logging.getLogger(__name__)
 
+FAILING_CYCLES = 3  # failed cycles in a row after which the daemon reports itself not alive
+
 
 class Daemon:
     def __init__(self, runtime: Runtime, clock: Clock) -> None:
@@ -44,6 +46,10 @@ class Daemon:
             seconds=self.interval + longest_request_seconds(runtime.settings) + 60
         )
         self.last_progress = clock()
+        # Cycles that keep failing (credentials that no longer work, a bucket gone) are no
+        # progress either: after this many in a row /healthz fails and the pod restarts.
+        self.failed_in_row = 0
+        self.last_error: str | None = None
         self._cycle_lock = threading.Lock()
         self._scheduler: BlockingScheduler | None = None
         self.http_port: int | None = None  # the port actually bound (http.port may be busy)
@@ -81,11 +87,15 @@ class Daemon:
             now = self.clock()
             self.last_progress = now
             self.last_outcome = outcome
+            self.failed_in_row = self.failed_in_row + 1 if outcome in ("failed", "crashed") else 0
+            self.last_error = summary.error if self.failed_in_row else None
             if outcome in ("ok", "lease_held"):
                 self.last_success = now
             self.metrics.observe(summary, outcome, now)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
             self.metrics.budget.set(self.runtime.budget.per_minute)
+            self.metrics.credential_renewals.set(getattr(self.runtime.store, "renewals", 0))
+            self.metrics.failed_in_row.set(self.failed_in_row)
 
     # A CycleObserver: every page and commit is progress, for liveness.
     def started(self, summary: Summary, chunk_count: int) -> None:
@@ -100,14 +110,19 @@ class Daemon:
     # ------------------------------------------------------------------ health
     def alive(self) -> tuple[bool, dict[str, Any]]:
         """Alive unless nothing has progressed for ``stall_after`` (a hung cycle, or a
-        scheduler that stopped scheduling)."""
+        scheduler that stopped scheduling), or the last FAILING_CYCLES cycles all failed
+        (the state says why: credentials that keep failing are fixed by a restart that
+        reads them afresh, or by someone who reads ``last_error``)."""
         idle = self.clock() - self.last_progress
-        state = {
+        state: dict[str, Any] = {
             "last_progress": iso_z(self.last_progress),
             "idle_s": round(idle.total_seconds(), 1),
             "stall_after_s": round(self.stall_after.total_seconds()),
+            "failed_in_row": self.failed_in_row,
         }
-        return idle <= self.stall_after, state
+        if self.last_error:
+            state["last_error"] = self.last_error
+        return idle <= self.stall_after and self.failed_in_row < FAILING_CYCLES, state
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ready once a cycle succeeded (or found another writer) within 3 intervals."""

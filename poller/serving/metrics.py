@@ -41,6 +41,16 @@ class Metrics:
             "Threat Stack requests started in the last 60 s (against the budget)",
             registry=self.registry,
         )
+        self.credential_renewals = Gauge(
+            "poller_s3_credential_renewals",
+            "S3 clients rebuilt from a fresh session after S3 refused the credentials",
+            registry=self.registry,
+        )
+        self.failed_in_row = Gauge(
+            "poller_cycles_failed_in_row",
+            "Cycles failed in a row (3 or more: /healthz fails)",
+            registry=self.registry,
+        )
         self.budget = Gauge(
             "poller_api_budget_per_minute",
             "threatstack.requests_per_minute",
