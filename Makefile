@@ -11,7 +11,15 @@ KUBERNETES_VERSION ?= 1.30.0
 # not the PrometheusRule custom resource, which tests/test_deploy.py checks instead).
 MANIFESTS = $(shell find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml ! -name config.yaml | sort)
 
-.PHONY: demo test lint validate audit unit test-min integration faults crash bench clean
+.PHONY: demo test check lint validate audit unit test-min integration faults crash bench clean
+
+# pytest-xdist workers. Most tests wait on subprocesses and servers (moto, the simulator,
+# `poller` itself), so more workers than the two cores pays; each worker starts its own
+# moto server once and every test makes its own bucket.
+WORKERS ?= 4
+XDIST = -n $(WORKERS) --maxschedchunk 1
+UNIT = -m "not integration and not faults and not crash"
+
 
 $(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +40,11 @@ lint: $(BIN)/activate
 	$(BIN)/hadolint Dockerfile
 
 test: lint validate test-min
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST) --durations=10
+
+# The developer's loop (under a minute): lint, types and the unit tests.
+check: lint
+	$(BIN)/pytest $(XDIST) -q $(UNIT)
 
 $(TOOLS)/activate: requirements-tools.txt
 	$(PYTHON) -m venv $(TOOLS_VENV)
@@ -67,16 +79,16 @@ $(MIN_VENV)/bin/activate: requirements-min.txt requirements-test.txt pyproject.t
 	touch $(MIN_VENV)/bin/activate
 
 test-min: $(MIN_VENV)/bin/activate
-	$(MIN_VENV)/bin/pytest -p no:cacheprovider -m "not integration and not faults and not crash"
+	$(MIN_VENV)/bin/pytest -p no:cacheprovider $(XDIST) -q $(UNIT)
 
 unit: $(BIN)/activate
-	$(BIN)/pytest -m "not integration and not faults and not crash"
+	$(BIN)/pytest $(XDIST) $(UNIT)
 
 faults: $(BIN)/activate
-	$(BIN)/pytest -m faults
+	$(BIN)/pytest $(XDIST) -m faults
 
 crash: $(BIN)/activate
-	$(BIN)/pytest -m crash
+	$(BIN)/pytest $(XDIST) -m crash
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/benchmark.py

@@ -10,7 +10,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import boto3
 import requests
 from botocore.config import Config
-from prometheus_client import CollectorRegistry
 
 from poller.archive.probe import StoreProof, fingerprint, prove_store, record_proof, recorded_proof
 from poller.archive.reading import archived_webhooks
@@ -28,13 +28,21 @@ from poller.archive.store import ObjectStore, RequestCounter, S3ObjectStore, Wri
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
-from poller.serving.http import App, Health, status_document
+from poller.serving.http import CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
-from poller.walks.sync import PAGES_PER_LISTING, Cycle, CycleObserver, CycleSettings, Summary
+from poller.walks.sync import (
+    PAGES_PER_LISTING,
+    Cycle,
+    CycleHooks,
+    CycleObserver,
+    CycleSettings,
+    Summary,
+    Unobserved,
+)
 from poller.walks.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -113,6 +121,28 @@ def local_s3_client(endpoint_url: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class RequestCount:
+    """The one count of a process's requests, retries included: the API side's budget
+    counts every Threat Stack attempt, the S3 client's send hook every S3 request."""
+
+    budget: RequestBudget
+    s3_sent: Callable[[], int]
+
+    @contextmanager
+    def measure(self, summary: Summary) -> Iterator[None]:
+        """Fill ``summary``'s request counts and duration with what the block spends, even
+        when it raises (deltas: the daemon reuses its clients from cycle to cycle)."""
+        started = time.monotonic()
+        api_before, s3_before = self.budget.sent, self.s3_sent()
+        try:
+            yield
+        finally:
+            summary.api_requests = self.budget.sent - api_before
+            summary.s3_requests = self.s3_sent() - s3_before
+            summary.duration_s = round(time.monotonic() - started, 3)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -122,7 +152,7 @@ class Runtime:
     api: ThreatStackClient
     budget: RequestBudget
     store: ObjectStore
-    s3_requests: Callable[[], int]
+    requests: RequestCount
     layout: Layout
     stop: threading.Event
     # The store sending the conditional headers whatever s3.require_conditional_writes
@@ -178,13 +208,14 @@ class Runtime:
             recent_requests=self.budget.recent,
         )
 
-    def verifier(self) -> Verifier:
+    def verifier(self, observer: CycleObserver | None = None) -> Verifier:
         return Verifier(
             self.api,
             self.store,
             Archive(self.store, self.layout, self.settings.threatstack.org_id),
             self.settings.threatstack.statuses,
             self.clock,
+            observer,
         )
 
     def pending(self) -> PendingRecords:
@@ -210,14 +241,11 @@ class Runtime:
         )
         return Receiver(self.store, self.layout, self.settings.threatstack.org_id, fetcher)
 
-    def http_app(
-        self,
-        registry: CollectorRegistry | None = None,
-        health: Health | None = None,
-        ready: Health | None = None,
-    ) -> App:
-        """One HTTP application: the daemon's health and metrics, and the push path."""
-        registry = registry or CollectorRegistry()
+    def push_parts(self) -> PushParts | None:
+        """What the push routes work with; None while ``receiver.token`` is unset."""
+        settings = self.settings.receiver
+        if not settings.token:
+            return None
         layout, store = self.layout, self.store
 
         def read_object(alert_id: str) -> Any:
@@ -237,26 +265,26 @@ class Runtime:
             self.api.self_test()  # raises when the credentials or the API fail
             return True
 
-        def status() -> dict[str, Any]:
-            return status_document(bucket_reachable, api_reachable)
+        def confirm_subscription(url: str) -> None:
+            # Only for an https SNS host and an allowed topic (checked by the caller).
+            requests.get(url, timeout=10).raise_for_status()
 
-        return App(
-            registry,
-            self.settings.receiver,
-            self.receiver() if self.settings.receiver.token else None,
-            read_object,
-            list_webhooks,
-            status,
-            health,
-            ready,
+        return PushParts(
+            settings=settings,
+            organization_id=self.settings.threatstack.org_id,
+            receiver=self.receiver(),
+            read_object=read_object,
+            list_webhooks=list_webhooks,
+            status=CachedStatus(lambda: status_document(bucket_reachable, api_reachable)),
+            confirm_subscription=confirm_subscription,
         )
 
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
 
-    def cycle(self, lease: Lease) -> Cycle:
+    def cycle(self, lease: Lease, hooks: CycleHooks) -> Cycle:
         settings = self.settings
-        cycle = Cycle(
+        return Cycle(
             source=self.api,
             archive=Archive(self.store, self.layout, settings.threatstack.org_id),
             checkpoints=CheckpointStore(self.store, self.layout),
@@ -277,12 +305,11 @@ class Runtime:
                 deadline_floor_seconds=longest_request_seconds(settings),
             ),
             clock=self.clock,
-            s3_requests=self.s3_requests,
             run_id=self.run_id,
             mode=self.mode,
+            hooks=hooks,
+            pending=self.pending(),
         )
-        cycle.pending = self.pending()
-        return cycle
 
 
 def build(
@@ -332,38 +359,45 @@ def build(
         api=api,
         budget=budget,
         store=store,
-        s3_requests=counter,
+        requests=RequestCount(budget, counter),
         layout=Layout(settings.s3.prefix),
         stop=stop,
         native_store=store.natively(),
     )
 
 
+# A walk other than sync's over a cycle's parts, such as a backfill.
+Walk = Callable[[Runtime, Cycle, Summary], None]
+
+
 def run_cycle(
     runtime: Runtime,
     summary: Summary,
     observer: CycleObserver | None = None,
-    work: Callable[[Cycle, Summary], None] | None = None,
+    walk: Walk | None = None,
 ) -> Summary:
-    """Take the lease, run one cycle (or ``work``, e.g. a backfill, on the cycle's parts)
+    """Take the lease, run one cycle (or ``walk``, e.g. a backfill, on the cycle's parts)
     while keeping it renewed, release it. Raises LeaseHeld (exit 75) when another run holds
-    it. ``observer`` is told of every page and commit."""
-    api_before, s3_before = runtime.api.requests_sent, runtime.s3_requests()
+    it. ``observer`` is told of every page and commit. The summary's request counts and
+    duration cover the whole run, the lease's requests included."""
     lease = runtime.lease()
-    try:
-        runtime.prove_store()  # before the first write (the lease), once per process
-        lease.acquire()
-        # The budget holds across processes taking turns: count the last holder's requests.
-        runtime.budget.inherit(lease.inherited_requests)
-        cycle = runtime.cycle(lease)
-        with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
-            cycle.lease_lost = lambda: keeper.lost
-            cycle.should_stop = runtime.stop.is_set
-            if observer is not None:
-                cycle.observer = observer
-            return cycle.run(summary, None if work is None else lambda s: work(cycle, s))
-    finally:
-        lease.release()
-        # Whole-run figures, the lease's requests included (deltas: the daemon reuses clients).
-        summary.api_requests = runtime.api.requests_sent - api_before
-        summary.s3_requests = runtime.s3_requests() - s3_before
+    with runtime.requests.measure(summary):
+        try:
+            runtime.prove_store()  # before the first write (the lease), once per process
+            lease.acquire()
+            # The budget holds across processes taking turns: count the last holder's requests.
+            runtime.budget.inherit(lease.inherited_requests)
+            with LeaseKeeper(lease, runtime.settings.sync.lease_ttl_seconds) as keeper:
+                hooks = CycleHooks(
+                    lease_lost=lambda: keeper.lost,
+                    should_stop=runtime.stop.is_set,
+                    observer=observer or Unobserved(),
+                )
+                cycle = runtime.cycle(lease, hooks)
+                if walk is None:
+                    cycle.run(summary)
+                else:
+                    walk(runtime, cycle, summary)
+        finally:
+            lease.release()
+    return summary

@@ -8,14 +8,13 @@ import json
 import logging
 import signal
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import UNGUARDED, Runtime, build, new_run_id, run_cycle, write_options
+from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle, write_options
 from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
 from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import CREDENTIAL_CODES, BucketProtection
@@ -30,7 +29,6 @@ from poller.errors import (
     Stopped,
     UnreadableState,
 )
-from poller.serving.http import HttpServer
 from poller.terminal import (
     ChunkProgress,
     console_for,
@@ -163,24 +161,22 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     since, until = _range(settings, args)
     runtime = build(settings, "verify", run_id=run_id)
     summary = Summary(mode="verify", run_id=run_id)
-    verifier = runtime.verifier()
     ts = settings.threatstack
     pace = Pace(len(ts.statuses) * 60.0 / ts.requests_per_minute)
     progress = ChunkProgress(console_for(sys.stderr), pace) if sys.stderr.isatty() else None
-    verifier.observer = Observers(
-        *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+    verifier = runtime.verifier(
+        Observers(
+            *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
+        )
     )
-    started = time.monotonic()
     if args.repair:
         runtime.prove_store()  # before the first write
     try:
-        findings = verifier.run(since, until, args.repair, summary, args.checksums)
+        with runtime.requests.measure(summary):
+            findings = verifier.run(since, until, args.repair, summary, args.checksums)
     finally:
         if progress is not None:
             progress.close()
-        summary.api_requests = runtime.api.requests_sent
-        summary.s3_requests = runtime.s3_requests()
-        summary.duration_s = round(time.monotonic() - started, 3)
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -221,7 +217,7 @@ def _walk_command(
     settings: Settings,
     run_id: str,
     mode: str,
-    work: Callable[[Runtime, Cycle, Summary], None] | None,
+    walk: Walk | None,
 ) -> int:
     """sync and backfill: one walk under the lease, progress, the summary last on stdout."""
     runtime = build(settings, mode, run_id=run_id)
@@ -235,8 +231,7 @@ def _walk_command(
         *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
     )
     try:
-        steps = None if work is None else lambda cycle, s: work(runtime, cycle, s)
-        run_cycle(runtime, summary, observers, steps)
+        run_cycle(runtime, summary, observers, walk)
         log.info(f"{mode}.done", extra={"fields": summary.as_dict()})
     except PollerError as exc:
         summary.ok, summary.error, code = False, str(exc), exc.exit_code
@@ -449,10 +444,18 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     def alive() -> tuple[bool, dict[str, Any]]:
         return True, {}
 
-    app = runtime.http_app(None, alive, alive)
+    from prometheus_client import CollectorRegistry
+
+    from poller.serving.daemon import start_listeners
+
     port = settings.http.port or 8080
-    server = HttpServer(app, settings.http.host, port, settings.receiver).start()
-    log.info("serve.listening", extra={"fields": {"host": settings.http.host, "port": server.port}})
+    listeners = start_listeners(
+        runtime, CollectorRegistry(), alive, alive, settings.http.host, port
+    )
+    log.info(
+        "serve.listening",
+        extra={"fields": {"host": settings.http.host, "ports": [x.port for x in listeners]}},
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
@@ -460,7 +463,8 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
-    server.stop()
+    for listener in listeners:
+        listener.stop()
     log.info("serve.stopped")
     return 0
 

@@ -98,11 +98,25 @@ class ReceiverSettings:
     """The push path (see poller.serving.receiver): off while ``token`` is unset."""
 
     token: Secret = field(default_factory=lambda: Secret(""))
+    # A second push token accepted beside ``token`` during a rotation (see README).
+    previous_token: Secret = field(default_factory=lambda: Secret(""))
+    # The read-back routes' secret; unset: they are off (the push token never reads).
+    read_token: Secret = field(default_factory=lambda: Secret(""))
     path: str = "/api/v1/s3/alert"
+    # 0: the push routes share the daemon's http.port listener; else their own listener,
+    # so a flood of the push port never reaches /healthz, /readyz and /metrics.
+    port: int = 0
     allow_cidrs: tuple[str, ...] = ()  # empty: any source
-    max_body_bytes: int = 1024 * 1024
-    threads: int = 16  # bounded concurrency: requests beyond wait for a worker
-    timeout_seconds: float = 10.0  # a sender that is this slow to send is cut off
+    # Proxies (an ingress) whose X-Forwarded-For names the real sender; empty: none.
+    trusted_proxies: tuple[str, ...] = ()
+    # SNS topics whose subscription confirmations are confirmed; others are only logged.
+    sns_topics: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024  # after decompression too
+    max_header_bytes: int = 16 * 1024
+    threads: int = 8  # workers: each runs one whole, already-read request at a time
+    connection_limit: int = 100  # open connections per listener
+    timeout_seconds: float = 10.0  # a request must arrive whole within this
+    idle_timeout_seconds: float = 60.0  # a connection silent this long is closed
     tls_cert_file: str = ""
     tls_key_file: str = ""
 
@@ -252,6 +266,15 @@ def _path(raw: Any) -> str:
     return text
 
 
+def _topic_arns(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    topics = tuple(str(i).strip() for i in items if str(i).strip())
+    for topic in topics:
+        if not re.fullmatch(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]+", topic):
+            raise ValueError(f"not an SNS topic ARN: {topic!r}")
+    return topics
+
+
 def _cidrs(raw: Any) -> tuple[str, ...]:
     items = raw if isinstance(raw, list) else str(raw).split(",")
     networks = []
@@ -319,11 +342,19 @@ PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "http": {"host": _text, "port": _int(0, 65_535)},
     "receiver": {
         "token": _secret,
+        "previous_token": _secret,
+        "read_token": _secret,
         "path": _path,
+        "port": _int(0, 65_535),
         "allow_cidrs": _cidrs,
+        "trusted_proxies": _cidrs,
+        "sns_topics": _topic_arns,
         "max_body_bytes": _int(1024, 64 * 1024 * 1024),
+        "max_header_bytes": _int(1024, 1024 * 1024),
         "threads": _int(1, 256),
+        "connection_limit": _int(2, 10_000),
         "timeout_seconds": _float(0.5, 300),
+        "idle_timeout_seconds": _float(1, 3600),
         "tls_cert_file": _text,
         "tls_key_file": _text,
     },
@@ -354,7 +385,7 @@ LEGACY_ENV: dict[str, tuple[str, str]] = {
 }
 FILE_ENV = ("THREATSTACK_USER_ID", "THREATSTACK_ORG_ID", "THREATSTACK_API_KEY")
 # Secrets whose POLLER_SECTION__KEY_FILE form names a file (Kubernetes secret mounts).
-SECRET_KEYS = {"receiver": ("token",)}
+SECRET_KEYS = {"receiver": ("token", "previous_token", "read_token")}
 
 # What each command needs before it may start.
 REQUIRED_API = (("threatstack", "user_id"), ("threatstack", "org_id"), ("threatstack", "api_key"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import hypothesis
 import pytest
 import requests
 from s3proxy import S3Proxy, self_signed_certificate
@@ -22,12 +23,33 @@ from s3proxy import S3Proxy, self_signed_certificate
 from poller.archive.records import Alert, Layout, classify, webhook_record
 from poller.simulator import Simulator
 
+# No per-example deadline: it is a timed assertion, and on two shared cores running four
+# xdist workers an example can wait for the CPU far longer than it computes.
+hypothesis.settings.register_profile("poller", deadline=None)
+hypothesis.settings.load_profile("poller")
+
 ROOT = Path(__file__).resolve().parent.parent
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: crash and fault suites, then integration, then unit tests.
+
+    With ``make test``'s ``-n 4 --maxschedchunk 1`` each xdist worker takes the next test
+    when it is free, so starting the few long suites first keeps one of them from being the
+    last thing running while the other workers sit idle."""
+
+    def weight(item: pytest.Item) -> int:
+        for rank, marker in enumerate(("crash", "faults", "integration")):
+            if item.get_closest_marker(marker) is not None:
+                return rank
+        return 3
+
+    items.sort(key=weight)
 
 
 @pytest.fixture(autouse=True)

@@ -22,17 +22,12 @@ DAY = timedelta(days=1)
 def run_backfill(world: World, since: datetime, until: datetime, to_now: bool) -> Summary:
     world.lease.acquire()
     try:
-        cycle = world.make_cycle()
-        cycle.mode = "backfill"
-        return cycle.run(
-            None,
-            lambda summary: backfill(
-                cycle,
-                ChunkRecords(world.store, LAYOUT),
-                BackfillRange(since, until, to_now),
-                summary,
-            ),
+        cycle = world.make_cycle(mode="backfill")
+        summary = Summary(mode="backfill", run_id=cycle.run_id)
+        backfill(
+            cycle, ChunkRecords(world.store, LAYOUT), BackfillRange(since, until, to_now), summary
         )
+        return summary
     finally:
         world.lease.release()
 

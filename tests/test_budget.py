@@ -174,6 +174,8 @@ def test_a_process_taking_its_turn_counts_the_last_ones_requests():
         assert len([s for s in starts[i:] if s < start + WINDOW_SECONDS]) <= 5
     # The 6th request overall waited for the first one to leave the window.
     assert second_time.sleeps and starts[-1] >= starts[1] + WINDOW_SECONDS
+    # Each process counts the requests it sent itself, not the ones it inherited.
+    assert (first.sent, second.sent) == (4, 3)
 
 
 def test_inherit_ignores_what_is_not_a_time():

@@ -7,7 +7,7 @@ import re
 
 from conftest import ROOT
 
-from poller.config import FILE_ENV, LEGACY_ENV, PARSERS, SECTIONS
+from poller.config import FILE_ENV, LEGACY_ENV, PARSERS, SECTIONS, Secret
 
 
 def table_rows() -> dict[str, tuple[str, str]]:
@@ -20,7 +20,7 @@ def table_rows() -> dict[str, tuple[str, str]]:
 
 def shown(section: str, key: str) -> str:
     value = getattr(SECTIONS[section](), key)
-    if key in ("api_key", "token"):
+    if isinstance(value, Secret):
         return "unset"
     if isinstance(value, tuple):
         return "[" + ", ".join(value) + "]"

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ from poller.timeutil import utc_now
 pytestmark = pytest.mark.integration
 
 TOKEN = "push-token-0123456789abcdef0123"
+READ_TOKEN = "read-token-0123456789abcdef0123"
+FIELD_CASES = Path(__file__).parent / "field_cases"  # copies of shared/field-cases
 # The old receiver's README example, as Threat Stack would post it.
 README_PAYLOAD = {
     "alerts": [
@@ -92,6 +95,7 @@ def served(simulator: Simulator, moto_server: MotoServer, bucket: str) -> Iterat
         moto_server,
         bucket,
         POLLER_RECEIVER__TOKEN=TOKEN,
+        POLLER_RECEIVER__READ_TOKEN=READ_TOKEN,
         POLLER_RECEIVER__TIMEOUT_SECONDS="2",
         POLLER_RECEIVER__THREADS="4",
         POLLER_HTTP__HOST="127.0.0.1",
@@ -100,7 +104,8 @@ def served(simulator: Simulator, moto_server: MotoServer, bucket: str) -> Iterat
     server = Served(env, port)
     yield server
     err = server.stop()
-    assert TOKEN not in err  # never logged, not even in the access log
+    assert TOKEN not in err and READ_TOKEN not in err  # never logged, not even in access logs
+    assert "Traceback" not in "".join(line for line in err.splitlines() if line[:1] != "{")
 
 
 def wait_for(condition: Any, timeout: float = 30) -> None:
@@ -127,21 +132,46 @@ def test_the_old_receivers_readme_payload_lands_in_its_layout(
     wait_for(lambda: full_key in bucket_listing(s3, bucket))  # the detail fetch
     assert json.loads(s3.get_object(Bucket=bucket, Key=full_key)["Body"].read()) == doc
     wait_for(lambda: not [k for k in bucket_listing(s3, bucket) if "pending" in k])
-    # The old read-back routes, behind the token, also under the Lambda-era prefix.
-    got = requests.get(f"{served.url}/api/v1/s3/alert/{TOKEN}/{doc['id']}", timeout=5)
+    # The read-back routes need the read token (also under the Lambda-era prefix); the
+    # push token, which sits in a URL in the vendor's settings, never reads.
+    read = {"Authorization": f"Bearer {READ_TOKEN}"}
+    got = requests.get(f"{served.url}/api/v1/s3/alert/{doc['id']}", headers=read, timeout=5)
     assert got.status_code == 200 and got.json()["alert"] == doc
+    for wrong in ({"Authorization": f"Bearer {TOKEN}"}, {}):
+        refused = requests.get(
+            f"{served.url}/api/v1/s3/alert/{doc['id']}", headers=wrong, timeout=5
+        )
+        assert refused.status_code == 401
+    assert (
+        requests.get(f"{served.url}/api/v1/s3/alert/{TOKEN}/{doc['id']}", timeout=5).status_code
+        == 404
+    )
     ranged = requests.get(
         f"{served.url}/threatstack-to-s3/api/v1/s3/alert",
         params={"start": "2017-01-15T23:00:00Z", "end": "2017-01-16T00:00:00Z"},
-        headers={"Authorization": f"Bearer {TOKEN}"},
+        headers=read,
         timeout=5,
     )
     assert ranged.status_code == 200 and [a["id"] for a in ranged.json()["alerts"]] == [doc["id"]]
+    thirty_years = requests.get(
+        f"{served.url}/api/v1/s3/alert",
+        params={"start": "1996-01-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+        headers=read,
+        timeout=5,
+    )
+    assert thirty_years.status_code == 400 and "at most 7 days" in thirty_years.json()["error"]
     metrics = requests.get(f"{served.url}/metrics", timeout=5).text
     assert 'poller_push_alerts_total{outcome="archived"} 1.0' in metrics
     assert "poller_push_detail_fetches_queued 0.0" in metrics
-    status = requests.get(f"{served.url}/api/v1/s3/status", timeout=10).json()
-    assert status == {"success": True, "s3": {"success": True}, "threatstack": {"success": True}}
+    before = len(simulator.requests)
+    for _ in range(30):  # unauthenticated, and costs at most one API request a minute
+        status = requests.get(f"{served.url}/api/v1/s3/status", timeout=10).json()
+        assert status == {
+            "success": True,
+            "s3": {"success": True},
+            "threatstack": {"success": True},
+        }
+    assert len(simulator.requests) - before <= 1
 
 
 def test_pushed_then_polled_is_stored_once_and_polled_then_pushed_is_already_archived(
@@ -199,26 +229,202 @@ def test_refused_requests_write_nothing(served: Served, s3: Any, bucket: str):
     assert served.push({"something": "else"}).status_code == 400
     huge = {"alerts": [alert], "padding": "x" * (2 * 1024 * 1024)}
     assert served.push(huge).status_code == 413
-    unsafe = served.push({"alerts": [{**alert, "id": "../../etc"}]})
-    assert unsafe.status_code == 422 and unsafe.json()["results"][0]["result"] == "rejected"
     assert bucket_listing(s3, bucket) == {}
-    # A batch with one bad alert still takes the rest.
-    mixed = served.push({"alerts": [{**alert, "id": "../x"}, alert]})
-    assert mixed.status_code == 200
-    assert [r["result"] for r in mixed.json()["results"]] == ["rejected", "archived"]
 
 
-def test_a_slow_sender_is_cut_off_without_blocking_others(served: Served):
-    with socket.create_connection(("127.0.0.1", served.port)) as slow:
-        slow.sendall(
-            f"POST /api/v1/s3/alert/{TOKEN} HTTP/1.1\r\nHost: x\r\n"
-            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{".encode()
-        )
-        answer = served.push(README_PAYLOAD)  # served while the slow one hangs
-        assert answer.status_code == 200
-        slow.settimeout(15)  # the server's timeout is 2 s: it closes long before this
-        reply = slow.recv(4096)  # raises TimeoutError if the server kept waiting
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 408")
+def test_a_mixed_batch_archives_the_good_and_quarantines_the_rest_with_reasons(
+    simulator: Simulator, served: Served, s3: Any, bucket: str
+):
+    good = dict(README_PAYLOAD["alerts"][0], organization_id=simulator.credentials.org_id)
+    at = datetime(2026, 11, 30, 12, 20, 27, tzinfo=UTC)
+    batch = [
+        good,
+        {**good, "id": "in_seconds_0001", "created_at": int(at.timestamp())},
+        {**good, "id": "iso_time_0001", "created_at": "2026-11-30T12:20:27Z"},
+        {**good, "id": "../../etc"},
+        {**good, "id": "bad_time_0001", "created_at": "yesterday"},
+        {**good, "id": "digits_0001", "created_at": "9" * 5000},
+        {**good, "id": "superscript_1", "severity": "\u00b2"},
+        {**good, "id": "other_org_0001", "organization_id": "5f00000000000000000000b2"},
+    ]
+    answer = served.push({"alerts": batch})
+    assert answer.status_code == 200
+    results = {r["id"]: (r["result"], r.get("reason")) for r in answer.json()["results"]}
+    assert results == {
+        good["id"]: ("archived", None),
+        "in_seconds_0001": ("archived", None),
+        "iso_time_0001": ("archived", None),
+        "../../etc": ("quarantined", "unsafe_id"),
+        "bad_time_0001": ("quarantined", "bad_created_at"),
+        "digits_0001": ("quarantined", "bad_created_at"),
+        "superscript_1": ("quarantined", "bad_severity"),
+        "other_org_0001": ("quarantined", "other_organization"),
+    }
+    keys = bucket_listing(s3, bucket)
+    assert "webhooks/2026/11/30/12/20/in_seconds_0001" in keys  # seconds told apart from ms
+    assert "webhooks/2026/11/30/12/20/iso_time_0001" in keys
+    assert not [k for k in keys if k.startswith("webhooks/1970/")]
+    quarantined = {}
+    for key in (k for k in keys if k.startswith("_poller/quarantine/")):
+        record = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        quarantined[record["raw"]["id"]] = (key.split("/")[2], record["status"])
+    assert quarantined == {
+        "../../etc": ("unsafe_id", "push"),
+        "bad_time_0001": ("bad_created_at", "push"),
+        "digits_0001": ("bad_created_at", "push"),
+        "superscript_1": ("bad_severity", "push"),
+        "other_org_0001": ("other_organization", "push"),
+    }
+    pending = {k.rsplit("/", 1)[1] for k in keys if k.startswith("_poller/pending/")}
+    assert "other_org_0001" not in pending  # never owed: our API cannot return it
+
+
+def _field_case(name: str, org_id: str) -> bytes:
+    """A field case as sent, its organisation made ours (except the other-org case)."""
+    body = (FIELD_CASES / name).read_bytes()
+    if name == "other-organisation-batch.json":
+        return body
+    for theirs in (b"5f00000000000000000000a1", b"b53b877629c2ee64d217de14"):
+        body = body.replace(theirs, org_id.encode())
+    return body
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "webhook_keys", "quarantined"),
+    [
+        (
+            "vendor-single-quoted.json",
+            {},
+            ["webhooks/2025/11/30/12/20/692c3b888c1e0c173af5a3de"],
+            [],
+        ),
+        ("webhook-with-bom.json", {}, ["webhooks/2026/11/30/06/26/6b0d1706f19931bc5ae46add"], []),
+        (
+            "created-at-in-seconds.json",
+            {},
+            ["webhooks/2025/11/30/12/20/692c3b8b40b2d002cc92d33d"],
+            [],
+        ),
+        ("other-organisation-batch.json", {}, [], ["other_organization"] * 2),
+        (
+            "sns-notification.json",
+            {"Content-Type": "text/plain; charset=UTF-8", "x-amz-sns-message-type": "Notification"},
+            ["webhooks/2026/11/30/11/13/6b0d5a5e303b445aacd58fe1"],
+            [],
+        ),
+    ],
+)
+def test_each_field_case_through_the_real_server(
+    simulator: Simulator,
+    served: Served,
+    s3: Any,
+    bucket: str,
+    name: str,
+    headers: dict[str, str],
+    webhook_keys: list[str],
+    quarantined: list[str],
+):
+    answer = requests.post(
+        f"{served.url}/api/v1/s3/alert/{TOKEN}",
+        data=_field_case(name, simulator.credentials.org_id),
+        headers={"Content-Type": "application/json", **headers},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    keys = bucket_listing(s3, bucket)
+    assert sorted(k for k in keys if k.startswith("webhooks/")) == webhook_keys
+    assert sorted(k.split("/")[2] for k in keys if "/quarantine/" in k) == quarantined
+
+
+def test_an_sns_subscription_confirmation_is_logged_with_its_url_when_not_allowed(
+    simulator: Simulator, served: Served, s3: Any, bucket: str
+):
+    answer = requests.post(
+        f"{served.url}/api/v1/s3/alert/{TOKEN}",
+        data=(FIELD_CASES / "sns-subscription-confirmation.json").read_bytes(),
+        headers={
+            "Content-Type": "text/plain; charset=UTF-8",
+            "x-amz-sns-message-type": "SubscriptionConfirmation",
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 200 and answer.json()["sns"] == "logged, not confirmed"
+    assert bucket_listing(s3, bucket) == {}
+    log = served.stop()
+    confirm = [json.loads(x) for x in log.splitlines() if "push.sns_confirmation_pending" in x]
+    assert confirm[0]["subscribe_url"].startswith("https://sns.us-east-1.amazonaws.com/")
+
+
+def test_chunked_and_gzip_bodies_are_read_within_the_size_limit(
+    simulator: Simulator, served: Served, s3: Any, bucket: str
+):
+    import gzip
+
+    alert = dict(README_PAYLOAD["alerts"][0], organization_id=simulator.credentials.org_id)
+    body = json.dumps({"alerts": [alert]}).encode()
+    url = f"{served.url}/api/v1/s3/alert/{TOKEN}"
+    json_type = {"Content-Type": "application/json"}
+    chunked = requests.post(url, data=iter([body[:10], body[10:]]), headers=json_type, timeout=10)
+    assert chunked.status_code == 200  # Transfer-Encoding: chunked, no Content-Length
+    zipped = requests.post(
+        url,
+        data=gzip.compress(json.dumps({"alerts": [{**alert, "id": "gzipped_0001"}]}).encode()),
+        headers={**json_type, "Content-Encoding": "gzip"},
+        timeout=10,
+    )
+    assert zipped.status_code == 200 and zipped.json()["results"][0]["result"] == "archived"
+    bomb = gzip.compress(b'{"alerts": [' + b" " * (3 * 1024 * 1024) + b"]}")  # 3 KB -> 3 MB
+    over = requests.post(
+        url, data=bomb, headers={**json_type, "Content-Encoding": "gzip"}, timeout=10
+    )
+    assert over.status_code == 413 and "decompressed" in over.json()["error"]
+    brotli = requests.post(
+        url, data=body, headers={**json_type, "Content-Encoding": "br"}, timeout=10
+    )
+    assert brotli.status_code == 415 and "'br'" in brotli.json()["error"]
+    big_chunks = iter([b'{"alerts": [', b" " * (2 * 1024 * 1024), b"]}"])
+    assert requests.post(url, data=big_chunks, headers=json_type, timeout=10).status_code == 413
+    webhooks = [k for k in bucket_listing(s3, bucket) if k.startswith("webhooks/")]
+    assert len(webhooks) == 2
+
+
+def test_a_5_mb_body_gets_a_413_the_sender_reads(served: Served):
+    answer = requests.post(
+        f"{served.url}/api/v1/s3/alert/{TOKEN}",
+        data=b"x" * (5 * 1024 * 1024),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert answer.status_code == 413 and b"max_body" in answer.content
+
+
+def test_40_slow_senders_hold_no_worker(simulator: Simulator, served: Served):
+    """Each sends a header line every second: /healthz and a real push answer at once
+    throughout, and the server cuts each slow one off at its request deadline (2 s)."""
+    senders = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(40)]
+    for sender in senders:
+        sender.sendall(f"POST /api/v1/s3/alert/{TOKEN} HTTP/1.1\r\n".encode())
+    alert = dict(README_PAYLOAD["alerts"][0], organization_id=simulator.credentials.org_id)
+    cut_off = set()
+    for second in range(4):
+        for n, sender in enumerate(senders):
+            try:
+                sender.sendall(f"X-Slow-{second}: {n}\r\n".encode())
+            except OSError:
+                cut_off.add(n)
+        assert requests.get(f"{served.url}/healthz", timeout=2).status_code == 200
+        pushed = served.push({"alerts": [{**alert, "id": f"while_slow_{second}"}]})
+        assert pushed.status_code == 200
+        time.sleep(1)
+    for n, sender in enumerate(senders):
+        sender.settimeout(5)
+        try:
+            if sender.recv(100) == b"":
+                cut_off.add(n)
+        except OSError:
+            cut_off.add(n)
+        sender.close()
+    assert cut_off == set(range(40))  # none kept a connection past the request deadline
 
 
 @pytest.mark.faults

@@ -4,6 +4,7 @@ test_integration.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.archive.records import Layout
-from poller.archive.state import CheckpointStore, Lease
+from poller.archive.state import CheckpointStore, Lease, PendingRecords
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
 from poller.errors import (
@@ -25,10 +26,11 @@ from poller.errors import (
     CycleTimeout,
     LeaseLost,
 )
-from poller.walks.sync import Cycle, CycleSettings, Summary, cycle_deadline
+from poller.walks.sync import Cycle, CycleHooks, CycleSettings, Summary, cycle_deadline
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LAYOUT = Layout()
+NO_HOOKS = CycleHooks()
 
 
 class FakeSource:
@@ -102,7 +104,12 @@ class World:
             ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
         )
 
-    def make_cycle(self) -> Cycle:
+    def make_cycle(
+        self,
+        mode: str = "sync",
+        hooks: CycleHooks = NO_HOOKS,
+        pending: PendingRecords | None = None,
+    ) -> Cycle:
         return Cycle(
             self.source,
             Archive(self.store, LAYOUT, "org"),
@@ -110,9 +117,10 @@ class World:
             self.lease,
             self.settings,
             lambda: self.now,
-            lambda: self.store.requests,
             "run",
-            "sync",
+            mode,
+            hooks,
+            pending,
         )
 
     def cycle(self) -> Summary:
@@ -370,8 +378,7 @@ def test_a_cycle_past_its_deadline_stops_keeps_committed_chunks_and_frees_the_le
     for i in range(6):
         world.source.add(f"alert{i:04d}", NOW - timedelta(minutes=170 - 30 * i))
     ticks = iter(range(0, 10_000, 100))  # every page read costs 100 s of monotonic time
-    cycle = world.make_cycle()
-    cycle.monotonic = lambda: float(next(ticks))
+    cycle = world.make_cycle(hooks=CycleHooks(monotonic=lambda: float(next(ticks))))
     world.lease.acquire()
     try:
         with pytest.raises(CycleTimeout, match="deadline of 250s"):
@@ -416,8 +423,6 @@ def test_active_is_read_before_dismissed_whatever_the_configured_order(world: Wo
 def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world: World):
     """A webhook batch re-sent after an outage: its alerts are older than the look-back, so
     no listing brings them; the cycle fetches the owed ones by id and clears their markers."""
-    from poller.archive.state import PendingRecords
-
     world.cycle()  # the checkpoint: the next window starts 15 minutes back
     world.now += timedelta(minutes=5)
     world.source.add("pushed00old", ago(180))  # three hours old: in no window from now on
@@ -426,11 +431,21 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
     pending.add("invisible01")  # accepted, but the API does not show it yet (404)
     world.lease.acquire()
     try:
-        cycle = world.make_cycle()
-        cycle.pending = pending
-        summary = cycle.run()
+        summary = world.make_cycle(pending=pending).run()
     finally:
         world.lease.release()
     assert "pushed00old" in world.archived_ids()
     assert (summary.listed, summary.archived) == (1, 1)
     assert pending.ids() == ["invisible01"]  # still owed, and shown by status
+
+
+def test_a_cycle_is_built_whole_and_nothing_is_set_on_it_afterwards(world: World):
+    """Every collaborator is a constructor argument: replacing one on a built cycle (as the
+    runner once set the lease check, the stop request and the observer) fails at once, and
+    so does adding an attribute the cycle does not declare."""
+    cycle = world.make_cycle()
+    for name in [f.name for f in dataclasses.fields(Cycle)] + ["observer", "should_stop"]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cycle, name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cycle.hooks, "observer", None)  # noqa: B010 - the hooks are frozen too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -80,7 +81,8 @@ def pages(tokens: list[Any], per_page: int = 2):
 @responses.activate
 def test_pages_until_token_ends_and_signs_the_exact_url():
     responses.add_callback(responses.GET, f"{BASE}/v2/alerts", callback=pages(["a+b/c==", None]))
-    client, _ = make_client()
+    budget = RequestBudget(10_000)
+    client = ThreatStackClient(SETTINGS, requests.Session(), budget, RetryPolicy(), time.sleep)
     got = list(client.list_alerts("active", SINCE, UNTIL))
     assert [len(p) for p in got] == [2, 2]
     first, second = (urlsplit(c.request.url) for c in responses.calls)
@@ -91,7 +93,7 @@ def test_pages_until_token_ends_and_signs_the_exact_url():
     }
     assert "token=a%2Bb%2Fc%3D%3D" in second.query  # URL-encoded, and signed as sent
     assert second.query.startswith("status=active&from=2026-11-24T00%3A00%3A00")
-    assert client.requests_sent == 2
+    assert budget.sent == 2  # the budget is the one count of API requests
 
 
 @pytest.mark.parametrize("end", [None, ""])

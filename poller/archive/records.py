@@ -148,7 +148,9 @@ def as_integer(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
+    # ASCII digits only, and few enough to be a number anyone sends: "²" is a digit to
+    # str.isdigit but not to int(), and int() refuses strings of over 4,300 digits.
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):
         return int(value.strip())
     return None
 

@@ -19,11 +19,14 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import CollectorRegistry
 
 from poller.app import Runtime, longest_request_seconds, run_cycle
+from poller.config import ReceiverSettings
 from poller.errors import LeaseHeld, PollerError, Stopped
-from poller.serving.http import HttpServer
+from poller.serving.http import Health, build_app
 from poller.serving.metrics import Metrics
+from poller.serving.server import Limits, Listener
 from poller.timeutil import Clock, iso_z
 from poller.walks.sync import Summary
 
@@ -52,7 +55,8 @@ class Daemon:
         self.last_error: str | None = None
         self._cycle_lock = threading.Lock()
         self._scheduler: BlockingScheduler | None = None
-        self.http_port: int | None = None  # the port actually bound (http.port may be busy)
+        self.http_port: int | None = None  # the port actually bound (http.port may be 0)
+        self.push_port: int | None = None  # receiver.port's, when the push path has its own
 
     def _shutdown(self) -> None:
         if self._scheduler is not None:
@@ -135,23 +139,21 @@ class Daemon:
         fresh = self.clock() - self.last_success <= timedelta(seconds=3 * self.interval + 60)
         return fresh, state
 
-    def serve_http(self, host: str, port: int) -> HttpServer | None:
+    def serve_http(self, host: str, port: int) -> list[Listener]:
         """/healthz /readyz /metrics, and the push path when receiver.token is set."""
-        if port == 0:
-            return None
-        app = self.runtime.http_app(self.metrics.registry, self.alive, self.ready)
-        server = HttpServer(app, host, port, self.runtime.settings.receiver).start()
-        self.http_port = server.port
-        log.info(
-            "http.listening",
-            extra={"fields": {"host": host, "port": server.port, "push": app.receiver is not None}},
+        listeners = start_listeners(
+            self.runtime, self.metrics.registry, self.alive, self.ready, host, port
         )
-        if app.receiver is None:
+        if listeners:
+            self.http_port = listeners[0].port
+        if self.runtime.settings.receiver.token and len(listeners) > 1:
+            self.push_port = listeners[-1].port
+        if not self.runtime.settings.receiver.token:
             log.info(
                 "push.off",
                 extra={"fields": {"why": "receiver.token is not set: webhooks are answered 404"}},
             )
-        return server
+        return listeners
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -183,12 +185,56 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        server = self.serve_http(settings.http.host, settings.http.port)
+        servers = self.serve_http(settings.http.host, settings.http.port)
         log.info("daemon.started", extra={"fields": {"interval_s": self.interval}})
         scheduler.start()  # returns after shutdown
         with self._cycle_lock:  # wait for a running cycle to unwind and release its lease
             pass
-        if server is not None:
-            server.stop()
+        for listener in servers:
+            listener.stop()
         log.info("daemon.stopped")
         return 0
+
+
+def limits(settings: ReceiverSettings, *, tls: bool = True) -> Limits:
+    return Limits(
+        threads=settings.threads,
+        connection_limit=settings.connection_limit,
+        max_header_bytes=settings.max_header_bytes,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout_seconds=settings.timeout_seconds,
+        idle_timeout_seconds=settings.idle_timeout_seconds,
+        tls_cert_file=settings.tls_cert_file if tls else "",
+        tls_key_file=settings.tls_key_file if tls else "",
+    )
+
+
+def start_listeners(
+    runtime: Runtime,
+    registry: CollectorRegistry,
+    alive: Health,
+    ready: Health,
+    host: str,
+    port: int,
+) -> list[Listener]:
+    """The listeners of ``poller run`` and ``poller serve``: health, readiness and metrics
+    on (host, port), and the push routes there too, or on their own listener when
+    ``receiver.port`` is set (then a flood of the push port never reaches the probes, and
+    TLS, if configured, is the push listener's only). Port 0 for health: none."""
+    settings = runtime.settings.receiver
+    push = runtime.push_parts()
+    own_port = push is not None and settings.port != 0
+    listeners: list[Listener] = []
+    if port != 0:
+        app = build_app(registry, health=alive, ready=ready, push=None if own_port else push)
+        shared = push is not None and not own_port
+        listeners.append(Listener(app, host, port, limits(settings, tls=shared), "http").start())
+    if push is not None and own_port:
+        app = build_app(registry, push=push, metrics_route=False)
+        listeners.append(Listener(app, host, settings.port, limits(settings), "push").start())
+    for listener in listeners:
+        log.info(
+            "http.listening",
+            extra={"fields": {"host": host, "port": listener.port, "serves": listener.name}},
+        )
+    return listeners

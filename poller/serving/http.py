@@ -1,20 +1,18 @@
-"""poller's HTTP server: health, readiness and metrics of the daemon, and the push path.
+"""poller's HTTP applications (Flask): the daemon's health and metrics, and the push path.
 
-cheroot (CherryPy's WSGI server) parses HTTP; this module only routes. Its worker model: a
-fixed pool of ``receiver.threads`` threads, each serving one request at a time; connections
-beyond wait in the accept queue, so a flood cannot start unbounded work. A sender slower than
-``receiver.timeout_seconds`` between bytes is cut off, without holding other workers.
+The route policy is one table, ``push_routes``: each route with who may call it. A Flask
+blueprint is built from it and mounted twice, at ``/`` and under the old receiver's
+Lambda-era prefix ``/threatstack-to-s3``; one before-request hook enforces the table's
+``who`` for the matched route, so no route exists without a policy and the order of
+handlers decides nothing. Who:
 
-Push routes (on when ``receiver.token`` is set), under ``receiver.path`` and also under the
-old receiver's Lambda-era prefix ``/threatstack-to-s3``:
+- ``anyone``: no secret (it must cost nothing: the status route answers from a cache);
+- ``push``: ``receiver.token`` (or ``receiver.previous_token`` during a rotation), as
+  ``Authorization: Bearer`` or as the path segment ``<token>``; and the source allow-list;
+- ``read``: ``receiver.read_token`` as ``Authorization: Bearer`` only; off without it.
 
-    POST {path}/<token>  or  POST {path} with ``Authorization: Bearer <token>``
-    GET  /api/v1/s3/status                  the old receiver's shape
-    GET  {path}/<id>                        the archived full record (token required)
-    GET  {path}?start=&end=[&limit=]        archived alerts in an ISO 8601 range (token)
-
-The token is compared in constant time and never logged: access logs show the path with
-the token masked.
+Secrets are compared in constant time and never logged: access logs show the route's
+pattern (``/api/v1/s3/alert/<token>``), never a path segment that might be a token.
 """
 
 from __future__ import annotations
@@ -23,16 +21,15 @@ import hmac
 import ipaddress
 import json
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import urlparse
 
-from cheroot import wsgi
-from cheroot.ssl.builtin import BuiltinSSLAdapter
+from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -41,19 +38,32 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from werkzeug.exceptions import HTTPException
 
-from poller.config import ReceiverSettings
+from poller.config import ReceiverSettings, Secret
 from poller.errors import PollerError
-from poller.serving.pushes import PushedAlert, PushRejected, read_push
+from poller.serving.pushes import (
+    SNS_TYPE_HEADER,
+    PushedAlert,
+    PushRejected,
+    decode_body,
+    read_push,
+    unwrap,
+)
 from poller.serving.receiver import Receiver
 from poller.timeutil import parse_instant, utc_now
 
 log = logging.getLogger(__name__)
 
 LEGACY_PREFIX = "/threatstack-to-s3"
+STATUS_PATH = "/api/v1/s3/status"
 RANGE_LIMIT = 1000  # alerts per answer of the range route
+RANGE_SPAN = timedelta(days=7)  # one LIST per UTC day: at most 8 days of listings
+STATUS_MAX_AGE_SECONDS = 60.0
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 Reader = Callable[[str], Any]
+Lister = Callable[[datetime, datetime, int], list[Any]]
+Confirmer = Callable[[str], None]
 
 
 class PushMetrics:
@@ -79,229 +89,354 @@ class PushMetrics:
             self.queued.set_function(lambda: float(receiver.queued))
 
 
-class App:
-    """The WSGI application. ``health``/``ready``: the daemon's (None in ``poller serve``)."""
+class CachedStatus:
+    """The old receiver's ``/status`` answer from the last known state: ``compute`` runs at
+    most once per ``max_age`` seconds, one caller at a time; the others get the last answer
+    at once (so the route costs no API request per call, whoever calls it)."""
 
     def __init__(
         self,
-        registry: CollectorRegistry,
-        settings: ReceiverSettings,
-        receiver: Receiver | None,
-        read_object: Reader | None,
-        list_webhooks: Callable[[datetime, datetime, int], list[Any]] | None,
-        status: Callable[[], dict[str, Any]] | None,
-        health: Health | None = None,
-        ready: Health | None = None,
+        compute: Callable[[], dict[str, Any]],
+        max_age: float = STATUS_MAX_AGE_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.registry = registry
-        self.settings = settings
-        self.receiver = receiver if settings.token else None
-        self.read_object = read_object
-        self.list_webhooks = list_webhooks
-        self.status = status
-        self.health = health
-        self.ready = ready
-        self.networks = [ipaddress.ip_network(c) for c in settings.allow_cidrs]
-        self.metrics = PushMetrics(registry, self.receiver)
+        self._compute = compute
+        self._max_age = max_age
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
 
-    # ------------------------------------------------------------------ WSGI
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "") or "/"
+    def __call__(self) -> dict[str, Any]:
+        fresh = self._value is not None and self._monotonic() - self._at < self._max_age
+        if fresh or not self._lock.acquire(blocking=self._value is None):
+            assert self._value is not None
+            return self._value
         try:
-            status, body, content_type = self._route(environ, method, path)
-        except PushRejected as exc:
-            status, body, content_type = exc.status, _error(exc.reason), "application/json"
-        except Exception:
-            log.exception("http.crashed", extra={"fields": {"path": self._masked(path)}})
-            status, body, content_type = 500, _error("internal error"), "application/json"
-        start_response(
-            f"{status} {_REASONS.get(status, 'Error')}",
-            [("Content-Type", content_type), ("Content-Length", str(len(body)))],
-        )
-        log.info(
-            "http.request",
-            extra={"fields": {"method": method, "path": self._masked(path), "status": status}},
-        )
-        return [body]
+            if self._value is None or self._monotonic() - self._at >= self._max_age:
+                self._value = self._compute()
+                self._at = self._monotonic()
+            return self._value
+        finally:
+            self._lock.release()
 
-    def _masked(self, path: str) -> str:
-        token = self.settings.token.reveal()
-        return path.replace(token, "***") if token else path
 
-    def _route(self, environ: dict[str, Any], method: str, path: str) -> tuple[int, bytes, str]:
-        if path == "/healthz" and self.health is not None:
-            return _health(self.health)
-        if path == "/readyz" and self.ready is not None:
-            return _health(self.ready)
-        if path == "/metrics":
-            return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
-        if path.startswith(LEGACY_PREFIX + "/"):
-            path = path[len(LEGACY_PREFIX) :]
-        if path == "/api/v1/s3/status" and method == "GET":
-            return self._status()
-        base = self.settings.path
-        if path != base and not path.startswith(base + "/"):
-            return 404, _error("not found"), "application/json"
-        if self.receiver is None:
-            return (
-                404,
-                _error("the push path is off (receiver.token is not set)"),
-                "application/json",
+@dataclass(frozen=True)
+class Route:
+    """One row of the route table."""
+
+    rule: str
+    methods: tuple[str, ...]
+    who: str  # anyone | push | read
+    view: Callable[..., Response]
+    endpoint: str
+    cost: str  # what one call costs, for the README's table
+
+
+@dataclass
+class PushParts:
+    """What the push routes work with (built by ``app.Runtime.http_app``)."""
+
+    settings: ReceiverSettings
+    organization_id: str
+    receiver: Receiver | None
+    read_object: Reader
+    list_webhooks: Lister
+    status: Callable[[], dict[str, Any]]
+    confirm_subscription: Confirmer
+
+
+def json_response(status: int, document: Any) -> Response:
+    return Response(json.dumps(document), status=status, mimetype="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return json_response(status, {"success": False, "error": message})
+
+
+class PushRoutes:
+    """The push path's views and its policy table."""
+
+    def __init__(self, parts: PushParts, metrics: PushMetrics) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.metrics = metrics
+        self.allowed = [ipaddress.ip_network(c) for c in self.settings.allow_cidrs]
+        self.proxies = [ipaddress.ip_network(c) for c in self.settings.trusted_proxies]
+        path = self.settings.path
+        self.table = [
+            Route(STATUS_PATH, ("GET",), "anyone", self.status, "status", "no API request"
+                  " (the last known state, refreshed at most once a minute)"),
+            Route(path, ("POST",), "push", self.push, "push", "per alert: 1 GET + 2-3 PUTs"),
+            Route(f"{path}/<token>", ("POST",), "push", self.push, "push_in_path",
+                  "per alert: 1 GET + 2-3 PUTs"),
+            Route(f"{path}/<alert_id>", ("GET",), "read", self.read_one, "read_one", "1 GET"),
+            Route(path, ("GET",), "read", self.read_range, "read_range",
+                  f"1 LIST per UTC day (at most {RANGE_SPAN.days + 1}) + 1 GET per alert"
+                  f" (at most {RANGE_LIMIT})"),
+        ]  # fmt: skip
+        self.policy = {route.endpoint: route.who for route in self.table}
+
+    def blueprint(self, name: str) -> Blueprint:
+        blueprint = Blueprint(name, __name__)
+        for route in self.table:
+            blueprint.add_url_rule(
+                route.rule, route.endpoint, route.view, methods=list(route.methods)
             )
-        self._check_source(environ)
-        rest = path[len(base) :].strip("/")
-        remaining = self._authenticate(environ, rest.split("/") if rest else [])
-        if method == "POST" and not remaining:
-            return self._push(environ)
-        if method == "GET" and len(remaining) <= 1:
-            return self._read(environ, remaining[0] if remaining else "")
-        if method not in ("GET", "POST"):
-            return 405, _error("method not allowed"), "application/json"
-        return 404, _error("not found"), "application/json"
+        blueprint.before_request(self.enforce)
+        return blueprint
 
-    # ------------------------------------------------------------------ guards
-    def _check_source(self, environ: dict[str, Any]) -> None:
-        if not self.networks:
-            return
+    # ------------------------------------------------------------------ the policy
+    def enforce(self) -> Response | None:
+        """The table's ``who`` for the matched route; None lets the view run."""
+        endpoint = (request.endpoint or "").rpartition(".")[2]
+        who = self.policy.get(endpoint)
+        if who == "anyone":
+            return None
+        if who == "push":
+            if self.parts.receiver is None:
+                return _error(404, "the push path is off (receiver.token is not set)")
+            if not self._source_allowed():
+                self.metrics.requests.labels("forbidden").inc()
+                return _error(403, "source address not allowed")
+            given = self._bearer() or (request.view_args or {}).get("token", "")
+            tokens = (self.settings.token, self.settings.previous_token)
+            if not _matches(given, tokens):
+                self.metrics.requests.labels("unauthorized").inc()
+                return _error(401, "a valid token is required")
+            return None
+        if who == "read":
+            if not self.settings.read_token:
+                return _error(404, "the read-back routes are off (receiver.read_token is not set)")
+            if not _matches(self._bearer(), (self.settings.read_token,)):
+                return _error(401, "the read token is required (Authorization: Bearer)")
+            return None
+        return _error(404, "not found")  # no route without a policy
+
+    def _bearer(self) -> str:
+        header = request.headers.get("Authorization", "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+    def client_address(self) -> str:
+        """The sender: ``REMOTE_ADDR``, or, when that is a trusted proxy, the nearest
+        address in ``X-Forwarded-For`` that is not one."""
+        address = request.environ.get("REMOTE_ADDR", "")
+        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
+        while self._is_proxy(address) and forwarded and forwarded[-1]:
+            address = forwarded.pop()
+        return str(address)
+
+    def _is_proxy(self, address: str) -> bool:
         try:
-            address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+            ip = ipaddress.ip_address(address)
         except ValueError:
-            address = None
-        if address is None or not any(address in network for network in self.networks):
-            self.metrics.requests.labels("forbidden").inc()
-            raise PushRejected(403, "source address not allowed")
+            return False
+        return any(ip in network for network in self.proxies)
 
-    def _authenticate(self, environ: dict[str, Any], parts: list[str]) -> list[str]:
-        """The token from ``Authorization: Bearer`` or else the first path segment, compared
-        in constant time; returns the path segments after it."""
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if header.lower().startswith("bearer "):
-            given, remaining = header[7:].strip(), parts
-        elif parts:
-            given, remaining = parts[0], parts[1:]
-        else:
-            given, remaining = "", []
-        if not hmac.compare_digest(given.encode(), self.settings.token.reveal().encode()):
-            self.metrics.requests.labels("unauthorized").inc()
-            raise PushRejected(401, "a valid token is required")
-        return remaining
-
-    # ------------------------------------------------------------------ routes
-    def _push(self, environ: dict[str, Any]) -> tuple[int, bytes, str]:
-        started = time.monotonic()
-        assert self.receiver is not None
-        length_text = environ.get("CONTENT_LENGTH") or ""
-        if not length_text.isdigit():
-            raise PushRejected(411, "a Content-Length is required")
-        length = int(length_text)
-        if length > self.settings.max_body_bytes:
-            self.metrics.requests.labels("too_large").inc()
-            raise PushRejected(413, f"the body is over {self.settings.max_body_bytes} bytes")
-        body = environ["wsgi.input"].read(length)
+    def _source_allowed(self) -> bool:
+        if not self.allowed:
+            return True
         try:
-            alerts = read_push(body, environ.get("CONTENT_TYPE", ""))
-        except PushRejected:
-            self.metrics.requests.labels("rejected").inc()
-            raise
-        if not any(isinstance(item, PushedAlert) for item in alerts):
-            # Nothing in it can be taken: the request as a whole is refused, nothing written.
-            self.metrics.requests.labels("rejected").inc()
-            reasons = [{"id": i.id, "result": "rejected", "reason": i.reason} for i in alerts]  # type: ignore[union-attr]
-            document = {"success": False, "error": "no alert could be taken", "results": reasons}
-            return 422, json.dumps(document).encode(), "application/json"
-        results = self.receiver.take(alerts)
+            ip = ipaddress.ip_address(self.client_address())
+        except ValueError:
+            return False
+        return any(ip in network for network in self.allowed)
+
+    # ------------------------------------------------------------------ views
+    def status(self) -> Response:
+        return json_response(200, self.parts.status())
+
+    def push(self, token: str = "") -> Response:
+        started = time.monotonic()
+        receiver = self.parts.receiver
+        assert receiver is not None
+        limit = self.settings.max_body_bytes
+        try:
+            body = decode_body(
+                request.get_data(cache=False), request.headers.get("Content-Encoding", ""), limit
+            )
+            document, confirmation = unwrap(
+                body,
+                request.headers.get("Content-Type", ""),
+                request.headers.get(SNS_TYPE_HEADER, ""),
+            )
+            if confirmation is not None:
+                return self._sns_confirmation(confirmation.topic_arn, confirmation.subscribe_url)
+            if document is None:  # an SNS UnsubscribeConfirmation: nothing to do
+                return json_response(200, {"success": True, "results": []})
+            alerts = read_push(document, self.parts.organization_id)
+        except PushRejected as exc:
+            label = "too_large" if exc.status == 413 else "rejected"
+            self.metrics.requests.labels(label).inc()
+            return _error(exc.status, exc.reason)
+        results = receiver.take(alerts, utc_now())
         for result in results:
             self.metrics.alerts.labels(result["result"]).inc()
         self.metrics.requests.labels("ok").inc()
         self.metrics.latency.observe(time.monotonic() - started)
-        # Exactly 200 once the batch is durably taken: the vendor re-sends on anything else.
-        document = {"success": True, "results": results}
-        return 200, json.dumps(document).encode(), "application/json"
+        if any(not isinstance(item, PushedAlert) for item in alerts):
+            log.warning(
+                "push.quarantined",
+                extra={"fields": {"results": [r for r in results if r["result"] == "quarantined"]}},
+            )
+        # Exactly 200 once every alert is archived or quarantined: the vendor re-sends on
+        # anything else, then drops the batch.
+        return json_response(200, {"success": True, "results": results})
 
-    def _read(self, environ: dict[str, Any], alert_id: str) -> tuple[int, bytes, str]:
-        if alert_id:
-            if self.read_object is None:
-                return 404, _error("not found"), "application/json"
-            alert = self.read_object(alert_id)
-            if alert is None:
-                return 404, _error(f"no archived alert {alert_id}"), "application/json"
-            return 200, json.dumps({"success": True, "alert": alert}).encode(), "application/json"
-        query = parse_qs(environ.get("QUERY_STRING", ""))
+    def _sns_confirmation(self, topic: str, url: str) -> Response:
+        host = urlparse(url).hostname or ""
+        trusted_host = urlparse(url).scheme == "https" and _is_sns_host(host)
+        if trusted_host and topic in self.settings.sns_topics:
+            self.parts.confirm_subscription(url)
+            log.info("push.sns_confirmed", extra={"fields": {"topic": topic}})
+            return json_response(200, {"success": True, "sns": "confirmed"})
+        why = "not an SNS host" if not trusted_host else "topic not in receiver.sns_topics"
+        log.warning(
+            "push.sns_confirmation_pending",
+            extra={
+                "fields": {
+                    "topic": topic,
+                    "why": why,
+                    "to_confirm": "open this URL once, or add the topic to receiver.sns_topics",
+                    "subscribe_url": url,
+                }
+            },
+        )
+        return json_response(200, {"success": True, "sns": "logged, not confirmed", "why": why})
+
+    def read_one(self, alert_id: str) -> Response:
+        alert = self.parts.read_object(alert_id)
+        if alert is None:
+            return _error(404, f"no archived alert {alert_id[:128]}")
+        return json_response(200, {"success": True, "alert": alert})
+
+    def read_range(self) -> Response:
         try:
             now = utc_now()
-            start = parse_instant(query["start"][0], now)
-            end = parse_instant(query["end"][0], now)
-            limit = min(int(query.get("limit", [str(RANGE_LIMIT)])[0]), RANGE_LIMIT)
+            start = parse_instant(request.args["start"], now)
+            end = parse_instant(request.args["end"], now)
+            limit = int(request.args.get("limit", str(RANGE_LIMIT)))
         except (KeyError, ValueError):
-            raise PushRejected(
-                400, "start and end (ISO 8601) are required; limit <= 1000"
-            ) from None
-        assert self.list_webhooks is not None
-        alerts = self.list_webhooks(start, end, limit)
-        document = {"success": True, "alerts": alerts, "truncated": len(alerts) >= limit}
-        return 200, json.dumps(document).encode(), "application/json"
-
-    def _status(self) -> tuple[int, bytes, str]:
-        document = self.status() if self.status is not None else {"success": True}
-        return 200, json.dumps(document).encode(), "application/json"
-
-
-def _health(check: Health) -> tuple[int, bytes, str]:
-    ok, state = check()
-    return (200 if ok else 503), json.dumps({"ok": ok, **state}).encode(), "application/json"
-
-
-def _error(message: str) -> bytes:
-    return json.dumps({"success": False, "error": message}).encode()
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    413: "Content Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Content",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-class HttpServer:
-    """cheroot serving ``app`` on a background thread."""
-
-    def __init__(self, app: App, host: str, port: int, settings: ReceiverSettings) -> None:
-        self.server = wsgi.Server(
-            (host, port),
-            app,
-            numthreads=settings.threads,
-            timeout=int(max(settings.timeout_seconds, 1)),
-            request_queue_size=64,
-        )
-        self.server.max_request_body_size = settings.max_body_bytes + 1
-        self.server.max_request_header_size = 16 * 1024
-        if settings.tls_cert_file:
-            self.server.ssl_adapter = BuiltinSSLAdapter(
-                settings.tls_cert_file, settings.tls_key_file
+            return _error(400, f"start and end (ISO 8601) are required; limit <= {RANGE_LIMIT}")
+        if not 0 < limit <= RANGE_LIMIT:
+            return _error(400, f"limit must be 1 to {RANGE_LIMIT}")
+        if not timedelta(0) < end - start <= RANGE_SPAN:
+            return _error(
+                400, f"a range spans at most {RANGE_SPAN.days} days (end after start); page it"
             )
-        self._thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
+        alerts = self.parts.list_webhooks(start, end, limit)
+        return json_response(
+            200, {"success": True, "alerts": alerts, "truncated": len(alerts) >= limit}
+        )
 
-    @property
-    def port(self) -> int:
-        return int(self.server.bind_addr[1])
 
-    def start(self) -> HttpServer:
-        self.server.prepare()  # binds now, so the port is known and errors surface here
-        self._thread.start()
-        return self
+def _is_sns_host(host: str) -> bool:
+    """``sns.<region>.amazonaws.com`` (and the China partition's ``.amazonaws.com.cn``)."""
+    parts = host.lower().split(".")
+    return (
+        len(parts) >= 4
+        and parts[0] == "sns"
+        and (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
+    )
 
-    def stop(self) -> None:
-        self.server.stop()
+
+def _matches(given: str, secrets: Iterable[Secret]) -> bool:
+    ok = False
+    for secret in secrets:  # every one compared, in constant time
+        if secret:
+            ok |= hmac.compare_digest(given.encode(), secret.reveal().encode())
+    return ok
+
+
+def build_app(
+    registry: CollectorRegistry,
+    *,
+    health: Health | None = None,
+    ready: Health | None = None,
+    push: PushParts | None = None,
+    metrics_route: bool = True,
+) -> Flask:
+    """One WSGI application: the health routes (when given) and the push routes (when
+    given). The daemon builds one per listener (see ``serving.daemon``)."""
+    app = Flask("poller")
+    app.config["MAX_CONTENT_LENGTH"] = None  # the server enforces the body limit
+    if health is not None:
+        app.add_url_rule("/healthz", "healthz", lambda: _health(health))
+    if ready is not None:
+        app.add_url_rule("/readyz", "readyz", lambda: _health(ready))
+    if metrics_route:
+        app.add_url_rule(
+            "/metrics", "metrics", lambda: Response(generate_latest(registry), 200,
+                                                    content_type=CONTENT_TYPE_LATEST)
+        )  # fmt: skip
+    if push is not None:
+        routes = PushRoutes(push, PushMetrics(registry, push.receiver))
+        app.register_blueprint(routes.blueprint("push"))
+        app.register_blueprint(routes.blueprint("push"), url_prefix=LEGACY_PREFIX, name="legacy")
+        app.extensions["poller_push"] = routes
+        masks = [push.settings.token, push.settings.previous_token, push.settings.read_token]
+        app.extensions["poller_masks"] = (masks, push.settings.path)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, (exc.name or "error").lower())
+
+    @app.errorhandler(PollerError)
+    def storage_error(exc: PollerError) -> Response:
+        log.error("http.failed", extra={"fields": {"path": _logged_path(), "error": str(exc)}})
+        return _error(503, "the archive is unavailable; send again later")
+
+    @app.errorhandler(Exception)
+    def crashed(exc: Exception) -> Response:
+        log.error(
+            "http.crashed",
+            extra={"fields": {"path": _logged_path(), "error": type(exc).__name__}},
+            exc_info=exc,
+        )
+        return _error(500, "internal error")
+
+    @app.before_request
+    def started() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def access_log(response: Response) -> Response:
+        log.info(
+            "http.request",
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": _logged_path(),
+                    "status": response.status_code,
+                }
+            },
+        )
+        return response
+
+    return app
+
+
+def _logged_path() -> str:
+    """The route's pattern when one matched (no path segment of it is logged), else the path
+    with anything after the push path masked and every known secret replaced."""
+    rule = request.url_rule
+    if rule is not None:
+        return str(rule.rule)
+    from flask import current_app
+
+    masks, push_path = current_app.extensions.get("poller_masks", ([], ""))
+    path = request.path
+    for secret in masks:
+        if secret:
+            path = path.replace(secret.reveal(), "***")
+    if push_path and push_path + "/" in path:  # a wrong token, maybe: never logged
+        path = path[: path.index(push_path + "/") + len(push_path) + 1] + "***"
+    return path
+
+
+def _health(check: Health) -> Response:
+    ok, state = check()
+    return json_response(200 if ok else 503, {"ok": ok, **state})
 
 
 def status_document(store_ok: Callable[[], bool], api_ok: Callable[[], bool]) -> dict[str, Any]:
@@ -318,5 +453,5 @@ def status_document(store_ok: Callable[[], bool], api_ok: Callable[[], bool]) ->
 def _safely(check: Callable[[], bool]) -> bool:
     try:
         return check()
-    except (PollerError, OSError, ssl.SSLError):
+    except (PollerError, OSError):
         return False

@@ -20,10 +20,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from poller.archive.records import Alert, Layout, as_integer, as_text, classify, json_body
+from poller.archive.records import (
+    Alert,
+    Layout,
+    Rejected,
+    as_integer,
+    as_text,
+    classify,
+    json_body,
+)
 from poller.archive.state import PendingRecords
 from poller.archive.store import ObjectStore, PreconditionFailed
+from poller.archive.writer import Archive
 from poller.errors import PollerError
+from poller.serving.pushes import PushedAlert
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +135,41 @@ class Receiver:
         self._org = organization_id
         self._fetcher = fetcher
         self.pending = PendingRecords(store, layout)
+        self._archive = Archive(store, layout, organization_id)
 
     @property
     def queued(self) -> int:
         """Detail fetches waiting in this process (the rest of the owed are in the bucket)."""
         return self._fetcher.queued if self._fetcher is not None else 0
 
-    def take(self, alerts: list[Any]) -> list[dict[str, Any]]:
-        from poller.serving.pushes import PushedAlert
-
+    def take(self, alerts: list[PushedAlert | Rejected], seen_at: datetime) -> list[dict[str, Any]]:
+        """Each alert archived, or quarantined with its reason: nothing of an accepted batch
+        is dropped. Raises PollerError when the bucket fails (the sender then re-sends)."""
         results: list[dict[str, Any]] = []
         for item in alerts:
-            if not isinstance(item, PushedAlert):
-                results.append({"id": item.id, "result": "rejected", "reason": item.reason})
+            if isinstance(item, Rejected):
+                self._archive.quarantine(item, "push", seen_at)
+                shown = item.raw.get("id") if isinstance(item.raw, dict) else None
+                results.append(
+                    {
+                        "id": shown if isinstance(shown, str) and len(shown) <= 128 else None,
+                        "result": "quarantined",
+                        "reason": item.reason,
+                    }
+                )
+                continue
+            if self._store.get(self._layout.alert_key(item.id)) is not None:
+                # Polled first: the poll path wrote both records, the webhook record under
+                # the API's createdAt. A second webhook key (the push's created_at may fall
+                # in another minute) would be a duplicate: first record of either kind wins.
+                results.append({"id": item.id, "result": "already_archived"})
                 continue
             document = webhook_document(item.id, item.created, item.raw, self._org)
             key = self._layout.webhook_key(item.id, item.created)
-            if self._store.get(self._layout.alert_key(item.id)) is None:
-                self.pending.add(item.id)  # before the webhook record: never forgotten
-                written = self._create(key, json_body(document))
-                if self._fetcher is not None:
-                    self._fetcher.offer(item.id)
-            else:
-                written = self._create(key, json_body(document))
+            self.pending.add(item.id)  # before the webhook record: never forgotten
+            written = self._create(key, json_body(document))
+            if self._fetcher is not None:
+                self._fetcher.offer(item.id)
             results.append({"id": item.id, "result": "archived" if written else "already_archived"})
         return results
 

@@ -55,6 +55,13 @@ class RequestBudget:
         self._started: deque[float] = deque()
         self._not_before = 0.0
         self._lock = threading.Lock()
+        self._sent = 0
+
+    @property
+    def sent(self) -> int:
+        """Requests this process has let through so far (every attempt, retries included);
+        requests inherited from an earlier process are not counted here."""
+        return self._sent
 
     def next_wait(self) -> float:
         """Seconds to wait before the next request may start (0 when it may start now)."""
@@ -74,6 +81,7 @@ class RequestBudget:
                 wait = self.next_wait()
                 if wait <= 0:
                     self._started.append(self._clock())
+                    self._sent += 1
                     return
             self._sleep(wait)
 

@@ -120,7 +120,6 @@ class ThreatStackClient:
         self._budget = budget
         self._retry = retry
         self._sleep = sleep
-        self.requests_sent = 0
 
     def __repr__(self) -> str:
         return f"ThreatStackClient(base_url={self._settings.base_url!r}, user_id=..., api_key=***)"
@@ -190,7 +189,6 @@ class ThreatStackClient:
             always_hash_content=False,
             ext=settings.org_id,
         )
-        self.requests_sent += 1
         started = time.monotonic()
         try:
             response = self._session.get(

@@ -153,6 +153,7 @@ class Verifier:
         archive: Archive,
         statuses: tuple[str, ...],
         clock: Clock,
+        observer: CycleObserver | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -160,7 +161,7 @@ class Verifier:
         self.layout = archive.layout
         self.statuses = poll_order(statuses)
         self.clock = clock
-        self.observer: CycleObserver = Unobserved()
+        self.observer: CycleObserver = observer or Unobserved()
 
     def run(
         self,

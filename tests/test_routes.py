@@ -1,0 +1,126 @@
+"""The push path's route policy, route by route, through Flask's test client (no socket)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from poller.archive.records import Layout
+from poller.archive.store import MemoryObjectStore
+from poller.config import ReceiverSettings, Secret
+from poller.serving.http import CachedStatus, PushParts, build_app
+from poller.serving.receiver import Receiver
+
+PUSH, OLD, READ = (
+    "push-token-aaaaaaaaaaaaaaaa",
+    "old-token-bbbbbbbbbbbbbbbb",
+    "read-token-cccccccccccc",
+)
+ORG = "5f1e000000000000000000aa"
+ALERT = {"id": "abcd1234", "created_at": 1764505224000, "severity": 1, "organization_id": ORG}
+
+
+def client(read_token: str = READ, calls: list[str] | None = None) -> Any:
+    settings = ReceiverSettings(
+        token=Secret(PUSH), previous_token=Secret(OLD), read_token=Secret(read_token)
+    )
+    seen = calls if calls is not None else []
+
+    def status() -> dict[str, Any]:
+        seen.append("status")
+        return {"success": True}
+
+    parts = PushParts(
+        settings=settings,
+        organization_id=ORG,
+        receiver=Receiver(MemoryObjectStore(), Layout(""), ORG, None),
+        read_object=lambda alert_id: {"id": alert_id},
+        list_webhooks=lambda start, end, limit: [],
+        status=CachedStatus(status),
+        confirm_subscription=lambda url: None,
+    )
+    return build_app(CollectorRegistry(), push=parts).test_client()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("prefix", ["", "/threatstack-to-s3"])
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "expected"),
+    [
+        ("GET", "/api/v1/s3/status", {}, 200),
+        ("POST", f"/api/v1/s3/alert/{PUSH}", {}, 200),
+        ("POST", f"/api/v1/s3/alert/{OLD}", {}, 200),  # during a rotation
+        ("POST", "/api/v1/s3/alert", bearer(PUSH), 200),
+        ("POST", "/api/v1/s3/alert/wrong-token", {}, 401),
+        ("POST", "/api/v1/s3/alert", {}, 401),
+        ("POST", f"/api/v1/s3/alert/{READ}", {}, 401),  # the read token never pushes
+        ("GET", "/api/v1/s3/alert/abcd1234", bearer(READ), 200),
+        ("GET", "/api/v1/s3/alert/abcd1234", bearer(PUSH), 401),  # the push token never reads
+        ("GET", "/api/v1/s3/alert/abcd1234", {}, 401),
+        ("GET", "/api/v1/s3/alert?start=2026-11-01&end=2026-11-02", bearer(READ), 200),
+        ("GET", "/api/v1/s3/alert?start=2026-11-01&end=2026-11-02", bearer(PUSH), 401),
+        ("GET", "/api/v1/s3/alert?start=1996-01-01&end=2026-01-01", bearer(READ), 400),
+        ("DELETE", "/api/v1/s3/alert", bearer(PUSH), 405),
+        ("GET", "/api/v1/s3/elsewhere", {}, 404),
+    ],
+)
+def test_each_route_admits_exactly_its_callers(
+    prefix: str, method: str, path: str, headers: dict[str, str], expected: int
+):
+    answer = client().open(prefix + path, method=method, json=ALERT, headers=headers)
+    assert answer.status_code == expected, answer.get_json()
+
+
+def test_read_routes_are_off_without_a_read_token():
+    answer = client(read_token="").get("/api/v1/s3/alert/abcd1234", headers=bearer(PUSH))
+    assert answer.status_code == 404 and "read_token" in answer.get_json()["error"]
+
+
+def test_thirty_status_calls_compute_the_state_once():
+    calls: list[str] = []
+    test_client = client(calls=calls)
+    for _ in range(30):
+        assert test_client.get("/api/v1/s3/status").status_code == 200
+    assert calls == ["status"]
+
+
+def test_cached_status_refreshes_after_a_minute():
+    now = [0.0]
+    values = iter([{"n": 1}, {"n": 2}])
+    status = CachedStatus(lambda: next(values), monotonic=lambda: now[0])
+    assert status() == {"n": 1}
+    now[0] = 59.0
+    assert status() == {"n": 1}
+    now[0] = 60.0
+    assert status() == {"n": 2}
+
+
+def test_a_wrong_token_in_a_path_is_never_logged(caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO")
+    client().post("/api/v1/s3/alert/some-wrong-secret-123/extra", json=ALERT)
+    client().post("/api/v1/s3/alert/another-wrong-secret", json=ALERT)
+    text = " ".join(str(getattr(r, "fields", "")) for r in caplog.records)
+    assert "wrong-secret" not in text and "/api/v1/s3/alert" in text
+
+
+def test_forwarded_for_is_honoured_only_from_trusted_proxies():
+    settings = ReceiverSettings(
+        token=Secret(PUSH), allow_cidrs=("203.0.113.0/24",), trusted_proxies=("10.0.0.0/8",)
+    )
+    parts = PushParts(
+        settings, ORG, Receiver(MemoryObjectStore(), Layout(""), ORG, None),
+        lambda i: None, lambda s, e, n: [], lambda: {}, lambda u: None,
+    )  # fmt: skip
+    app = build_app(CollectorRegistry(), push=parts).test_client()
+    url = f"/api/v1/s3/alert/{PUSH}"
+    via_proxy = {"REMOTE_ADDR": "10.1.2.3"}
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    assert app.post(url, json=ALERT, headers=forwarded, environ_base=via_proxy).status_code == 200
+    stranger = {"REMOTE_ADDR": "198.51.100.9"}
+    assert app.post(url, json=ALERT, headers=forwarded, environ_base=stranger).status_code == 403
+    assert app.post(url, json=ALERT, environ_base=via_proxy).status_code == 403
