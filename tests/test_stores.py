@@ -269,3 +269,38 @@ def test_rotated_credentials_are_picked_up_by_the_daemon_and_expired_ones_fail_h
         daemon.wait(timeout=30)
     assert "s3.credentials_renewed" in "".join(log)
     assert_byte_exact(s3, bucket, simulator)
+
+
+def test_a_lease_and_a_checkpoint_poller_did_not_write_are_named_and_left_alone(
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+):
+    layout = Layout()
+    framed = b'8\r\n{"x": 1}\r\n0\r\nx-amz-checksum-crc32:33jdxA==\r\n\r\n'
+    s3.put_object(Bucket=bucket, Key=layout.lease_key, Body=b"<html>not a lease</html>")
+    s3.put_object(Bucket=bucket, Key=layout.checkpoint_key, Body=framed)
+    env = tls_env(simulator, tls_s3, bucket)
+
+    code, out, _ = poller(["sync"], env, monkeypatch, capsys)
+    error = last_json(out)["error"]
+    assert code == 1
+    assert f"the lease {layout.lease_key} is unreadable (not JSON)" in error
+    assert "delete it" in error and "None" not in error
+
+    code, out, _ = poller(["status", "--json"], env, monkeypatch, capsys)
+    report = last_json(out)
+    assert code == 0
+    assert report["lease"]["unreadable"] == "not JSON"
+    assert "aws-chunked framing" in report["checkpoint"]["unreadable"]
+    assert "s3.checksums=false" in report["checkpoint"]["unreadable"]
+
+    s3.delete_object(Bucket=bucket, Key=layout.lease_key)  # what the message says to do
+    code, out, _ = poller(["sync"], env, monkeypatch, capsys)
+    assert code == 1 and f"the checkpoint {layout.checkpoint_key} is unreadable" in out
+    assert s3.get_object(Bucket=bucket, Key=layout.checkpoint_key)["Body"].read() == framed
+    lease = json.loads(s3.get_object(Bucket=bucket, Key=layout.lease_key)["Body"].read())
+    assert lease["released"] is True  # the failed run let go of the lease it took
