@@ -13,13 +13,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import boto3
 import requests
 from botocore.config import Config
 
+from poller.archive.manifests import Manifests, closed_through
 from poller.archive.probe import StoreProof, fingerprint, prove_store, record_proof, recorded_proof
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
@@ -159,6 +160,7 @@ class Runtime:
     # says: the probe asks the store itself what it does.
     native_store: ObjectStore | None = None
     proof: StoreProof | None = None
+    manifested_through: date | None = None
 
     def probe(self, fresh: bool = False) -> StoreProof:
         """What the store does (see poller.archive.probe): a recorded proof when one under a
@@ -191,6 +193,22 @@ class Runtime:
                 )
             self.proof = proof
         return self.proof
+
+    def close_days(self, summary: Summary) -> None:
+        """After a cycle: the manifest of every closed UTC day not written yet (see
+        poller.archive.manifests). One listing a run; a daemon lists once a day."""
+        if not summary.watermark:
+            return
+        watermark = datetime.fromisoformat(summary.watermark.replace("Z", "+00:00"))
+        through = closed_through(watermark, timedelta(seconds=self.settings.sync.lookback_seconds))
+        if self.manifested_through is not None and through <= self.manifested_through:
+            return
+        manifests = Manifests(self.store, self.layout, self.settings.s3.max_concurrency)
+        written = manifests.close_days(through, self.run_id, self.clock())
+        if written:
+            days = [day.isoformat() for day in written]
+            log.info("manifests.written", extra={"fields": {"days": days}})
+        self.manifested_through = through
 
     def lease(self) -> Lease:
         holder = {
@@ -396,6 +414,7 @@ def run_cycle(
                 cycle = runtime.cycle(lease, hooks)
                 if walk is None:
                     cycle.run(summary)
+                    runtime.close_days(summary)
                 else:
                     walk(runtime, cycle, summary)
         finally:

@@ -285,6 +285,19 @@ def render_verify(report: dict[str, Any]) -> Group:
                 style="bold red" if bad else "",
             )
         )
+    if report.get("manifest_checked") or report.get("manifest_chain_broken"):
+        changed = report.get("manifest_mismatch_count", 0)
+        broken = report.get("manifest_chain_broken") or []
+        parts.append(
+            Text(
+                f"manifests: {report.get('manifest_checked', 0)} records compared, {changed}"
+                " changed since their day closed"
+                + (f": {' '.join(report['manifest_mismatch'])}" if changed else "")
+                + (f"; manifests changed: {' '.join(broken)}" if broken else "")
+                + f"; {report.get('not_in_manifest', 0)} added after their day closed",
+                style="bold red" if changed or broken else "",
+            )
+        )
     if report.get("repaired"):
         parts.append(Text(f"repaired {report['repaired']} alerts (create-only)", style="green"))
     window = report.get("window", {})

@@ -304,3 +304,50 @@ def test_a_lease_and_a_checkpoint_poller_did_not_write_are_named_and_left_alone(
     assert s3.get_object(Bucket=bucket, Key=layout.checkpoint_key)["Body"].read() == framed
     lease = json.loads(s3.get_object(Bucket=bucket, Key=layout.lease_key)["Body"].read())
     assert lease["released"] is True  # the failed run let go of the lease it took
+
+
+def test_manifests_find_a_record_and_a_manifest_changed_after_their_day_closed(
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+):
+    """An overwrite carries its own matching checksum: only the day's manifest sees it."""
+    midnight = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
+    for back in (3, 2, 1):
+        day = midnight - timedelta(days=back)
+        simulator.generate(2, day + timedelta(hours=1), day + timedelta(hours=20))
+    env = tls_env(simulator, tls_s3, bucket, POLLER_SYNC__FIRST_RUN_SINCE="4d")
+    code, _, err = poller(["sync"], env, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    prefix = "_poller/manifests/"
+    keys = sorted(
+        item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    )
+    assert len(keys) == 3  # the closed days, oldest first, chained
+    manifests = [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys]
+    assert manifests[0]["previous"] is None
+    assert manifests[1]["previous"]["day"] == manifests[0]["day"]
+    target = next(m for m in manifests if m["records"])
+    record = sorted(target["records"])[0]
+
+    # Same key, a new body with its own (matching) checksum.
+    s3.put_object(Bucket=bucket, Key=record, Body=b'{"id": "x"}', ChecksumAlgorithm="SHA256")
+    code, out, _ = poller(
+        ["verify", "--since", "4d", "--checksums", "--json"], env, monkeypatch, capsys
+    )
+    report = last_json(out)
+    assert code == 1 and report["complete"] is False
+    assert report["checksum_mismatch_count"] == 0  # the stored checksum cannot see it
+    assert report["manifest_mismatch"] == [record]
+    assert report["manifest_chain_broken"] == []
+
+    # A manifest rewritten to match: the next day's manifest recorded another SHA-256.
+    first = dict(manifests[0], records={})
+    s3.put_object(Bucket=bucket, Key=keys[0], Body=json.dumps(first).encode())
+    code, out, _ = poller(
+        ["verify", "--since", "4d", "--checksums", "--json"], env, monkeypatch, capsys
+    )
+    assert last_json(out)["manifest_chain_broken"] == [manifests[0]["day"]]
