@@ -1,7 +1,17 @@
 """Settings: a frozen, typed object, loaded from defaults < config file < environment < flags.
 
-Every value remembers where it came from, so a bad one is reported with its key and its
-source; all problems are collected and reported at once (``ConfigError``, exit 2).
+Each setting is declared once, as a field of one of the section models below: its type, its
+default, its bounds, its one-line doc (the field's description, which is also its row in
+docs/operations.md) and, where the SPEC names one, its environment name. A secret is a
+``SecretStr``: its ``repr`` and ``str`` never show the value, and every error path of the
+loader (validation, ``--set`` flags, ``_FILE`` reading, required checks) treats a field of that
+type as secret, whatever it is called.
+
+pydantic validates; the loader is our own small layer over it because the SPEC's message needs
+the source of each bad value (the config file, the environment variable, the flag), which
+pydantic-settings loses when it merges its sources (see README, *Configuration*). Every value
+remembers where it came from, all problems are collected and reported at once
+(``ConfigError``, exit 2), and a secret's value is never part of a message.
 """
 
 from __future__ import annotations
@@ -9,220 +19,80 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
 
 from poller.errors import ConfigError
 from poller.timeutil import parse_instant, utc_now
 
-
-class Secret:
-    """A string that never shows itself in ``repr``, ``str``, logs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+# ---------------------------------------------------------------- value types
+# Raw values are YAML scalars/lists or environment strings; these turn them into the typed
+# value or raise ValueError with a short reason (shown only for settings that are not secret).
 
 
-@dataclass(frozen=True)
-class ThreatStackSettings:
-    base_url: str = "https://api.threatstack.com"
-    user_id: str = ""
-    org_id: str = ""
-    api_key: Secret = field(default_factory=lambda: Secret(""))
-    statuses: tuple[str, ...] = ("active", "dismissed")
-    requests_per_minute: int = 100
-    timeout_seconds: float = 30.0
-    # A whole request (connect, headers, body) ends within this, however slowly the body
-    # trickles in; and no body may be larger than this.
-    request_deadline_seconds: float = 120.0
-    max_response_bytes: int = 16 * 1024 * 1024
-    max_attempts: int = 8
-    max_retry_seconds: float = 600.0
-    verify_responses: bool = True
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    bucket: str = ""
-    prefix: str = ""
-    max_concurrency: int = 16
-    max_attempts: int = 8
-    require_conditional_writes: bool = True
-    # The archive as evidence: every object carries an S3-verified SHA-256 checksum, and
-    # these apply to every object poller writes (retention: to archived records only).
-    checksums: bool = True
-    sse: str = ""  # "", "AES256" (SSE-S3) or "aws:kms" (SSE-KMS)
-    kms_key_id: str = ""
-    storage_class: str = ""  # "": the bucket's default (STANDARD)
-    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
-    object_lock_days: int = 0
-
-
-@dataclass(frozen=True)
-class SyncSettings:
-    interval_seconds: int = 300
-    lookback_seconds: int = 900
-    settle_seconds: int = 60
-    first_run_since: str = "24h"
-    lease_ttl_seconds: int = 120
-    max_window_seconds: int = 86_400
-    max_cycle_seconds: int = 0  # 0: derived from the cycle's work (see poller.walks.sync)
-
-
-@dataclass(frozen=True)
-class ReceiverSettings:
-    """The push path (see poller.serving.receiver): off while ``token`` is unset."""
-
-    token: Secret = field(default_factory=lambda: Secret(""))
-    # A second push token accepted beside ``token`` during a rotation (see README).
-    previous_token: Secret = field(default_factory=lambda: Secret(""))
-    # The read-back routes' secret; unset: they are off (the push token never reads).
-    read_token: Secret = field(default_factory=lambda: Secret(""))
-    path: str = "/api/v1/s3/alert"
-    # 0: the push routes share the daemon's http.port listener; else their own listener,
-    # so a flood of the push port never reaches /healthz, /readyz and /metrics.
-    port: int = 0
-    allow_cidrs: tuple[str, ...] = ()  # empty: any source
-    # Proxies (an ingress) whose X-Forwarded-For names the real sender; empty: none.
-    trusted_proxies: tuple[str, ...] = ()
-    # SNS topics whose subscription confirmations are confirmed; others are only logged.
-    sns_topics: tuple[str, ...] = ()
-    max_body_bytes: int = 1024 * 1024  # after decompression too
-    max_header_bytes: int = 16 * 1024
-    threads: int = 8  # workers: each runs one whole, already-read request at a time
-    connection_limit: int = 100  # open connections per listener
-    timeout_seconds: float = 10.0  # a request must arrive whole within this
-    idle_timeout_seconds: float = 60.0  # a connection silent this long is closed
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    host: str = "0.0.0.0"  # noqa: S104 - SPEC default; the daemon serves health checks
-    port: int = 8080
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    format: str = "auto"
-    level: str = "INFO"
-    progress_seconds: float = 30.0  # cadence of walk.progress events in long walks
-
-
-@dataclass(frozen=True)
-class Settings:
-    threatstack: ThreatStackSettings = field(default_factory=ThreatStackSettings)
-    s3: S3Settings = field(default_factory=S3Settings)
-    sync: SyncSettings = field(default_factory=SyncSettings)
-    http: HttpSettings = field(default_factory=HttpSettings)
-    log: LogSettings = field(default_factory=LogSettings)
-    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
-
-
-# ---------------------------------------------------------------- value parsers
-# Each takes the raw value (a YAML scalar/list, or an environment string) and returns the
-# typed value or raises ValueError with a short reason.
-
-
-def _int(low: int, high: int) -> Callable[[Any], int]:
-    def parse(raw: Any) -> int:
-        if isinstance(raw, bool):
-            raise ValueError("expected an integer")
-        try:
-            value = int(str(raw).strip())
-        except ValueError:
-            raise ValueError(f"expected an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _float(low: float, high: float) -> Callable[[Any], float]:
-    def parse(raw: Any) -> float:
-        if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        try:
-            value = float(str(raw).strip())
-        except ValueError:
-            raise ValueError(f"expected a number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
+def _text(raw: Any) -> Any:
+    if isinstance(raw, SecretStr):  # an already-built secret, passed to a constructor
         return raw
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {raw!r}")
-
-
-def _text(raw: Any) -> str:
     if isinstance(raw, (dict, list)):
         raise ValueError("expected a string")
     return "" if raw is None else str(raw).strip()
 
 
-def _secret(raw: Any) -> Secret:
-    if isinstance(raw, (dict, list)):
-        raise ValueError("expected a string")
-    return Secret("" if raw is None else str(raw).strip())
+def _integer(raw: Any) -> Any:
+    if isinstance(raw, bool):  # YAML's true is not 1
+        raise ValueError("expected an integer")
+    return raw
 
 
-def _url(raw: Any) -> str:
-    text = _text(raw).rstrip("/")
+def _number(raw: Any) -> Any:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number")
+    return raw
+
+
+def _flag(raw: Any) -> Any:
+    return raw.strip() if isinstance(raw, str) else raw
+
+
+def _lower(raw: Any) -> Any:
+    return _text(raw).lower()
+
+
+def _upper(raw: Any) -> Any:
+    return _text(raw).upper()
+
+
+def _items(raw: Any) -> Any:
+    """A YAML list, or a comma-separated environment string; blanks and repeats dropped."""
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+    return tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
+def _url(text: str) -> str:
+    text = text.rstrip("/")
     parts = urlparse(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {text!r}")
     return text
 
 
-def _statuses(raw: Any) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    values = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
-    if not values:
-        raise ValueError("at least one status is needed")
-    unknown = [v for v in values if v not in ("active", "dismissed")]
-    if unknown:
-        raise ValueError(f"statuses are active and dismissed, got {unknown}")
-    return values
-
-
-def _prefix(raw: Any) -> str:
-    text = _text(raw).strip("/")
+def _prefix(text: str) -> str:
+    text = text.strip("/")
     if text and not re.fullmatch(r"[A-Za-z0-9!_.*'()\-/]+", text):
         raise ValueError(f"prefix has characters unsafe in an S3 key: {text!r}")
     if "//" in text or any(part in (".", "..") for part in text.split("/")):
@@ -230,57 +100,21 @@ def _prefix(raw: Any) -> str:
     return text
 
 
-def _since(raw: Any) -> str:
-    text = _text(raw)
+def _since(text: str) -> str:
     parse_instant(text, utc_now())  # raises ValueError with a clear reason
     return text
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(raw: Any) -> str:
-        text = _text(raw).lower()
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
-        return text
-
-    return parse
-
-
-def _exact(*choices: str) -> Callable[[Any], str]:
-    """One of ``choices``, spelled as AWS spells it."""
-
-    def parse(raw: Any) -> str:
-        text = _text(raw)
-        if text not in choices:
-            shown = ", ".join(repr(c) if c else '"" (off)' for c in choices)
-            raise ValueError(f"expected one of {shown}, got {raw!r}")
-        return text
-
-    return parse
-
-
-def _path(raw: Any) -> str:
-    text = _text(raw).rstrip("/")
+def _path(text: str) -> str:
+    text = text.rstrip("/")
     if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
-        raise ValueError(f"expected a URL path like /api/v1/s3/alert, got {raw!r}")
+        raise ValueError(f"expected a URL path like /api/v1/s3/alert, got {text!r}")
     return text
 
 
-def _topic_arns(raw: Any) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    topics = tuple(str(i).strip() for i in items if str(i).strip())
-    for topic in topics:
-        if not re.fullmatch(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]+", topic):
-            raise ValueError(f"not an SNS topic ARN: {topic!r}")
-    return topics
-
-
 def _cidrs(raw: Any) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
     networks = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
+    for item in _items(raw):
         try:
             networks.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError:
@@ -288,110 +122,330 @@ def _cidrs(raw: Any) -> tuple[str, ...]:
     return tuple(networks)
 
 
-def _level(raw: Any) -> str:
-    return _choice("debug", "info", "warning", "error")(raw).upper()
+def _topic_arns(raw: Any) -> tuple[str, ...]:
+    topics = _items(raw)
+    for topic in topics:
+        if not re.fullmatch(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_.-]+", topic):
+            raise ValueError(f"not an SNS topic ARN: {topic!r}")
+    return tuple(topics)
 
 
-PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "threatstack": {
-        "base_url": _url,
-        "user_id": _text,
-        "org_id": _text,
-        "api_key": _secret,
-        "statuses": _statuses,
-        "requests_per_minute": _int(1, 100_000),
-        "timeout_seconds": _float(0.1, 600),
-        "request_deadline_seconds": _float(1, 3600),
-        "max_response_bytes": _int(1024, 1024**3),
-        "max_attempts": _int(1, 100),
-        "max_retry_seconds": _float(0, 86_400),
-        "verify_responses": _bool,
-    },
-    "s3": {
-        "bucket": _text,
-        "prefix": _prefix,
-        "max_concurrency": _int(1, 256),
-        "max_attempts": _int(1, 50),
-        "require_conditional_writes": _bool,
-        "checksums": _bool,
-        "sse": _exact("", "AES256", "aws:kms"),
-        "kms_key_id": _text,
-        "storage_class": _exact(
-            "",
-            "STANDARD",
-            "STANDARD_IA",
-            "ONEZONE_IA",
-            "INTELLIGENT_TIERING",
-            "GLACIER_IR",
-            "GLACIER",
-            "DEEP_ARCHIVE",
-            "REDUCED_REDUNDANCY",
-        ),
-        "object_lock_mode": _exact("", "GOVERNANCE", "COMPLIANCE"),
-        "object_lock_days": _int(0, 36_500),
-    },
-    "sync": {
-        "interval_seconds": _int(1, 86_400),
-        "lookback_seconds": _int(0, 30 * 86_400),
-        "settle_seconds": _int(0, 86_400),
-        "first_run_since": _since,
-        "lease_ttl_seconds": _int(3, 86_400),
-        "max_window_seconds": _int(60, 366 * 86_400),
-        "max_cycle_seconds": _int(0, 30 * 86_400),
-    },
-    "http": {"host": _text, "port": _int(0, 65_535)},
-    "receiver": {
-        "token": _secret,
-        "previous_token": _secret,
-        "read_token": _secret,
-        "path": _path,
-        "port": _int(0, 65_535),
-        "allow_cidrs": _cidrs,
-        "trusted_proxies": _cidrs,
-        "sns_topics": _topic_arns,
-        "max_body_bytes": _int(1024, 64 * 1024 * 1024),
-        "max_header_bytes": _int(1024, 1024 * 1024),
-        "threads": _int(1, 256),
-        "connection_limit": _int(2, 10_000),
-        "timeout_seconds": _float(0.5, 300),
-        "idle_timeout_seconds": _float(1, 3600),
-        "tls_cert_file": _text,
-        "tls_key_file": _text,
-    },
-    "log": {
-        "format": _choice("auto", "json", "text"),
-        "level": _level,
-        "progress_seconds": _float(0, 86_400),
-    },
-}
+Text = Annotated[str, BeforeValidator(_text)]
+SecretText = Annotated[SecretStr, BeforeValidator(_text)]
+Whole = Annotated[int, BeforeValidator(_integer)]
+Number = Annotated[float, BeforeValidator(_number)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Url = Annotated[str, BeforeValidator(_text), AfterValidator(_url)]
+Prefix = Annotated[str, BeforeValidator(_text), AfterValidator(_prefix)]
+Since = Annotated[str, BeforeValidator(_text), AfterValidator(_since)]
+UrlPath = Annotated[str, BeforeValidator(_text), AfterValidator(_path)]
+Statuses = Annotated[tuple[Literal["active", "dismissed"], ...], BeforeValidator(_items)]
+Networks = Annotated[tuple[str, ...], BeforeValidator(_cidrs)]
+TopicArns = Annotated[tuple[str, ...], BeforeValidator(_topic_arns)]
+StorageClass = Literal[
+    "",
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "REDUCED_REDUNDANCY",
+]
 
-SECTIONS: dict[str, type] = {
-    "threatstack": ThreatStackSettings,
-    "s3": S3Settings,
-    "sync": SyncSettings,
-    "http": HttpSettings,
-    "log": LogSettings,
-    "receiver": ReceiverSettings,
-}
 
-# The names the old webhook receiver and the vendor's examples use (SPEC "Configuration").
-LEGACY_ENV: dict[str, tuple[str, str]] = {
-    "THREATSTACK_BASE_URL": ("threatstack", "base_url"),
-    "THREATSTACK_USER_ID": ("threatstack", "user_id"),
-    "THREATSTACK_ORG_ID": ("threatstack", "org_id"),
-    "THREATSTACK_API_KEY": ("threatstack", "api_key"),
-    "TS_AWS_S3_BUCKET": ("s3", "bucket"),
-    "TS_AWS_S3_PREFIX": ("s3", "prefix"),
-}
-FILE_ENV = ("THREATSTACK_USER_ID", "THREATSTACK_ORG_ID", "THREATSTACK_API_KEY")
-# Secrets whose POLLER_SECTION__KEY_FILE form names a file (Kubernetes secret mounts).
-SECRET_KEYS = {"receiver": ("token", "previous_token", "read_token")}
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    env: str | None = None,
+    files: bool = False,
+    ge: float | None = None,
+    le: float | None = None,
+    min_length: int | None = None,
+) -> Any:
+    """One setting's declaration: its default, its one-line doc, its bounds, and the SPEC's
+    environment name ``env`` if it has one. ``files``: the value may instead be given as a
+    file named by ``NAME_FILE`` (every secret may be, whatever ``files`` says)."""
+    extra: dict[str, Any] = {}
+    if env:
+        extra["env"] = env
+    if files:
+        extra["files"] = True
+    return Field(
+        default,
+        description=doc,
+        ge=ge,
+        le=le,
+        min_length=min_length,
+        json_schema_extra=extra or None,
+    )
+
+
+class _Section(BaseModel):
+    # hide_input_in_errors: a ValidationError raised outside the loader (a constructor call)
+    # must not print a secret either.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+# ---------------------------------------------------------------- the declarations
+
+
+class ThreatStackSettings(_Section):
+    base_url: Url = setting(
+        "https://api.threatstack.com",
+        "API root; `/v2/...` and `/help/hawk/self-test` hang under it",
+        env="THREATSTACK_BASE_URL",
+    )
+    user_id: Text = setting(
+        "",
+        "Hawk id (Settings → Application Keys → User ID)",
+        env="THREATSTACK_USER_ID",
+        files=True,
+    )
+    org_id: Text = setting(
+        "",
+        "organisation, sent in Hawk's `ext` (Organization ID)",
+        env="THREATSTACK_ORG_ID",
+        files=True,
+    )
+    api_key: SecretText = setting(
+        SecretStr(""),
+        "Hawk key (API key); never logged, never in a flag",
+        env="THREATSTACK_API_KEY",
+    )
+    statuses: Statuses = setting(
+        ("active", "dismissed"),
+        "alert lists to poll; all runs against a prefix must poll the same",
+        min_length=1,
+    )
+    requests_per_minute: Whole = setting(
+        100,
+        "client-side budget, across processes taking turns (the org allows ~200/min)",
+        ge=1,
+        le=100_000,
+    )
+    timeout_seconds: Number = setting(30.0, "connecting, and each socket read", ge=0.1, le=600)
+    request_deadline_seconds: Number = setting(
+        120.0, "a whole request, however slowly its body trickles in", ge=1, le=3600
+    )
+    max_response_bytes: Whole = setting(
+        16 * 1024 * 1024, "a larger body is refused", ge=1024, le=1024**3
+    )
+    max_attempts: Whole = setting(
+        8, "attempts per request (429, 5xx, timeouts, drops)", ge=1, le=100
+    )
+    max_retry_seconds: Number = setting(
+        600.0, "give a request up after this long in retries", ge=0, le=86_400
+    )
+    verify_responses: Flag = setting(True, "check the Hawk `Server-Authorization` of every 2xx")
+
+
+class S3Settings(_Section):
+    bucket: Text = setting("", "the archive bucket (required)", env="TS_AWS_S3_BUCKET")
+    prefix: Prefix = setting(
+        "", "key prefix, no leading or trailing `/` needed", env="TS_AWS_S3_PREFIX"
+    )
+    max_concurrency: Whole = setting(16, "parallel S3 writes", ge=1, le=256)
+    max_attempts: Whole = setting(8, "botocore standard-mode attempts per S3 call", ge=1, le=50)
+    require_conditional_writes: Flag = setting(
+        True, "refuse a store that ignores If-None-Match/If-Match"
+    )
+    # The archive as evidence: these apply to every object poller writes (retention: to
+    # archived records only).
+    checksums: Flag = setting(True, "a SHA-256 checksum on every PUT, verified by S3")
+    sse: Literal["", "AES256", "aws:kms"] = setting(
+        "", "`AES256` (SSE-S3) or `aws:kms` (SSE-KMS) on every object"
+    )
+    kms_key_id: Text = setting("", "the KMS key, with `sse: aws:kms`")
+    storage_class: StorageClass = setting(
+        "", 'storage class of every object (`""`: the bucket\'s default)'
+    )
+    object_lock_mode: Literal["", "GOVERNANCE", "COMPLIANCE"] = setting(
+        "", "`GOVERNANCE` or `COMPLIANCE` retention on archived records"
+    )
+    object_lock_days: Whole = setting(0, "retention days, with `object_lock_mode`", ge=0, le=36_500)
+
+
+class SyncSettings(_Section):
+    interval_seconds: Whole = setting(300, "daemon cadence", ge=1, le=86_400)
+    lookback_seconds: Whole = setting(
+        900,
+        "each cycle re-reads this much before the watermark (at least 1 s is always re-read)",
+        ge=0,
+        le=30 * 86_400,
+    )
+    settle_seconds: Whole = setting(60, "windows end this far before now", ge=0, le=86_400)
+    first_run_since: Since = setting(
+        "24h", "where the first cycle starts (ISO 8601, or `24h`, `7d`)"
+    )
+    lease_ttl_seconds: Whole = setting(
+        120, "a lease not renewed this long may be taken over", ge=3, le=86_400
+    )
+    max_window_seconds: Whole = setting(
+        86_400, "chunk length of long windows and backfills", ge=60, le=366 * 86_400
+    )
+    max_cycle_seconds: Whole = setting(
+        0, "a cycle's deadline; 0 derives it from the work", ge=0, le=30 * 86_400
+    )
+
+
+class HttpSettings(_Section):
+    host: Text = setting(
+        "0.0.0.0",  # noqa: S104 - SPEC default; the daemon serves health checks
+        "where the daemon serves `/healthz` `/readyz` `/metrics`",
+    )
+    port: Whole = setting(8080, "its port (0: off)", ge=0, le=65_535)
+
+
+class LogSettings(_Section):
+    format: Annotated[Literal["auto", "json", "text"], BeforeValidator(_lower)] = setting(
+        "auto", "`auto` (text on a terminal, else JSON), `json`, `text`"
+    )
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = (
+        setting("INFO", "`debug`, `info`, `warning`, `error` (any case)")
+    )
+    progress_seconds: Number = setting(
+        30.0, "cadence of `walk.progress` events in long walks", ge=0, le=86_400
+    )
+
+
+class ReceiverSettings(_Section):
+    """The push path (see poller.serving.receiver): off while ``token`` is unset."""
+
+    token: SecretText = setting(
+        SecretStr(""), "the push path's shared secret; unset: the receiver is off"
+    )
+    previous_token: SecretText = setting(
+        SecretStr(""),
+        "also accepted for pushes during a token rotation (README, *Token rotation*)",
+    )
+    read_token: SecretText = setting(
+        SecretStr(""),
+        "the read-back routes' secret (`Authorization: Bearer`); unset: they are off",
+    )
+    path: UrlPath = setting(
+        "/api/v1/s3/alert", "where webhooks are posted (also under `/threatstack-to-s3`)"
+    )
+    # A listener of its own, so a flood of the push port never reaches the health routes.
+    port: Whole = setting(
+        0,
+        "the push routes' own listener; 0: they share `http.port` with the health routes",
+        ge=0,
+        le=65_535,
+    )
+    allow_cidrs: Networks = setting((), "source networks allowed to push (empty: any)")
+    trusted_proxies: Networks = setting(
+        (),
+        "networks of proxies (the ingress) whose `X-Forwarded-For` names the sender",
+    )
+    sns_topics: TopicArns = setting(
+        (),
+        "SNS topic ARNs whose subscription confirmations poller confirms"
+        " (others are logged with the URL)",
+    )
+    max_body_bytes: Whole = setting(
+        1024 * 1024,
+        "a larger push, chunked or once decompressed, is refused (413)",
+        ge=1024,
+        le=64 * 1024 * 1024,
+    )
+    max_header_bytes: Whole = setting(
+        16 * 1024, "request line and headers", ge=1024, le=1024 * 1024
+    )
+    threads: Whole = setting(8, "workers; each runs one whole, already-read request", ge=1, le=256)
+    connection_limit: Whole = setting(
+        100,
+        "open connections per listener; beyond, it stops accepting until some close",
+        ge=2,
+        le=10_000,
+    )
+    timeout_seconds: Number = setting(
+        10.0, "a request must arrive whole within this from its first byte", ge=0.5, le=300
+    )
+    idle_timeout_seconds: Number = setting(
+        60.0, "a connection silent this long is closed", ge=1, le=3600
+    )
+    tls_cert_file: Text = setting("", "TLS certificate (PEM) for users without an ingress")
+    tls_key_file: Text = setting("", "its key")
+
+
+class Settings(_Section):
+    threatstack: ThreatStackSettings = Field(default_factory=ThreatStackSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+
+
+# ---------------------------------------------------------------- what the loader reads off them
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One setting as the loader and the docs see it, read off its declaration."""
+
+    section: str
+    key: str
+    field: FieldInfo
+    model: type[_Section]
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def secret(self) -> bool:
+        return isinstance(self.field.annotation, type) and issubclass(
+            self.field.annotation, SecretStr
+        )
+
+    @property
+    def env(self) -> str:
+        return f"POLLER_{self.section.upper()}__{self.key.upper()}"
+
+    @property
+    def legacy_env(self) -> str | None:
+        """The SPEC's name for it (the old receiver's or the vendor's), if it has one."""
+        extra = self.field.json_schema_extra
+        return str(extra["env"]) if isinstance(extra, dict) and "env" in extra else None
+
+    @property
+    def files(self) -> bool:
+        """Whether ``NAME_FILE`` forms name a file holding the value."""
+        extra = self.field.json_schema_extra
+        return self.secret or (isinstance(extra, dict) and bool(extra.get("files")))
+
+    @property
+    def environment_names(self) -> tuple[str, ...]:
+        """In the order they are read: the SPEC's name first, so ``POLLER_...`` wins."""
+        return (self.legacy_env, self.env) if self.legacy_env else (self.env,)
+
+    @property
+    def default(self) -> Any:
+        return getattr(self.model(), self.key)
+
+
+def _declared() -> dict[Key, Declared]:
+    table = {}
+    for section, outer in Settings.model_fields.items():
+        model = outer.annotation
+        assert isinstance(model, type) and issubclass(model, _Section)
+        for key, inner in model.model_fields.items():
+            table[(section, key)] = Declared(section, key, inner, model)
+    return table
+
+
+DECLARED: dict[Key, Declared] = _declared()
+SECTIONS = frozenset(section for section, _ in DECLARED)
 
 # What each command needs before it may start.
 REQUIRED_API = (("threatstack", "user_id"), ("threatstack", "org_id"), ("threatstack", "api_key"))
 REQUIRED_S3 = (("s3", "bucket"),)
-
-Key = tuple[str, str]
 
 
 @dataclass
@@ -434,7 +488,7 @@ def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
         problems.append(f"config file {path}: the top level must be a mapping of sections")
         return
     for section, keys in document.items():
-        if section not in PARSERS:
+        if section not in SECTIONS:
             problems.append(f"{section}: unknown section (from {path})")
             continue
         if keys is None:
@@ -443,7 +497,7 @@ def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
             problems.append(f"{section}: must be a mapping of keys (from {path})")
             continue
         for key, value in keys.items():
-            if key not in PARSERS[section]:
+            if (section, key) not in DECLARED:
                 problems.append(f"{section}.{key}: unknown key (from {path})")
                 continue
             raw[(section, key)] = _Raw(value, f"config file {path}")
@@ -462,30 +516,26 @@ def _read_secret_file(name: str, path: str, problems: list[str]) -> str | None:
 def _from_environment(
     environ: Mapping[str, str], raw: dict[Key, _Raw], problems: list[str]
 ) -> None:
-    for name, target in LEGACY_ENV.items():
-        file_name = f"{name}_FILE"
-        if name in FILE_ENV and environ.get(file_name):
-            if environ.get(name):
-                problems.append(f"{name} and {file_name} are both set; set only one")
-                continue
-            content = _read_secret_file(file_name, environ[file_name], problems)
-            if content is not None:
-                raw[target] = _Raw(content, f"environment {file_name}")
-        elif name in environ:
-            raw[target] = _Raw(environ[name], f"environment {name}")
-    for name, value in environ.items():
-        if not name.startswith("POLLER_") or "__" not in name:
-            continue
-        section, _, option = name[len("POLLER_") :].lower().partition("__")
-        if option.endswith("_file") and option[: -len("_file")] in SECRET_KEYS.get(section, ()):
-            content = _read_secret_file(name, value, problems)
-            if content is not None:
-                raw[(section, option[: -len("_file")])] = _Raw(content, f"environment {name}")
-            continue
-        if section not in PARSERS or option not in PARSERS[section]:
+    known = set()
+    for target, declared in DECLARED.items():
+        for name in declared.environment_names:
+            known.add(name)
+            file_name = f"{name}_FILE"
+            if declared.files:
+                known.add(file_name)
+            if declared.files and environ.get(file_name):
+                if environ.get(name):
+                    problems.append(f"{name} and {file_name} are both set; set only one")
+                    continue
+                content = _read_secret_file(file_name, environ[file_name], problems)
+                if content is not None:
+                    raw[target] = _Raw(content, f"environment {file_name}")
+            elif name in environ:
+                raw[target] = _Raw(environ[name], f"environment {name}")
+    for name in environ:
+        if name.startswith("POLLER_") and "__" in name and name not in known:
+            section, _, option = name[len("POLLER_") :].lower().partition("__")
             problems.append(f"{name}: no such setting {section}.{option}")
-            continue
-        raw[(section, option)] = _Raw(value, f"environment {name}")
 
 
 def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str]) -> None:
@@ -493,18 +543,74 @@ def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str])
     for flag in flags:
         name, sep, value = flag.partition("=")
         section, _, option = name.strip().partition(".")
+        declared = DECLARED.get((section, option))
         if not sep or not option:
-            problems.append(f"--set {flag!r}: expected SECTION.KEY=VALUE")
-        elif section not in PARSERS or option not in PARSERS[section]:
+            # Only what comes before '=': after it may be a secret given to a mistyped key.
+            problems.append(f"--set {name.strip()!r}: expected SECTION.KEY=VALUE")
+        elif declared is None:
             problems.append(f"--set {name}: no such setting")
-        elif option in ("api_key", "token"):
+        elif declared.secret:
             # A flag shows in the process list: secrets come from the environment or a file.
             problems.append(
-                f"--set {section}.{option}: not allowed (a flag shows in the process list);"
+                f"--set {declared.name}: not allowed (a flag shows in the process list);"
                 " use the environment or its _FILE form"
             )
         else:
             raw[(section, option)] = _Raw(value, f"flag --set {name}")
+
+
+def _bounds(declared: Declared) -> str:
+    low = next((m.ge for m in declared.field.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in declared.field.metadata if hasattr(m, "le")), None)
+    if low is None or high is None:
+        return f"at least {low}" if high is None else f"at most {high}"
+    return f"between {low} and {high}"
+
+
+def _reason(error: Any, declared: Declared) -> str:
+    """Why a value was refused, in a few words; for a secret, nothing about the value."""
+    if declared.secret:
+        return "invalid value"
+    kind, given = error["type"], error.get("input")
+    context = error.get("ctx") or {}
+    if kind == "value_error":
+        return str(context.get("error", error["msg"]))
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected an integer, got {given!r}"
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        return f"expected a number, got {given!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {given!r}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return f"must be {_bounds(declared)}, got {given}"
+    if kind == "literal_error":
+        return f"expected one of {context.get('expected')}, got {given!r}"
+    if kind == "too_short":
+        return "at least one value is needed"
+    if kind == "string_type":
+        return "expected a string"
+    return str(error["msg"])
+
+
+def _validate(raw: dict[Key, _Raw], problems: list[str]) -> tuple[Settings, set[Key]]:
+    """Settings from the raw values; a refused value becomes a problem and its default stands
+    in for it, so the required and cross checks that follow still see every other value."""
+    data: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for (section, key), item in raw.items():
+        data[section][key] = item.value
+    refused: set[Key] = set()
+    try:
+        return Settings.model_validate(data), refused
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    for error in errors:
+        target = (str(error["loc"][0]), str(error["loc"][1]))
+        declared = DECLARED[target]  # every raw value is a declared key (checked on the way in)
+        refused.add(target)
+        problems.append(f"{declared.name}: {_reason(error, declared)} (from {raw[target].source})")
+    for section, key in refused:
+        del data[section][key]
+    return Settings.model_validate(data), refused
 
 
 def load_settings(
@@ -527,34 +633,22 @@ def load_settings(
         raw[target] = _Raw(value, source)
     _from_flags(flags, raw, problems)
 
-    values: dict[str, dict[str, Any]] = {section: {} for section in PARSERS}
-    for (section, option), item in raw.items():
-        try:
-            values[section][option] = PARSERS[section][option](item.value)
-        except ValueError as exc:
-            # Secrets are never echoed back, even when they are what is wrong.
-            reason = "invalid value" if option in ("api_key", "token") else str(exc)
-            problems.append(f"{section}.{option}: {reason} (from {item.source})")
-
-    for section, option in required:
-        if not values[section].get(option) and not any(
-            p.startswith(f"{section}.{option}:") for p in problems
-        ):
-            problems.append(f"{section}.{option}: required but not set ({_hint(section, option)})")
-
-    problems.extend(_cross_checks(values["s3"]))
+    settings, refused = _validate(raw, problems)
+    for target in required:
+        if target not in refused and not getattr(getattr(settings, target[0]), target[1]):
+            problems.append(f"{DECLARED[target].name}: required but not set ({_hint(target)})")
+    problems.extend(_cross_checks(settings.s3))
     if problems:
         raise ConfigError(problems)
-    sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
-    return Settings(**sections)
+    return settings
 
 
-def _cross_checks(s3: dict[str, Any]) -> list[str]:
+def _cross_checks(s3: S3Settings) -> list[str]:
     """Settings that only make sense together."""
     problems = []
-    if s3.get("kms_key_id") and s3.get("sse") != "aws:kms":
+    if s3.kms_key_id and s3.sse != "aws:kms":
         problems.append("s3.kms_key_id: set only with s3.sse: aws:kms")
-    if bool(s3.get("object_lock_mode")) != bool(s3.get("object_lock_days")):
+    if bool(s3.object_lock_mode) != bool(s3.object_lock_days):
         problems.append(
             "s3.object_lock_mode and s3.object_lock_days: set both (a mode and a number of"
             " days) or neither"
@@ -562,9 +656,8 @@ def _cross_checks(s3: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _hint(section: str, key: str) -> str:
-    for name, target in LEGACY_ENV.items():
-        if target == (section, key):
-            extra = f" or {name}_FILE" if name in FILE_ENV else ""
-            return f"set {name}{extra}, or {section}.{key} in the config file"
-    return f"set POLLER_{section.upper()}__{key.upper()} or {section}.{key} in the config file"
+def _hint(target: Key) -> str:
+    declared = DECLARED[target]
+    name = declared.environment_names[0]
+    extra = f" or {name}_FILE" if declared.files else ""
+    return f"set {name}{extra}, or {declared.name} in the config file"

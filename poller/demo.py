@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from pydantic import SecretStr
 from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
@@ -39,7 +40,6 @@ from poller.config import (
     LogSettings,
     ReceiverSettings,
     S3Settings,
-    Secret,
     Settings,
     SyncSettings,
     ThreatStackSettings,
@@ -117,7 +117,7 @@ def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Setti
             base_url=sim.base_url,
             user_id=credentials.user_id,
             org_id=credentials.org_id,
-            api_key=Secret(credentials.api_key),
+            api_key=SecretStr(credentials.api_key),
             max_attempts=4,
             max_retry_seconds=30,
         ),
@@ -132,7 +132,7 @@ def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Setti
         ),
         http=HttpSettings(host="127.0.0.1", port=port),
         log=LogSettings(level="WARNING"),
-        receiver=ReceiverSettings(token=Secret(token)),  # the push path too
+        receiver=ReceiverSettings(token=SecretStr(token)),  # the push path too
     )
 
 

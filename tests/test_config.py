@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import re
+import signal
+import traceback
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
-from poller.config import REQUIRED_API, REQUIRED_S3, Secret, Settings, load_settings
+from poller import cli, logs
+from poller.config import DECLARED, REQUIRED_API, REQUIRED_S3, Declared, Settings, load_settings
 from poller.errors import ConfigError
 
 KEY = "very-secret-api-key-value"
@@ -61,7 +69,7 @@ def test_spec_environment_names(tmp_path: Path):
     settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
     assert settings.threatstack.base_url == "http://127.0.0.1:8900"
     assert (settings.threatstack.user_id, settings.threatstack.org_id) == ("user", "org")
-    assert settings.threatstack.api_key.reveal() == KEY
+    assert settings.threatstack.api_key.get_secret_value() == KEY
     assert settings.s3.bucket == "archive"
     assert settings.s3.prefix == "team/threatstack"
     assert settings.threatstack.statuses == ("dismissed",)
@@ -80,7 +88,7 @@ def test_credentials_from_files(tmp_path: Path):
     settings = load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
     assert settings.threatstack.user_id == "u1"
     assert settings.threatstack.org_id == "o1"
-    assert settings.threatstack.api_key.reveal() == KEY
+    assert settings.threatstack.api_key.get_secret_value() == KEY
 
 
 def test_every_problem_is_reported_at_once_with_key_and_source(tmp_path: Path):
@@ -151,7 +159,7 @@ def test_the_example_config_file_is_valid():
 
 def test_secrets_never_show(tmp_path: Path):
     settings = load_settings(None, environ={"THREATSTACK_API_KEY": KEY})
-    for text in (repr(settings), str(settings), repr(settings.threatstack), f"{Secret(KEY)}"):
+    for text in (repr(settings), str(settings), repr(settings.threatstack), f"{SecretStr(KEY)}"):
         assert KEY not in text
     path = write(tmp_path, "threatstack:\n  api_key: [" + KEY + "]\n")
     with pytest.raises(ConfigError) as caught:
@@ -233,3 +241,116 @@ def test_files_that_are_not_utf8_are_configuration_errors(tmp_path: Path):
         "THREATSTACK_API_KEY_FILE",
     ]
     assert all("not UTF-8 text" in p for p in caught.value.problems)
+
+
+# ---------------------------------------------------------------- one declaration per setting
+
+SECRETS = [declared for declared in DECLARED.values() if declared.secret]
+
+
+def test_every_setting_is_declared_once_with_a_one_line_doc():
+    assert len(DECLARED) >= 40  # the table is read off the models, not empty by mistake
+    for declared in DECLARED.values():
+        doc = declared.field.description
+        assert doc and doc.strip() == doc and "\n" not in doc, declared.name
+        assert not declared.field.is_required(), f"{declared.name}: needs a default"
+        # Secrecy is the type; a name that says secret with a plain type is a bug.
+        if re.search(r"token|api_key|password|secret", declared.key):
+            assert declared.secret, f"{declared.name}: declare it SecretStr"
+    assert {d.name for d in SECRETS} >= {"threatstack.api_key", "receiver.token"}
+
+
+def leaked(text: str) -> bool:
+    return SECRET in text or SECRET[-12:] in text
+
+
+def logged(record_settings: Settings, error: BaseException) -> str:
+    """What poller's own log lines (JSON and text) make of the settings and of an error."""
+    lines = io.StringIO()
+    log, root = logging.getLogger("poller.test_config"), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for fmt in ("json", "text"):
+            logs.configure("DEBUG", fmt, "run-1", stream=lines)
+            log.info("settings", extra={"fields": {"settings": record_settings}})
+            log.error("failed", extra={"fields": {"error": str(error)}})
+            try:
+                raise error
+            except BaseException:
+                log.exception("crashed")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return lines.getvalue()
+
+
+@pytest.mark.parametrize("declared", SECRETS, ids=lambda d: d.name)
+def test_a_secret_setting_never_shows_its_value(
+    tmp_path: Path, declared: Declared, capsys: pytest.CaptureFixture[str]
+):
+    """Feed one recognisable secret through the setting's every way in and every error path:
+    the value must be in the settings and nowhere else."""
+    section, key = declared.section, declared.key
+    good = {}
+    for name in declared.environment_names:
+        (tmp_path / "secret").write_text(SECRET + "\n")
+        for environ in ({name: SECRET}, {f"{name}_FILE": str(tmp_path / "secret")}):
+            settings = load_settings(None, environ=environ)
+            assert getattr(settings, section).__dict__[key].get_secret_value() == SECRET
+            good[name] = settings
+    for shown in good.values():
+        section_shown = getattr(shown, section)
+        dumped = json.dumps(shown.model_dump(), default=str) + shown.model_dump_json()
+        assert not leaked(repr(shown) + str(shown) + repr(section_shown) + dumped)
+
+    bad_file = write(
+        tmp_path,
+        f"{section}:\n  {key}: [{SECRET}]\n  {key}_typo: {SECRET}\n"
+        f"other_{section}: {{{key}: {SECRET}}}\n",
+    )
+    utf16 = tmp_path / "utf16"
+    utf16.write_bytes(SECRET.encode("utf-16"))
+    environ = {
+        declared.env: SECRET,
+        f"{declared.env}_FILE": str(tmp_path / "secret"),  # both set
+        f"{declared.environment_names[0]}_FILE": str(utf16),
+        f"{declared.env}X": SECRET,  # no such setting
+    }
+    flags = [
+        f"{declared.name}={SECRET}",  # refused: a secret
+        f"{key}={SECRET}",  # malformed: no section
+        f"x{declared.name}={SECRET}",  # no such setting
+        f"{declared.name}",  # malformed: no value
+    ]
+    errors = []
+    for attempt in (
+        lambda: load_settings(bad_file, environ={}, flags=flags),
+        lambda: load_settings(None, environ=environ, required=((section, key),)),
+        lambda: load_settings(None, environ={}, overrides={(section, key): ({SECRET: 1}, "x")}),
+        lambda: load_settings(None, environ={}, required=((section, key),)),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        errors.append(caught.value)
+    problems = [p for error in errors for p in error.problems]
+    assert f"{declared.name}: invalid value (from config file {bad_file})" in problems
+    assert f"--set {declared.name}: not allowed" in " ".join(problems)
+    assert any(p.startswith(f"{declared.name}: required but not set") for p in problems)
+    assert len(problems) >= 8, problems
+    # A constructor bypasses the loader: pydantic's own error must hide the input too.
+    with pytest.raises(ValidationError) as direct:
+        type(getattr(Settings(), section))(**{key: [SECRET]})
+    errors.append(direct.value)
+    for error in errors:
+        text = "".join(traceback.format_exception(error))  # causes and contexts included
+        assert not leaked(text), text
+        assert not leaked(logged(good[declared.env], error))
+
+    # The command line: the refusal goes to stderr, and nothing else is printed.
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    try:
+        assert cli.main(["--set", f"{declared.name}={SECRET}", "status"]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    assert "not allowed" in err and not leaked(out + err)

@@ -105,6 +105,32 @@ def test_the_daemon_and_the_push_path_are_probed_on_their_health_endpoints():
     assert token_file.rsplit("/", 1)[1] in secrets["poller-push-token"]["stringData"]
 
 
+def test_the_push_routes_have_their_own_port_and_the_probes_stay_off_it():
+    """receiver.port keeps the probes on a listener no webhook sender can flood; the
+    Service sends webhooks to that port only, and a NetworkPolicy admits it."""
+    found = {(d["kind"], d["metadata"]["name"]): d for _, d in manifests()}
+    (push,) = pod_spec(found["Deployment", "poller-push"])["containers"]
+    env = {e["name"]: e["value"] for e in push["env"]}
+    ports = {p["name"]: p["containerPort"] for p in push["ports"]}
+    settings = load_settings(
+        DEPLOY / "kubernetes/base/config.yaml",
+        environ={"POLLER_RECEIVER__PORT": env["POLLER_RECEIVER__PORT"]},
+    )
+    assert settings.receiver.port == ports["push"] != settings.http.port == ports["http"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert push[probe]["httpGet"]["port"] == "http"
+    (service_port,) = found["Service", "poller-push"]["spec"]["ports"]
+    assert service_port["targetPort"] == "push"
+    admitted = {
+        port["port"]
+        for (kind, _), d in found.items()
+        if kind == "NetworkPolicy"
+        for rule in d["spec"]["ingress"]
+        for port in rule["ports"]
+    }
+    assert {ports["http"], ports["push"]} <= admitted
+
+
 def exported_metrics() -> set[str]:
     names = set()
     for family in Metrics().registry.collect():

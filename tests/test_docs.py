@@ -1,26 +1,21 @@
-"""The operator guide's configuration table is the loader's: same keys, same defaults, the
-SPEC's environment names where they exist."""
+"""The operator guide's configuration table is the declarations': every setting, in
+declaration order, with its environment names, its default and its doc line, and nothing else."""
 
 from __future__ import annotations
 
 import re
 
 from conftest import ROOT
+from pydantic import SecretStr
 
-from poller.config import FILE_ENV, LEGACY_ENV, PARSERS, SECTIONS, Secret
+from poller.config import DECLARED, Declared
 
-
-def table_rows() -> dict[str, tuple[str, str]]:
-    text = (ROOT / "docs/operations.md").read_text()
-    rows = {}
-    for match in re.finditer(r"^\| `([a-z0-9_]+\.[a-z0-9_]+)` \| (.*?) \| `(.*?)` \|", text, re.M):
-        rows[match.group(1)] = (match.group(2), match.group(3))
-    return rows
+ROW = re.compile(r"^\| `([a-z0-9_]+\.[a-z0-9_]+)` \|.*$", re.M)
 
 
-def shown(section: str, key: str) -> str:
-    value = getattr(SECTIONS[section](), key)
-    if isinstance(value, Secret):
+def shown(value: object) -> str:
+    """A default as the table writes it."""
+    if isinstance(value, SecretStr):
         return "unset"
     if isinstance(value, tuple):
         return "[" + ", ".join(value) + "]"
@@ -28,21 +23,21 @@ def shown(section: str, key: str) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if key == "level":
-        return str(value).lower()
     return '""' if value == "" else str(value)
 
 
-def test_every_setting_is_in_the_table_with_its_default_and_environment_name():
-    rows = table_rows()
-    keys = {f"{section}.{key}" for section in PARSERS for key in PARSERS[section]}
-    assert set(rows) == keys
-    legacy = {f"{s}.{k}": name for name, (s, k) in LEGACY_ENV.items()}
-    for name, (environment, default) in rows.items():
-        section, key = name.split(".")
-        assert default == shown(section, key), name
-        assert f"`POLLER_{section.upper()}__{key.upper()}`" in environment or (
-            f"`{legacy[name]}`" in environment
-        ), name
-        if legacy.get(name) in FILE_ENV:
-            assert f"`{legacy[name]}_FILE`" in environment, name
+def row(declared: Declared) -> str:
+    name = declared.environment_names[0]  # the SPEC's name where it has one
+    names = [name, f"{name}_FILE"] if declared.files else [name]
+    environment = ", ".join(f"`{n}`" for n in names)
+    default = shown(declared.default)
+    doc = declared.field.description
+    return f"| `{declared.name}` | {environment} | `{default}` | {doc} |"
+
+
+def test_the_configuration_table_is_generated_from_the_declarations():
+    text = (ROOT / "docs/operations.md").read_text()
+    table = [match.group(0) for match in ROW.finditer(text)]
+    expected = [row(declared) for declared in DECLARED.values()]
+    # On a failure, paste the expected rows over the table in docs/operations.md.
+    assert table == expected, "\n" + "\n".join(expected)

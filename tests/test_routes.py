@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
-from poller.config import ReceiverSettings, Secret
+from poller.config import ReceiverSettings
 from poller.serving.http import CachedStatus, PushParts, build_app
 from poller.serving.receiver import Receiver
 
@@ -24,7 +25,7 @@ ALERT = {"id": "abcd1234", "created_at": 1764505224000, "severity": 1, "organiza
 
 def client(read_token: str = READ, calls: list[str] | None = None) -> Any:
     settings = ReceiverSettings(
-        token=Secret(PUSH), previous_token=Secret(OLD), read_token=Secret(read_token)
+        token=SecretStr(PUSH), previous_token=SecretStr(OLD), read_token=SecretStr(read_token)
     )
     seen = calls if calls is not None else []
 
@@ -110,7 +111,7 @@ def test_a_wrong_token_in_a_path_is_never_logged(caplog: pytest.LogCaptureFixtur
 
 def test_forwarded_for_is_honoured_only_from_trusted_proxies():
     settings = ReceiverSettings(
-        token=Secret(PUSH), allow_cidrs=("203.0.113.0/24",), trusted_proxies=("10.0.0.0/8",)
+        token=SecretStr(PUSH), allow_cidrs=("203.0.113.0/24",), trusted_proxies=("10.0.0.0/8",)
     )
     parts = PushParts(
         settings, ORG, Receiver(MemoryObjectStore(), Layout(""), ORG, None),

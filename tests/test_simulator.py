@@ -10,8 +10,9 @@ from datetime import timedelta
 import mohawk
 import pytest
 import requests
+from pydantic import SecretStr
 
-from poller.config import Secret, ThreatStackSettings
+from poller.config import ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
     ApiUnavailable,
@@ -41,7 +42,7 @@ def client_for(
         base_url=sim.base_url,
         user_id=overrides.get("user_id", creds.user_id),
         org_id=overrides.get("org_id", creds.org_id),
-        api_key=Secret(overrides.get("api_key", creds.api_key)),
+        api_key=SecretStr(overrides.get("api_key", creds.api_key)),
         timeout_seconds=timeout,
         request_deadline_seconds=request_deadline_seconds,
     )

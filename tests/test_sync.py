@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +27,8 @@ from poller.errors import (
     CycleTimeout,
     LeaseLost,
 )
+from poller.serving.pushes import PushedAlert, read_alert
+from poller.serving.receiver import DetailFetcher, Receiver
 from poller.walks.sync import Cycle, CycleHooks, CycleSettings, Summary, cycle_deadline
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -449,3 +452,55 @@ def test_a_cycle_is_built_whole_and_nothing_is_set_on_it_afterwards(world: World
             setattr(cycle, name, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(cycle.hooks, "observer", None)  # noqa: B010 - the hooks are frozen too
+
+
+def _push_then_poll(world: World, fetched_early: bool) -> tuple[set[str], int]:
+    """Push an alert created at 11:50:30; the API says it was created at 11:51:10 (the
+    next minute). With ``fetched_early`` the detail fetcher writes the full record before
+    the cycle. Returns the webhook keys, and the S3 requests of the cycle."""
+    pushed_at = datetime(2026, 11, 25, 11, 50, 30, tzinfo=UTC)
+    world.source.add("pushpoll01", pushed_at + timedelta(seconds=40))
+    pending = PendingRecords(world.store, LAYOUT)
+    archive = Archive(world.store, LAYOUT, "org")
+    fetcher = DetailFetcher(
+        world.source.get_alert, archive.store_full, pending, lambda: True, threading.Event()
+    )
+    pushed = read_alert({"id": "pushpoll01", "created_at": int(pushed_at.timestamp())}, "org")
+    assert isinstance(pushed, PushedAlert)
+    Receiver(world.store, LAYOUT, "org", None).take([pushed], NOW)
+    if fetched_early:
+        fetcher.fetch_one("pushpoll01", pushed.created)
+    world.lease.acquire()
+    try:
+        before = world.store.requests
+        world.make_cycle(pending=pending).run()
+        spent = world.store.requests - before
+    finally:
+        world.lease.release()
+    assert pending.ids() == []  # the cycle met it: nothing owed any more
+    assert "pushpoll01" in world.archived_ids()
+    return {k for k in world.store.snapshot() if k.startswith("webhooks/")}, spent
+
+
+@pytest.mark.parametrize("fetched_early", [False, True], ids=["owed", "fetched-early"])
+def test_an_alert_pushed_then_polled_with_created_at_one_minute_later_one_webhook_record(
+    world: World, fetched_early: bool
+):
+    """First record of either kind wins: the push wrote the webhook record under its own
+    minute (11:50), so the poll, which meets the alert under the API's 11:51, writes only the
+    full record. The pending marker (listed once a cycle) tells the cycle the alert was
+    pushed; the detail fetcher leaves it in place when the minutes differ. Cost: no more S3
+    requests than a cycle archiving an alert that was never pushed (6 each, counted)."""
+    keys, spent = _push_then_poll(world, fetched_early)
+    assert keys == {"webhooks/2026/11/25/11/50/pushpoll01"}
+
+    plain = World()
+    plain.source.add("pollonly01", datetime(2026, 11, 25, 11, 51, 10, tzinfo=UTC))
+    plain.lease.acquire()
+    try:
+        before = plain.store.requests
+        plain.make_cycle(pending=PendingRecords(plain.store, LAYOUT)).run()
+        plain_spent = plain.store.requests - before
+    finally:
+        plain.lease.release()
+    assert spent == plain_spent

@@ -11,9 +11,10 @@ import mohawk
 import pytest
 import requests
 import responses
+from pydantic import SecretStr
 from responses import registries
 
-from poller.config import Secret, ThreatStackSettings
+from poller.config import ThreatStackSettings
 from poller.errors import (
     ApiAuthError,
     ApiRequestError,
@@ -30,7 +31,7 @@ from poller.timeutil import parse_instant, utc_now
 
 BASE = "https://api.example.test"
 SETTINGS = ThreatStackSettings(
-    base_url=BASE, user_id="user-1", org_id="org-1", api_key=Secret("k" * 40)
+    base_url=BASE, user_id="user-1", org_id="org-1", api_key=SecretStr("k" * 40)
 )
 SINCE = parse_instant("2026-11-24T00:00:00Z", utc_now())
 UNTIL = parse_instant("2026-11-25T00:00:00Z", utc_now())

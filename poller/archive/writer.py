@@ -46,12 +46,15 @@ class Archive:
             return False
         return True
 
-    def take(self, item: Alert | Rejected, status: str, seen_at: datetime) -> Outcome:
-        """Archive an alert or quarantine a rejected object. Raises only PollerError."""
+    def take(
+        self, item: Alert | Rejected, status: str, seen_at: datetime, webhook: bool = True
+    ) -> Outcome:
+        """Archive an alert or quarantine a rejected object. Raises only PollerError.
+        ``webhook=False``: a pushed alert, whose webhook record the push path wrote."""
         try:
             if isinstance(item, Rejected):
                 return self.quarantine(item, status, seen_at)
-            return self.store_alert(item, status, seen_at)
+            return self.store_alert(item, status, seen_at, webhook)
         except PollerError:
             raise
         except Exception as exc:
@@ -67,10 +70,14 @@ class Archive:
             except Exception as again:
                 raise FatalError(f"cannot quarantine an object ({type(again).__name__})") from again
 
-    def store_alert(self, alert: Alert, status: str, seen_at: datetime) -> Outcome:
+    def store_alert(
+        self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
+    ) -> Outcome:
         """Write the full record, then the webhook record; each only if it is not there yet.
         Both bodies are rendered first: an alert with no faithful JSON form is quarantined
-        whole (``unencodable``), never half archived."""
+        whole (``unencodable``), never half archived. ``webhook=False`` writes the full
+        record only: the push path wrote the webhook record, under the push's minute, and a
+        second one under the API's minute would be a duplicate (README, *One webhook key*)."""
         try:
             full_body = json_body(alert.raw)
             webhook_body = json_body(webhook_record(alert, self._organization_id))
@@ -79,8 +86,10 @@ class Archive:
             log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
             return self.quarantine(Rejected("unencodable", detail, alert.raw), status, seen_at)
         full = self._create(self.layout.alert_key(alert.id), full_body)
-        webhook = self._create(self.layout.webhook_key(alert.id, alert.created), webhook_body)
-        return Outcome.ARCHIVED if (full or webhook) else Outcome.ALREADY_ARCHIVED
+        wrote_webhook = webhook and self._create(
+            self.layout.webhook_key(alert.id, alert.created), webhook_body
+        )
+        return Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when

@@ -38,9 +38,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import SecretStr
 from werkzeug.exceptions import HTTPException
 
-from poller.config import ReceiverSettings, Secret
+from poller.config import ReceiverSettings
 from poller.errors import PollerError
 from poller.serving.pushes import (
     SNS_TYPE_HEADER,
@@ -340,11 +341,11 @@ def _is_sns_host(host: str) -> bool:
     )
 
 
-def _matches(given: str, secrets: Iterable[Secret]) -> bool:
+def _matches(given: str, secrets: Iterable[SecretStr]) -> bool:
     ok = False
     for secret in secrets:  # every one compared, in constant time
         if secret:
-            ok |= hmac.compare_digest(given.encode(), secret.reveal().encode())
+            ok |= hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
     return ok
 
 
@@ -428,7 +429,7 @@ def _logged_path() -> str:
     path = request.path
     for secret in masks:
         if secret:
-            path = path.replace(secret.reveal(), "***")
+            path = path.replace(secret.get_secret_value(), "***")
     if push_path and push_path + "/" in path:  # a wrong token, maybe: never logged
         path = path[: path.index(push_path + "/") + len(push_path) + 1] + "***"
     return path

@@ -4,11 +4,13 @@ later, and never forget an accepted alert.
 For each pushed alert the webhook record is written create-only before the answer (so the
 200 means "durably taken"), and a pending marker ``P/_poller/pending/ID`` says its full record
 is still owed. A bounded queue feeds one worker that fetches ``GET /v2/alerts/{id}`` and
-writes the full record, create-only, then drops the marker. It fetches only while the shared
-request budget has headroom (under half of it used in the last minute): the polling cycle
-comes first. When pushes outpace that, or the queue is full, the alert simply stays pending:
-the next sync cycle lists it (one request per hundred alerts), writes its full record, and
-clears the marker. ``poller status`` shows what is pending.
+writes the full record, create-only, then drops the marker, unless the API's createdAt falls
+in another minute than the push's created_at: then the marker stays until a sync cycle meets
+the alert and writes no second webhook record (one webhook key per alert). It fetches only
+while the shared request budget has headroom (under half of it used in the last minute):
+the polling cycle comes first. When pushes outpace that, or the queue is full, the alert
+simply stays pending: the next sync cycle lists it (one request per hundred alerts), writes
+its full record, and clears the marker. ``poller status`` shows what is pending.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def webhook_document(
     }
 
 
+def same_minute(one: datetime, other: datetime) -> bool:
+    """Whether two times name the same webhook key minute (``YYYY/MM/DD/HH/MM``, UTC)."""
+    return one.astimezone(UTC).replace(second=0, microsecond=0) == other.astimezone(UTC).replace(
+        second=0, microsecond=0
+    )
+
+
 class DetailFetcher:
     """One worker that turns pending ids into full records, within the budget's headroom."""
 
@@ -75,7 +84,8 @@ class DetailFetcher:
         self._pending = pending
         self._headroom = headroom
         self._stop = stop
-        self._queue: queue.Queue[str] = queue.Queue(QUEUE_SIZE)
+        # (id, the push's created_at): the minute of the webhook key the push wrote
+        self._queue: queue.Queue[tuple[str, datetime]] = queue.Queue(QUEUE_SIZE)
         self._thread = threading.Thread(target=self._run, name="detail-fetch", daemon=True)
         self.fetched = 0
         self.left_to_sync = 0
@@ -88,10 +98,11 @@ class DetailFetcher:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def offer(self, alert_id: str) -> bool:
-        """Queue a fetch; False (it stays pending for the next sync) when the queue is full."""
+    def offer(self, alert_id: str, pushed_created: datetime) -> bool:
+        """Queue a fetch; False (it stays pending for the next sync) when the queue is full.
+        ``pushed_created``: the push's created_at, whose minute names its webhook key."""
         try:
-            self._queue.put_nowait(alert_id)
+            self._queue.put_nowait((alert_id, pushed_created))
         except queue.Full:
             self.left_to_sync += 1
             return False
@@ -100,24 +111,30 @@ class DetailFetcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                alert_id = self._queue.get(timeout=0.5)
+                alert_id, pushed_created = self._queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             if not self._headroom():
                 self.left_to_sync += 1  # the polling cycle needs the budget: sync will do it
                 continue
-            try:
-                item = classify(self._fetch(alert_id))
-                if isinstance(item, Alert) and item.id == alert_id:
-                    self._write_full(item)
+            self.fetch_one(alert_id, pushed_created)
+
+    def fetch_one(self, alert_id: str, pushed_created: datetime) -> None:
+        """Fetch and write one full record; the marker is dropped only when the API's
+        createdAt names the push's webhook minute: otherwise it stays until a sync meets
+        the alert, so the poll path writes no second webhook record (README, *One webhook
+        key per alert*). Failures are logged; the alert stays pending."""
+        try:
+            item = classify(self._fetch(alert_id))
+            if isinstance(item, Alert) and item.id == alert_id:
+                self._write_full(item)
+                self.fetched += 1
+                if same_minute(item.created, pushed_created):
                     self._pending.done(alert_id)
-                    self.fetched += 1
-            except PollerError as exc:  # it stays pending; the next sync covers it
-                log.warning(
-                    "push.detail_failed", extra={"fields": {"id": alert_id, "error": str(exc)}}
-                )
-            except Exception:
-                log.exception("push.detail_crashed", extra={"fields": {"id": alert_id}})
+        except PollerError as exc:  # it stays pending; the next sync covers it
+            log.warning("push.detail_failed", extra={"fields": {"id": alert_id, "error": str(exc)}})
+        except Exception:
+            log.exception("push.detail_crashed", extra={"fields": {"id": alert_id}})
 
 
 class Receiver:
@@ -169,7 +186,7 @@ class Receiver:
             self.pending.add(item.id)  # before the webhook record: never forgotten
             written = self._create(key, json_body(document))
             if self._fetcher is not None:
-                self._fetcher.offer(item.id)
+                self._fetcher.offer(item.id, item.created)
             results.append({"id": item.id, "result": "archived" if written else "already_archived"})
         return results
 

@@ -183,7 +183,11 @@ class ThreatStackClient:
         self._budget.acquire()
         settings = self._settings
         sender = mohawk.Sender(
-            {"id": settings.user_id, "key": settings.api_key.reveal(), "algorithm": "sha256"},
+            {
+                "id": settings.user_id,
+                "key": settings.api_key.get_secret_value(),
+                "algorithm": "sha256",
+            },
             url,
             "GET",
             always_hash_content=False,

@@ -348,10 +348,14 @@ class Cycle:
                 summary.chunks_skipped += 1
                 self.hooks.observer.committed(summary, done)
                 continue
+            if self.pending is not None and done == len(pieces) > 1:
+                # Listed again before the last chunk, where fresh pushes land: an alert
+                # pushed while a long walk ran is met as pushed, not as new (one LIST).
+                owed |= set(self.pending.ids())
             seen_now: dict[str, int] = {}
             if chunk_since < chunk_until:  # the API wants from < until
                 seen_now = self._archive_window(
-                    plan.known, chunk_since, chunk_until, now, summary, deadline
+                    plan.known, chunk_since, chunk_until, now, summary, deadline, owed
                 )
             self._fence()
             plan.finish(chunk_since, chunk_until, seen_now, summary)
@@ -376,7 +380,7 @@ class Cycle:
             if not isinstance(item, Alert) or item.id != alert_id:
                 continue
             status = "dismissed" if item.raw.get("isDismissed") else "active"
-            outcome = self.archive.take(item, status, now)
+            outcome = self.archive.take(item, status, now, webhook=False)
             summary.listed += 1
             if outcome is Outcome.ARCHIVED:
                 summary.archived += 1
@@ -452,7 +456,10 @@ class Cycle:
         now: datetime,
         summary: Summary,
         deadline: Deadline,
+        pushed: set[str],
     ) -> dict[str, int]:
+        """Read and archive one chunk; ``pushed``: ids with a pending marker, whose webhook
+        record the push path wrote (only their full record is written here)."""
         seen_now: dict[str, int] = {}
         writer = BoundedWriter(self.settings.max_concurrency)
         try:
@@ -462,7 +469,9 @@ class Cycle:
                         raise Stopped()
                     deadline.check()
                     for raw in page:
-                        self._take(raw, status, known, seen_now, writer, until, now, summary)
+                        self._take(
+                            raw, status, known, seen_now, writer, until, now, summary, pushed
+                        )
                     self.hooks.observer.page(summary)
                     log.info(
                         "page.read",
@@ -494,6 +503,7 @@ class Cycle:
         until: datetime,
         now: datetime,
         summary: Summary,
+        pushed: set[str],
     ) -> None:
         item = classify(raw)
         if isinstance(item, Alert):
@@ -512,7 +522,8 @@ class Cycle:
                 "alert.quarantined",
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
-        writer.submit(lambda: self.archive.take(item, status, now))
+        webhook = not (isinstance(item, Alert) and item.id in pushed)
+        writer.submit(lambda: self.archive.take(item, status, now, webhook))
 
 
 class LiveCheckpoint:
