@@ -24,7 +24,6 @@ from conftest import (
     bucket_objects,
     expected_archive,
     run_poller,
-    summary_of,
     tls_env,
 )
 from s3proxy import S3Proxy
@@ -72,25 +71,30 @@ def assert_byte_exact(s3: Any, bucket: str, sim: Simulator) -> None:
 
 
 def test_sync_backfill_and_verify_over_tls_with_botos_defaults_are_byte_exact(
-    simulator: Simulator, tls_s3: S3Proxy, s3: Any, bucket: str
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
 ):
     now = utc_now()
     simulator.generate(30, now - timedelta(days=2), now - timedelta(minutes=5))
     env = tls_env(simulator, tls_s3, bucket, POLLER_SYNC__FIRST_RUN_SINCE="1d")
-    first = run_poller(["sync"], env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    backfilled = run_poller(["backfill", "--since", "3d"], env)
-    assert backfilled.returncode == 0, backfilled.stderr[-3000:]
-    assert summary_of(first)["archived"] + summary_of(backfilled)["archived"] == 30
+    code, first, err = poller(["sync"], env, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    code, backfilled, err = poller(["backfill", "--since", "3d"], env, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert last_json(first)["archived"] + last_json(backfilled)["archived"] == 30
     assert tls_s3.streamed > 0  # the production transport was exercised, not plain PUTs
     assert_byte_exact(s3, bucket, simulator)
 
     gone = Layout().alert_key(simulator.alerts[3].id)
     s3.delete_object(Bucket=bucket, Key=gone)
-    repaired = run_poller(["verify", "--since", "3d", "--repair", "--checksums", "--json"], env)
-    assert repaired.returncode == 0, repaired.stderr[-3000:]
-    report = json.loads(repaired.stdout.strip().splitlines()[-1])
-    assert report["archived"] == 1
+    args = ["verify", "--since", "3d", "--repair", "--checksums", "--json"]
+    code, out, err = poller(args, env, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert last_json(out)["archived"] == 1
     assert_byte_exact(s3, bucket, simulator)
 
 
