@@ -39,7 +39,11 @@ lint: $(BIN)/activate
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-test: lint validate test-min
+# The three environments build, and lint, the validators and the floor tests run, side by
+# side (each mostly waits on pip, the network or a subprocess); then the whole suite, whose
+# output streams. Each part's output is printed whole when it ends (--output-sync).
+test:
+	$(MAKE) --no-print-directory -j3 --output-sync=target lint validate test-min
 	$(BIN)/pytest $(XDIST) --durations=10
 
 # The developer's loop (under a minute): lint, types and the unit tests.

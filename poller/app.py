@@ -24,17 +24,19 @@ from poller.archive.manifests import Manifests, closed_through
 from poller.archive.probe import StoreProof, fingerprint, prove_store, record_proof, recorded_proof
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
+from poller.archive.revisits import RevisitStore
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
 from poller.archive.store import ObjectStore, RequestCounter, S3ObjectStore, WriteOptions
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
-from poller.serving.http import CachedStatus, PushParts, status_document
+from poller.serving.http import PROVISIONAL_STATUS, CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
 from poller.timeutil import Clock, utc_now
+from poller.walks.revisit import Revisit, RevisitSettings
 from poller.walks.sync import (
     PAGES_PER_LISTING,
     Cycle,
@@ -284,8 +286,9 @@ class Runtime:
             return True
 
         def confirm_subscription(url: str) -> None:
-            # Only for an https SNS host and an allowed topic (checked by the caller).
-            requests.get(url, timeout=10).raise_for_status()
+            # Only for an https SNS host and an allowed topic (checked by the caller); no
+            # redirect is followed, so the check is about the host that is really asked.
+            requests.get(url, timeout=10, allow_redirects=False).raise_for_status()
 
         return PushParts(
             settings=settings,
@@ -293,12 +296,34 @@ class Runtime:
             receiver=self.receiver(),
             read_object=read_object,
             list_webhooks=list_webhooks,
-            status=CachedStatus(lambda: status_document(bucket_reachable, api_reachable)),
+            status=CachedStatus(
+                lambda: status_document(bucket_reachable, api_reachable),
+                provisional=PROVISIONAL_STATUS,
+            ),
             confirm_subscription=confirm_subscription,
         )
 
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
+
+    def revisit(self) -> Revisit:
+        """The revisit of later dismissals; its list requests share this process's budget,
+        and it yields after a minute's worth of them per cycle (new alerts first)."""
+        sync = self.settings.sync
+        return Revisit(
+            self.api,
+            Archive(self.store, self.layout, self.settings.threatstack.org_id),
+            RevisitStore(self.store, self.layout),
+            RevisitSettings(
+                days=sync.revisit_days,
+                interval=timedelta(seconds=sync.revisit_interval_seconds),
+                chunk=timedelta(seconds=sync.max_window_seconds),
+                max_concurrency=self.settings.s3.max_concurrency,
+                pages_per_cycle=self.settings.threatstack.requests_per_minute,
+            ),
+            self.clock,
+            self.run_id,
+        )
 
     def cycle(self, lease: Lease, hooks: CycleHooks) -> Cycle:
         settings = self.settings
@@ -327,6 +352,7 @@ class Runtime:
             mode=self.mode,
             hooks=hooks,
             pending=self.pending(),
+            revisit=self.revisit(),
         )
 
 

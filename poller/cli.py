@@ -16,6 +16,7 @@ from typing import Any
 from poller import __version__
 from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle, write_options
 from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
+from poller.archive.revisits import RevisitState, RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import CREDENTIAL_CODES, BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
@@ -306,6 +307,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
             "store": _store_status(runtime),
+            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -330,6 +332,17 @@ def _store_status(runtime: Runtime) -> dict[str, Any] | None:
     if not proof.conditional_writes:
         document["unguarded"] = UNGUARDED
     return document
+
+
+def _revisit(state: RevisitState, now: datetime) -> dict[str, Any]:
+    """The last finished revisit (when, its range, dismissals archived), the one under way,
+    and how many dismissed alerts it remembers as handled."""
+    last = state.last
+    started = last.get("started_at") if last else None
+    lag = None
+    if isinstance(started, str):
+        lag = round((now - parse_instant(started, now)).total_seconds(), 1)
+    return {"last": last, "current": state.current, "handled": len(state.handled), "lag_s": lag}
 
 
 def _pending(ids: list[str]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlparse
 
 import yaml
@@ -32,6 +32,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretBytes,
     SecretStr,
     ValidationError,
 )
@@ -101,7 +102,10 @@ def _prefix(text: str) -> str:
 
 
 def _since(text: str) -> str:
-    parse_instant(text, utc_now())  # raises ValueError with a clear reason
+    try:
+        parse_instant(text, utc_now())  # raises ValueError with a clear reason
+    except OverflowError:  # 99999999d: past the year 1 (pydantic would let it crash)
+        raise ValueError(f"too far in the past: {text!r}") from None
     return text
 
 
@@ -153,6 +157,9 @@ StorageClass = Literal[
     "DEEP_ARCHIVE",
     "REDUCED_REDUNDANCY",
 ]
+# AWS's spellings, exactly; surrounding blanks dropped and null meaning off, as for any text.
+Sse = Annotated[Literal["", "AES256", "aws:kms"], BeforeValidator(_text)]
+ObjectLockMode = Annotated[Literal["", "GOVERNANCE", "COMPLIANCE"], BeforeValidator(_text)]
 
 
 def setting(
@@ -262,14 +269,12 @@ class S3Settings(_Section):
         "a SHA-256 checksum on every PUT, verified by S3; `false`: no checksum at all (no"
         " aws-chunked uploads over HTTPS), for stores that reject or mangle them",
     )
-    sse: Literal["", "AES256", "aws:kms"] = setting(
-        "", "`AES256` (SSE-S3) or `aws:kms` (SSE-KMS) on every object"
-    )
+    sse: Sse = setting("", "`AES256` (SSE-S3) or `aws:kms` (SSE-KMS) on every object")
     kms_key_id: Text = setting("", "the KMS key, with `sse: aws:kms`")
-    storage_class: StorageClass = setting(
+    storage_class: Annotated[StorageClass, BeforeValidator(_text)] = setting(
         "", 'storage class of every object (`""`: the bucket\'s default)'
     )
-    object_lock_mode: Literal["", "GOVERNANCE", "COMPLIANCE"] = setting(
+    object_lock_mode: ObjectLockMode = setting(
         "", "`GOVERNANCE` or `COMPLIANCE` retention on archived records"
     )
     object_lock_days: Whole = setting(0, "retention days, with `object_lock_mode`", ge=0, le=36_500)
@@ -295,6 +300,21 @@ class SyncSettings(_Section):
     )
     max_cycle_seconds: Whole = setting(
         0, "a cycle's deadline; 0 derives it from the work", ge=0, le=30 * 86_400
+    )
+    revisit_days: Whole = setting(
+        14,
+        "how far back, by creation time, the revisit re-reads the dismissed list to archive"
+        " later dismissals (`P/dismissals/...`); 0: no revisit (`verify --repair` still"
+        " writes them)",
+        ge=0,
+        le=366,  # the API keeps alerts a year
+    )
+    revisit_interval_seconds: Whole = setting(
+        3600,
+        "how often a cycle (of the daemon or of a CronJob run) also does the revisit;"
+        " 0: every cycle",
+        ge=0,
+        le=30 * 86_400,
     )
 
 
@@ -407,9 +427,7 @@ class Declared:
 
     @property
     def secret(self) -> bool:
-        return isinstance(self.field.annotation, type) and issubclass(
-            self.field.annotation, SecretStr
-        )
+        return _holds_secret(self.field.annotation)
 
     @property
     def env(self) -> str:
@@ -435,6 +453,14 @@ class Declared:
     @property
     def default(self) -> Any:
         return getattr(self.model(), self.key)
+
+
+def _holds_secret(annotation: Any) -> bool:
+    """A secret type anywhere in the annotation: ``SecretStr``, ``SecretStr | None``,
+    ``tuple[SecretStr, ...]`` all make the setting secret."""
+    if isinstance(annotation, type) and issubclass(annotation, (SecretStr, SecretBytes)):
+        return True
+    return any(_holds_secret(arg) for arg in get_args(annotation))
 
 
 def _declared() -> dict[Key, Declared]:
@@ -469,12 +495,29 @@ def default_config_path(environ: Mapping[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
+def _unquoted(match: re.Match[str]) -> str:
+    inner = match.group(0)[1:-1]
+    # A character ('\\t') or a token kind ('<scalar>') says what is wrong; longer text is
+    # the document's own (an undefined alias, an unknown tag: a secret starting '*' or '!').
+    return match.group(0) if len(inner) <= 3 or re.fullmatch(r"<[a-z ]+>", inner) else "'...'"
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what, never the text around it: the failing line may hold a secret."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
-        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        problem = re.sub(r"'[^']*'|\"[^\"]*\"", _unquoted, exc.problem or "a syntax error")
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     return type(exc).__name__
+
+
+def _name(text: object) -> str:
+    """A key or a name as given, when it looks like one; else only its leading name part
+    (a value typed where a name goes, ``api_key SECRET`` or ``--set a.key:SECRET``, is not
+    shown)."""
+    text = str(text).strip()
+    shown = re.match(r"[A-Za-z0-9_.-]*", text).group(0)  # type: ignore[union-attr]
+    return text if shown == text else f"{shown}..."
 
 
 def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
@@ -489,6 +532,9 @@ def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
     except yaml.YAMLError as exc:
         problems.append(f"config file {path}: not valid YAML: {_yaml_problem(exc)}")
         return
+    except ValueError:  # PyYAML's int() of a number of over 4300 digits
+        problems.append(f"config file {path}: not valid YAML: a number too long to read")
+        return
     if document is None:
         return
     if not isinstance(document, dict):
@@ -496,25 +542,31 @@ def _from_file(path: Path, raw: dict[Key, _Raw], problems: list[str]) -> None:
         return
     for section, keys in document.items():
         if section not in SECTIONS:
-            problems.append(f"{section}: unknown section (from {path})")
+            problems.append(f"{_name(section)}: unknown section (from {path})")
             continue
         if keys is None:
             continue
         if not isinstance(keys, dict):
-            problems.append(f"{section}: must be a mapping of keys (from {path})")
+            problems.append(f"{_name(section)}: must be a mapping of keys (from {path})")
             continue
         for key, value in keys.items():
             if (section, key) not in DECLARED:
-                problems.append(f"{section}.{key}: unknown key (from {path})")
+                problems.append(f"{section}.{_name(key)}: unknown key (from {path})")
                 continue
             raw[(section, key)] = _Raw(value, f"config file {path}")
 
 
-def _read_secret_file(name: str, path: str, problems: list[str]) -> str | None:
+def _read_secret_file(name: str, path: str, problems: list[str], secret: bool) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        problems.append(f"{name}: cannot read file {path} ({exc.strerror or exc})")
+        why = exc.strerror or type(exc).__name__
+        if secret:  # the secret itself, given where its path goes, is a common mistake
+            problems.append(
+                f"{name}: cannot read file ({why}); its value (not shown) must be a path"
+            )
+        else:
+            problems.append(f"{name}: cannot read file {path} ({why})")
     except UnicodeDecodeError as exc:
         problems.append(f"{name}: file {path} is not UTF-8 text (byte {exc.start})")
     return None
@@ -523,26 +575,38 @@ def _read_secret_file(name: str, path: str, problems: list[str]) -> str | None:
 def _from_environment(
     environ: Mapping[str, str], raw: dict[Key, _Raw], problems: list[str]
 ) -> None:
+    # POLLER_<SECTION>__<KEY> is read in any case after the prefix, as before pydantic
+    # (POLLER_sync__interval_seconds); the SPEC's own names are exact.
+    spelled: dict[str, str] = {}  # the upper-case name -> the name as set
+    for name in environ:
+        if name.startswith("POLLER_") and "__" in name:
+            upper = name.upper()
+            if upper in spelled:
+                problems.append(f"{spelled[upper]} and {name} are both set; set only one")
+            spelled[upper] = name
     known = set()
     for target, declared in DECLARED.items():
-        for name in declared.environment_names:
-            known.add(name)
-            file_name = f"{name}_FILE"
+        for canonical in declared.environment_names:
+            name = spelled.get(canonical, canonical)
+            file_name = spelled.get(f"{canonical}_FILE", f"{canonical}_FILE")
+            known.add(canonical)
             if declared.files:
-                known.add(file_name)
+                known.add(f"{canonical}_FILE")
             if declared.files and environ.get(file_name):
                 if environ.get(name):
                     problems.append(f"{name} and {file_name} are both set; set only one")
                     continue
-                content = _read_secret_file(file_name, environ[file_name], problems)
+                content = _read_secret_file(
+                    file_name, environ[file_name], problems, declared.secret
+                )
                 if content is not None:
                     raw[target] = _Raw(content, f"environment {file_name}")
             elif name in environ:
                 raw[target] = _Raw(environ[name], f"environment {name}")
-    for name in environ:
-        if name.startswith("POLLER_") and "__" in name and name not in known:
-            section, _, option = name[len("POLLER_") :].lower().partition("__")
-            problems.append(f"{name}: no such setting {section}.{option}")
+    for upper, name in spelled.items():
+        if upper not in known:
+            section, _, option = upper[len("POLLER_") :].lower().partition("__")
+            problems.append(f"{_name(name)}: no such setting {_name(section)}.{_name(option)}")
 
 
 def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str]) -> None:
@@ -553,9 +617,9 @@ def _from_flags(flags: Sequence[str], raw: dict[Key, _Raw], problems: list[str])
         declared = DECLARED.get((section, option))
         if not sep or not option:
             # Only what comes before '=': after it may be a secret given to a mistyped key.
-            problems.append(f"--set {name.strip()!r}: expected SECTION.KEY=VALUE")
+            problems.append(f"--set {_name(name)!r}: expected SECTION.KEY=VALUE")
         elif declared is None:
-            problems.append(f"--set {name}: no such setting")
+            problems.append(f"--set {_name(name)}: no such setting")
         elif declared.secret:
             # A flag shows in the process list: secrets come from the environment or a file.
             problems.append(
@@ -610,9 +674,12 @@ def _validate(raw: dict[Key, _Raw], problems: list[str]) -> tuple[Settings, set[
         return Settings.model_validate(data), refused
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
+    itemised = {(str(e["loc"][0]), str(e["loc"][1])) for e in errors if e["type"] != "too_short"}
     for error in errors:
         target = (str(error["loc"][0]), str(error["loc"][1]))
         declared = DECLARED[target]  # every raw value is a declared key (checked on the way in)
+        if error["type"] == "too_short" and target in itemised:
+            continue  # its items were refused: that is the news, not how few were left
         refused.add(target)
         problems.append(f"{declared.name}: {_reason(error, declared)} (from {raw[target].source})")
     for section, key in refused:

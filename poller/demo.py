@@ -18,7 +18,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,35 @@ class AlertWeather:
         self._push = push
         self.added = 0
         self.pushed = 0
+        self.dismissed = 0
         self._thread = threading.Thread(target=self._run, name="demo-alerts", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def _dismiss_one(self, now: datetime) -> None:
+        """An analyst dismisses an alert the daemon archived while it was active (created
+        over 10 minutes ago: behind the live window), as ``POST /v2/alerts/dismiss`` would."""
+        candidates = [
+            a
+            for a in self._sim.alerts
+            if a.status == "active"
+            and isinstance(a.id, str)
+            and a.created < now - timedelta(minutes=10)
+        ]
+        if not candidates:
+            return
+        alert = self._rng.choice(candidates)
+        reason = self._rng.choice(("MAINTENANCE", "OTHER", "BUSINESS_OP"))
+        text = "handled in ticket SEC-1234" if reason == "OTHER" else None
+        self._sim.dismiss([alert.id], reason, text)
+        self.dismissed += 1
+
     def _run(self) -> None:
         while not self._stop.wait(self._every):
             now = utc_now()
+            if self.added % 3 == 0:  # the first tick, then every third
+                self._dismiss_one(now)
             self.added += 1
             status = "dismissed" if self._rng.random() < 0.3 else "active"
             if self.added % 10 == 0:
@@ -129,6 +150,9 @@ def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Setti
             settle_seconds=5,
             first_run_since="24h",
             lease_ttl_seconds=30,
+            # Dismissals of archived alerts show up within a few cycles.
+            revisit_days=2,
+            revisit_interval_seconds=3 * interval,
         ),
         http=HttpSettings(host="127.0.0.1", port=port),
         log=LogSettings(level="WARNING"),
@@ -183,6 +207,11 @@ class LiveView:
             table.add_row("watermark", f"{moment:%H:%M:%S} UTC · lag {span(lag)}")
         else:
             table.add_row("watermark", "none yet")
+        table.add_row(
+            "dismissals",
+            f"{self.weather.dismissed} archived alerts dismissed since the start;"
+            f" {self._metric('poller_dismissals_archived_total')} dismissal records archived",
+        )
         by_push = self._metric("poller_push_alerts_total", {"outcome": "archived"})
         table.add_row(
             "new alerts",
@@ -207,7 +236,7 @@ def tour(client: Any, endpoint: str, console: Console) -> None:
         keys.extend(item["Key"] for item in page.get("Contents", []))
     kinds = {
         kind: sorted(k for k in keys if k.startswith(kind + "/"))
-        for kind in ("alerts", "webhooks", "_poller")
+        for kind in ("alerts", "webhooks", "dismissals", "_poller")
     }
     tree = Tree(f"[bold]s3://{BUCKET}/[/] ({len(keys)} objects)")
     for kind, found in kinds.items():
@@ -239,6 +268,21 @@ def tour(client: Any, endpoint: str, console: Console) -> None:
                     expand=True,
                 )
             )
+    if kinds["dismissals"]:
+        dismissal_key = kinds["dismissals"][-1]
+        alert_id = dismissal_key.rsplit("/", 1)[1]
+        first_key = Layout().alert_key(alert_id)
+        console.rule("[bold]A later dismissal: the first record stands, the dismissal beside it")
+        console.print(
+            Columns(
+                [
+                    Panel(_json(body(first_key)), title=first_key),
+                    Panel(_json(body(dismissal_key)), title=dismissal_key),
+                ],
+                equal=True,
+                expand=True,
+            )
+        )
     quarantined = [k for k in kinds["_poller"] if k.startswith("_poller/quarantine/")]
     console.rule("[bold]Quarantine")
     if quarantined:
@@ -260,7 +304,7 @@ def tour(client: Any, endpoint: str, console: Console) -> None:
             "While a demo runs, point the real commands at it from another terminal:\n"
             f"  export AWS_ENDPOINT_URL_S3={endpoint} AWS_ACCESS_KEY_ID=demo"
             f" AWS_SECRET_ACCESS_KEY=demo TS_AWS_S3_BUCKET={BUCKET}\n"
-            "  poller status      # watermark, lag, lease, last run's counts\n"
+            "  poller status      # watermark, lag, lease, last run's counts, last revisit\n"
             "  aws s3 ls --recursive s3://poller-demo/   # with the AWS CLI, if you have it\n"
             "Then read the README's quick start to point poller at your own organisation."
         )

@@ -141,6 +141,9 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         row("store", Text(f"proved {store.get('proven_at')}: bodies kept, conditional writes"))
     else:
         row("store", Text(f"proved {store.get('proven_at')}: {store.get('unguarded')}", "yellow"))
+    revisit = report.get("revisit") or {}
+    if revisit.get("last") or revisit.get("current"):
+        row("revisit", _revisit_line(revisit))
     pending = report.get("pending") or {}
     if pending.get("count"):
         row(
@@ -149,6 +152,22 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
             f" {' '.join(pending['ids'])}",
         )
     return table
+
+
+def _revisit_line(revisit: dict[str, Any]) -> Text:
+    """When the last revisit ran, over which creation times, what it archived."""
+    last, current = revisit.get("last"), revisit.get("current")
+    if not last:
+        text = "none finished yet"
+    else:
+        text = (
+            f"{last.get('started_at')} ({span(revisit.get('lag_s'))} ago), created"
+            f" {last.get('from')} → {last.get('until')}: {last.get('archived', 0)} dismissals"
+            f" archived of {last.get('listed', 0)} dismissed alerts listed"
+        )
+    if current:
+        text += f"; one under way since {current.get('started_at')}, at {current.get('cursor')}"
+    return Text(text + f"; {revisit.get('handled', 0)} handled ids kept")
 
 
 def _lease_line(lease: dict[str, Any] | None) -> Text:
@@ -241,7 +260,9 @@ def render_verify(report: dict[str, Any]) -> Group:
     """``poller verify`` for people: a row per day (every day of a range up to 31 days,
     else only the days with something to say), the ids, and the verdict."""
     days = report.get("days", [])
-    table = Table("day", "API", "full records", "webhook records", "missing", "unknown")
+    table = Table(
+        "day", "API", "full records", "webhook records", "missing", "unknown", "dismissals missing"
+    )
     shown = days if len(days) <= 31 else [d for d in days if _day_has_news(d)]
     for day in shown:
         missing = day["missing"]["alerts"] + day["missing"]["webhooks"]
@@ -253,6 +274,7 @@ def render_verify(report: dict[str, Any]) -> Group:
             str(day["archived"]["webhooks"]),
             Text(str(missing), style="bold red" if missing else ""),
             Text(str(unknown), style="yellow" if unknown else ""),
+            _dismissals_cell(day),
         )
     total = sum(d["api"] for d in days)
     table.add_row(
@@ -262,6 +284,7 @@ def render_verify(report: dict[str, Any]) -> Group:
         str(sum(d["archived"]["webhooks"] for d in days)),
         str(sum(report["missing_count"].values())),
         str(sum(report["unknown_count"].values())),
+        str(report.get("dismissals_missing_count", 0)),
     )
     parts: list[Any] = [table]
     if len(days) > len(shown):
@@ -275,6 +298,21 @@ def render_verify(report: dict[str, Any]) -> Group:
                 more = counts[kind] - len(ids[kind])
                 tail = f" … and {more} more" if more > 0 else ""
                 parts.append(Text(f"{kind} {title} ({counts[kind]}): {' '.join(ids[kind])}{tail}"))
+    if report.get("dismissals_missing_count"):
+        count = report["dismissals_missing_count"]
+        ids = report.get("dismissals_missing", [])
+        more = count - len(ids)
+        tail = f" … and {more} more" if more > 0 else ""
+        parts.append(
+            Text(f"dismissed in the API, archived active ({count}): {' '.join(ids)}{tail}")
+        )
+    if report.get("dismissals_repaired"):
+        parts.append(
+            Text(
+                f"repaired {report['dismissals_repaired']} dismissal records (create-only)",
+                style="green",
+            )
+        )
     if report.get("checksums_checked"):
         bad = report.get("checksum_mismatch_count", 0)
         parts.append(
@@ -310,5 +348,14 @@ def render_verify(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def _dismissals_cell(day: dict[str, Any]) -> Text:
+    missing = day.get("dismissals_missing", 0)
+    return Text(str(missing), style="bold red" if missing else "")
+
+
 def _day_has_news(day: dict[str, Any]) -> bool:
-    return any(day["missing"].values()) or any(day["unknown"].values())
+    return (
+        any(day["missing"].values())
+        or any(day["unknown"].values())
+        or bool(day.get("dismissals_missing"))
+    )

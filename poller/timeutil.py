@@ -29,7 +29,10 @@ def parse_instant(text: str, now: datetime) -> datetime:
     """ISO 8601 (naive means UTC) or a relative span meaning ``now - span``."""
     text = text.strip()
     if _SPAN.match(text):
-        return now - parse_span(text)
+        try:
+            return now - parse_span(text)
+        except OverflowError:  # "9999999d": before the year 1
+            raise ValueError(f"a span too long: {text!r}") from None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

@@ -354,3 +354,92 @@ def test_a_secret_setting_never_shows_its_value(
         signal.signal(signal.SIGTERM, previous)
     out, err = capsys.readouterr()
     assert "not allowed" in err and not leaked(out + err)
+
+
+# ---------------------------------------------------------------- found by review (issue 15)
+
+
+def problems_of(tmp_path: Path, text: str = "", environ=None, flags=()) -> list[str]:
+    path = write(tmp_path, text) if text else None
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ or {}, flags=flags)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"threatstack:\n  api_key: !{SECRET}\n",  # an unknown tag: PyYAML quotes it
+        f"threatstack:\n  api_key: !!{SECRET}\n",
+        f"receiver:\n  token: *{SECRET}\n",  # an undefined alias: quoted too
+        f"threatstack:\n  <<: *{SECRET}\n",
+        f"threatstack:\n  api_key {SECRET}: 1\n",  # no colon: the secret is in the key
+        f"threatstack: {{api_key {SECRET}}}\n",
+    ],
+)
+def test_a_secret_in_a_bad_yaml_document_is_not_quoted_back(tmp_path: Path, text: str):
+    message = "\n".join(problems_of(tmp_path, text))
+    assert not leaked(message), message
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"THREATSTACK_API_KEY_FILE": SECRET},  # the key where its path goes
+        {"POLLER_RECEIVER__TOKEN_FILE": SECRET},
+        {"POLLER_RECEIVER__READ_TOKEN_FILE": "/no/such/" + SECRET},
+    ],
+)
+def test_a_secret_given_as_its_file_path_is_not_shown(tmp_path: Path, environ: dict[str, str]):
+    problems = problems_of(tmp_path, environ=environ)
+    assert not leaked("\n".join(problems)), problems
+    assert "cannot read file" in problems[0] and "must be a path" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "flag", [f"threatstack.api_key:{SECRET}", f"receiver.token {SECRET}", f"a.b c={SECRET}"]
+)
+def test_a_malformed_flag_shows_only_its_name(tmp_path: Path, flag: str):
+    problems = problems_of(tmp_path, flags=[flag])
+    assert not leaked("\n".join(problems)), problems
+
+
+def test_a_secret_typed_in_any_shape_is_secret():
+    from pydantic import SecretStr as S
+
+    from poller.config import _holds_secret
+
+    assert _holds_secret(S) and _holds_secret(S | None) and _holds_secret(tuple[S, ...])
+    assert not _holds_secret(str) and not _holds_secret(tuple[str, ...])
+
+
+@pytest.mark.parametrize("value", [" AES256", "AES256\n", "aws:kms "])
+def test_aws_spellings_are_stripped_as_before(tmp_path: Path, value: str):
+    settings = load_settings(None, environ={"POLLER_S3__SSE": value})
+    assert settings.s3.sse == value.strip()
+    assert load_settings(write(tmp_path, "s3:\n  sse:\n  storage_class: ~\n"), environ={})
+
+
+def test_a_bad_status_is_one_problem(tmp_path: Path):
+    assert problems_of(tmp_path, "threatstack:\n  statuses: ACTIVE\n") == [
+        "threatstack.statuses: expected one of 'active' or 'dismissed', got 'ACTIVE'"
+        f" (from config file {tmp_path / 'config.yaml'})"
+    ]
+
+
+def test_poller_names_are_read_in_any_case_as_before():
+    environ = {"POLLER_sync__Interval_Seconds": "60"}
+    assert load_settings(None, environ=environ).sync.interval_seconds == 60
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings(None, environ={**environ, "POLLER_SYNC__INTERVAL_SECONDS": "61"})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sync:\n  first_run_since: 99999999999d\n",  # OverflowError in parse_instant
+        "sync:\n  interval_seconds: " + "9" * 5000 + "\n",  # ValueError from PyYAML's int()
+    ],
+)
+def test_absurd_values_are_problems_not_crashes(tmp_path: Path, text: str):
+    assert len(problems_of(tmp_path, text)) == 1

@@ -108,6 +108,8 @@ def test_daemon_cycles_serves_health_and_stops_gracefully(
         assert metric(text, 'poller_cycles_total{outcome="ok"}') >= 2
         assert metric(text, "poller_api_requests_total") >= 4
         assert metric(text, "poller_watermark_timestamp_seconds") > later.timestamp() - 120
+        assert metric(text, "poller_dismissals_archived_total") == 0  # nothing dismissed late
+        assert 0 <= metric(text, "poller_revisit_lag_seconds") < 3600  # the first cycle's
         assert requests.get(f"{base}/nope", timeout=2).status_code == 404
     finally:
         daemon.send_signal(signal.SIGTERM)

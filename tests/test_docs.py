@@ -41,3 +41,31 @@ def test_the_configuration_table_is_generated_from_the_declarations():
     expected = [row(declared) for declared in DECLARED.values()]
     # On a failure, paste the expected rows over the table in docs/operations.md.
     assert table == expected, "\n" + "\n".join(expected)
+
+
+def test_the_example_config_file_lists_every_setting_at_its_default():
+    """config.yaml says it holds every key with its default: a key added to the declarations
+    and not to the file, or a default changed in one place only, fails here. Secrets (and
+    keys without a useful default, like the bucket) appear commented out as ``# key: ...``."""
+    import yaml
+
+    from poller.config import load_settings
+
+    path = ROOT / "config.yaml"
+    text = path.read_text()
+    document = yaml.safe_load(text)
+    commented = set(re.findall(r"^\s*# ([a-z0-9_]+): ", text, re.M))
+    missing = [
+        declared.name
+        for (section, key), declared in DECLARED.items()
+        if key not in (document.get(section) or {}) and key not in commented
+    ]
+    assert not missing, f"config.yaml lacks {missing}"
+    for declared in DECLARED.values():
+        if declared.key in (document.get(declared.section) or {}):
+            assert not declared.secret, f"{declared.name}: a secret belongs in the environment"
+    loaded = load_settings(config_path=path, environ={})
+    for (section, key), declared in DECLARED.items():
+        if key in (document.get(section) or {}):
+            value = getattr(getattr(loaded, section), key)
+            assert value == declared.default, f"{declared.name}: {value!r} in config.yaml"

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from poller.archive.reading import archived_webhooks
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.config import ReceiverSettings
-from poller.serving.http import CachedStatus, PushParts, build_app
+from poller.serving.http import CachedStatus, PushParts, _is_sns_host, build_app
 from poller.serving.receiver import Receiver
 
 PUSH, OLD, READ = (
@@ -125,3 +128,98 @@ def test_forwarded_for_is_honoured_only_from_trusted_proxies():
     stranger = {"REMOTE_ADDR": "198.51.100.9"}
     assert app.post(url, json=ALERT, headers=forwarded, environ_base=stranger).status_code == 403
     assert app.post(url, json=ALERT, environ_base=via_proxy).status_code == 403
+
+
+# ---------------------------------------------------------------------- found by review (break18)
+def _app_and_store() -> tuple[Any, MemoryObjectStore]:
+    store = MemoryObjectStore()
+    parts = PushParts(
+        ReceiverSettings(token=SecretStr(PUSH), read_token=SecretStr(READ)), ORG,
+        Receiver(store, Layout(""), ORG, None), lambda i: None,
+        lambda s, e, n: archived_webhooks(store, Layout(""), s, e, n), lambda: {},
+        lambda u: None,
+    )  # fmt: skip
+    return build_app(CollectorRegistry(), push=parts).test_client(), store
+
+
+def test_no_status_caller_waits_for_another_callers_check():
+    """During an API outage the first check takes the whole retry policy: callers queued
+    behind it held every worker (``/healthz`` on the same listener too)."""
+    release = threading.Event()
+
+    def slow() -> dict[str, Any]:
+        release.wait(10)
+        return {"success": True}
+
+    status = CachedStatus(slow, provisional={"success": False, "checking": True})
+    first = threading.Thread(target=status)
+    first.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert status() == {"success": False, "checking": True}  # at once, not after the check
+    assert time.monotonic() - started < 1
+    release.set()
+    first.join()
+    assert status() == {"success": True}
+
+
+@pytest.mark.parametrize(
+    ("host", "sns"),
+    [
+        ("sns.us-east-1.amazonaws.com", True),
+        ("sns.us-gov-west-1.amazonaws.com", True),
+        ("sns.cn-north-1.amazonaws.com.cn", True),
+        ("sns.attacker-bucket.s3.amazonaws.com", False),  # an S3 bucket named sns.attacker-...
+        ("sns.x.s3-website-us-east-1.amazonaws.com", False),  # a website bucket redirects
+        ("sns.us-east-1.amazonaws.com.evil.example", False),
+    ],
+)
+def test_only_sns_itself_is_an_sns_host(host: str, sns: bool):
+    assert _is_sns_host(host) is sns
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/s3//alert/typo-of-the-token-123",  # a base URL with a trailing slash
+        "/api/v1/s3/alerts/typo-of-the-token-123",
+        "/threatstack-to-s3/api/v1/s3/alert/typo-of-the-token-123/x",
+        "/typo-of-the-token-123",
+    ],
+)
+def test_a_wrong_token_in_any_shape_of_path_is_never_logged(
+    path: str, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level("INFO")
+    client().post(path, json=ALERT)
+    text = " ".join(str(getattr(r, "fields", "")) for r in caplog.records)
+    assert "typo-of-the-token" not in text and "***" in text
+
+
+def test_a_number_too_long_for_int_quarantines_its_alert_only():
+    app, store = _app_and_store()
+    body = '{"alerts": [{"id": "goodalert", "created_at": 1764505224000}, {"id": "badnumber",'
+    body += ' "created_at": ' + "9" * 5000 + "}]}"
+    answer = app.post(f"/api/v1/s3/alert/{PUSH}", data=body, content_type="application/json")
+    assert answer.status_code == 200, answer.get_json()
+    assert [r["result"] for r in answer.get_json()["results"]] == ["archived", "quarantined"]
+    assert any(k.startswith("_poller/quarantine/bad_created_at/") for k in store.list_keys(""))
+
+
+def test_one_id_twice_in_a_batch_names_one_webhook_key():
+    app, store = _app_and_store()
+    twice = {"alerts": [{"id": "dupalert", "created_at": 1764505224000},
+                        {"id": "dupalert", "created_at": 1764505224000 + 120_000}]}  # fmt: skip
+    answer = app.post(f"/api/v1/s3/alert/{PUSH}", json=twice)
+    assert [r["result"] for r in answer.get_json()["results"]] == ["archived", "already_archived"]
+    assert list(store.list_keys("webhooks/")) == ["webhooks/2025/11/30/12/20/dupalert"]
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [("9999-12-31T00:00Z", "9999-12-31T23:00Z"), ("999999999d", "999999998d")],
+)
+def test_a_range_at_the_ends_of_time_is_an_answer_not_a_crash(start: str, end: str):
+    app, _ = _app_and_store()
+    answer = app.get(f"/api/v1/s3/alert?start={start}&end={end}", headers=bearer(READ))
+    assert answer.status_code in (200, 400), answer.get_json()

@@ -3,9 +3,11 @@ reach the client as the right error classes."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import mohawk
 import pytest
@@ -25,7 +27,7 @@ from poller.simulator import Faults, Simulator
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
-from poller.timeutil import utc_now
+from poller.timeutil import parse_alert_time, utc_now
 
 pytestmark = pytest.mark.integration
 
@@ -206,3 +208,106 @@ def test_a_body_that_trickles_in_is_cut_off_at_the_request_deadline(simulator: S
     received = int(re.search(r"\((\d+) bytes so far\)", str(caught.value)).group(1))  # type: ignore[union-attr]
     whole = len(signed_get(simulator, "/v2/alerts?status=active").content)
     assert received < whole / 2  # it gave up long before the body was complete
+
+
+def signed_post(sim: Simulator, path: str, document: Any) -> requests.Response:
+    """A Hawk-signed POST whose JSON body is hashed into the MAC, as the vendor's examples do."""
+    creds = sim.credentials
+    url, body = sim.base_url + path, json.dumps(document)
+    sender = mohawk.Sender(
+        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
+        url,
+        "POST",
+        content=body,
+        content_type="application/json",
+        ext=creds.org_id,
+    )
+    headers = {"Authorization": sender.request_header, "Content-Type": "application/json"}
+    return requests.post(url, data=body, headers=headers, timeout=5)
+
+
+def listed_ids(sim: Simulator, status: str, since: datetime, until: datetime) -> set[str]:
+    query = f"status={status}&from={since:%Y-%m-%dT%H:%M:%S}&until={until:%Y-%m-%dT%H:%M:%S}"
+    return {a["id"] for a in signed_get(sim, f"/v2/alerts?{query}").json()["alerts"]}
+
+
+def test_dismiss_by_ids_moves_alerts_to_the_dismissed_list_keeping_id_and_creation(
+    simulator: Simulator,
+):
+    now = utc_now()
+    start, end = now - timedelta(hours=3), now - timedelta(hours=1)
+    alerts = simulator.generate(5, start, end, dismissed_fraction=0)
+    before = {a.id: dict(a.doc) for a in alerts}
+    chosen = [alerts[0].id, alerts[3].id]
+
+    answer = signed_post(
+        simulator,
+        "/v2/alerts/dismiss",
+        {"ids": chosen, "dismissReason": "OTHER", "dismissReasonText": "handled in ticket 42"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert sorted(answer.json()["dismissed"]) == sorted(chosen)
+    assert listed_ids(simulator, "dismissed", start, now) == set(chosen)
+    assert listed_ids(simulator, "active", start, now) == set(before) - set(chosen)
+    for alert_id in chosen:
+        doc = signed_get(simulator, f"/v2/alerts/{alert_id}").json()
+        assert doc["isDismissed"] is True
+        assert doc["dismissReason"] == "OTHER"
+        assert doc["dismissReasonText"] == "handled in ticket 42"
+        assert doc["dismissedBy"] == "analyst@example.com"
+        assert parse_alert_time(doc["dismissedAt"]) >= parse_alert_time(doc["createdAt"])
+        changed = {"isDismissed", "dismissedAt", "dismissReason", "dismissReasonText"}
+        unchanged = {k: v for k, v in doc.items() if k not in changed | {"dismissedBy"}}
+        assert unchanged == {k: v for k, v in before[alert_id].items() if k in unchanged}
+        assert doc["id"] == alert_id and doc["createdAt"] == before[alert_id]["createdAt"]
+
+
+def test_dismiss_by_query_needs_a_range_and_a_filter(simulator: Simulator):
+    now = utc_now()
+    start, end = now - timedelta(hours=3), now - timedelta(hours=1)
+    alerts = simulator.generate(12, start, end, dismissed_fraction=0)
+    severity = alerts[0].doc["severity"]
+    window = {"from": f"{start:%Y-%m-%dT%H:%M:%S}", "until": f"{now:%Y-%m-%dT%H:%M:%S}"}
+
+    answer = signed_post(
+        simulator,
+        "/v2/alerts/dismiss",
+        {**window, "severity": severity, "dismissReason": "MAINTENANCE"},
+    )
+    assert answer.status_code == 200, answer.text
+    expected = {a.id for a in alerts if a.doc["severity"] == severity}
+    assert set(answer.json()["dismissed"]) == expected
+    assert listed_ids(simulator, "dismissed", start, now) == expected
+    assert all(a.doc["dismissReasonText"] is None for a in alerts if a.id in expected)
+
+    for bad in (
+        {**window, "dismissReason": "MAINTENANCE"},  # no filter
+        {"severity": 1, "dismissReason": "MAINTENANCE"},  # no range
+        {"ids": [alerts[1].id], "dismissReason": "BORED"},  # unknown reason
+        {"ids": [alerts[1].id], "dismissReason": "MAINTENANCE", "dismissReasonText": "x"},
+    ):
+        refused = signed_post(simulator, "/v2/alerts/dismiss", bad)
+        assert refused.status_code == 400, bad
+        assert refused.json()["errors"]
+    assert simulator.alerts[1].status == "active"
+
+
+def test_dismiss_is_hawk_signed_over_its_body(simulator: Simulator):
+    """A body that is not the one signed is refused: the payload hash is in the MAC."""
+    creds = simulator.credentials
+    url = simulator.base_url + "/v2/alerts/dismiss"
+    sender = mohawk.Sender(
+        {"id": creds.user_id, "key": creds.api_key, "algorithm": "sha256"},
+        url,
+        "POST",
+        content='{"ids": []}',
+        content_type="application/json",
+        ext=creds.org_id,
+    )
+    answer = requests.post(
+        url,
+        data='{"ids": ["x"]}',
+        headers={"Authorization": sender.request_header, "Content-Type": "application/json"},
+        timeout=5,
+    )
+    assert answer.status_code == 401

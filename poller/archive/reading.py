@@ -4,7 +4,7 @@ range, found through the time-partitioned ``webhooks/YYYY/MM/DD/HH/MM/ID`` keys.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from poller.archive.records import Layout
@@ -32,5 +32,7 @@ def archived_webhooks(
                 found.append(json.loads(stored.body))
             if len(found) >= limit:
                 break
+        if day.date() == date.max:  # the last day there is
+            break
         day += timedelta(days=1)
     return found

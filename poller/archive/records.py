@@ -30,6 +30,10 @@ class Layout:
     def alert_key(self, alert_id: str) -> str:
         return self.key("alerts", alert_id[0:2], alert_id[2:4], alert_id)
 
+    def dismissal_key(self, alert_id: str) -> str:
+        """The alert as the dismissed list returned it, for an alert archived while active."""
+        return self.key("dismissals", alert_id[0:2], alert_id[2:4], alert_id)
+
     def webhook_key(self, alert_id: str, created: datetime) -> str:
         return self.key("webhooks", created.strftime("%Y/%m/%d/%H/%M"), alert_id)
 
@@ -39,6 +43,10 @@ class Layout:
     @property
     def checkpoint_key(self) -> str:
         return self.key("_poller", "checkpoint.json")
+
+    @property
+    def revisit_key(self) -> str:
+        return self.key("_poller", "revisit.json")
 
     @property
     def lease_key(self) -> str:

@@ -8,9 +8,11 @@ bug met by one alert quarantines that alert (``internal_error``) instead of stop
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
 from poller.archive.records import (
     UNENCODABLE,
@@ -51,10 +53,18 @@ class Archive:
     ) -> Outcome:
         """Archive an alert or quarantine a rejected object. Raises only PollerError.
         ``webhook=False``: a pushed alert, whose webhook record the push path wrote."""
+        return self.take_detail(item, status, seen_at, webhook)[0]
+
+    def take_detail(
+        self, item: Alert | Rejected, status: str, seen_at: datetime, webhook: bool = True
+    ) -> tuple[Outcome, bool]:
+        """``take``, also saying whether the full record was written now (from ``status``'s
+        list: the revisit needs no GET to know a full record written from the dismissed list
+        is the dismissed version)."""
         try:
             if isinstance(item, Rejected):
-                return self.quarantine(item, status, seen_at)
-            return self.store_alert(item, status, seen_at, webhook)
+                return self.quarantine(item, status, seen_at), False
+            return self._store_alert(item, status, seen_at, webhook)
         except PollerError:
             raise
         except Exception as exc:
@@ -64,7 +74,7 @@ class Archive:
                 detail = f"{type(exc).__name__} while archiving"
                 return self.quarantine(
                     Rejected("internal_error", detail, item.raw), status, seen_at
-                )
+                ), False
             except PollerError:
                 raise
             except Exception as again:
@@ -78,23 +88,47 @@ class Archive:
         whole (``unencodable``), never half archived. ``webhook=False`` writes the full
         record only: the push path wrote the webhook record, under the push's minute, and a
         second one under the API's minute would be a duplicate (README, *One webhook key*)."""
+        return self._store_alert(alert, status, seen_at, webhook)[0]
+
+    def _store_alert(
+        self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
+    ) -> tuple[Outcome, bool]:
         try:
             full_body = json_body(alert.raw)
             webhook_body = json_body(webhook_record(alert, self._organization_id))
         except UNENCODABLE as exc:
             detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
             log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
-            return self.quarantine(Rejected("unencodable", detail, alert.raw), status, seen_at)
+            rejected = Rejected("unencodable", detail, alert.raw)
+            return self.quarantine(rejected, status, seen_at), False
         full = self._create(self.layout.alert_key(alert.id), full_body)
         wrote_webhook = webhook and self._create(
             self.layout.webhook_key(alert.id, alert.created), webhook_body
         )
-        return Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
+        outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
+        return outcome, full
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when
         written now, False when it was there."""
         return self._create(self.layout.alert_key(alert.id), json_body(alert.raw))
+
+    def store_dismissal(self, alert: Alert) -> bool:
+        """The dismissal record (SPEC "Dismissals"): the alert as the dismissed list returned
+        it, written once, create-only and under retention like the first record. True when
+        written now, False when it was there. Raises UNENCODABLE for an object JSON cannot
+        carry faithfully."""
+        return self._create(self.layout.dismissal_key(alert.id), json_body(alert.raw))
+
+    def archived_full(self, alert_id: str) -> Any:
+        """The full record as archived (parsed JSON), or None when there is none."""
+        stored = self._store.get(self.layout.alert_key(alert_id))
+        if stored is None:
+            return None
+        try:
+            return json.loads(stored.body)
+        except ValueError:
+            return {}  # not ours to judge here: verify --checksums reports altered bodies
 
     def quarantine(self, rejected: Rejected, status: str, seen_at: datetime) -> Outcome:
         """Keep what cannot be archived, with its reason, under ``_poller/quarantine/``."""

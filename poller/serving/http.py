@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -61,6 +62,13 @@ STATUS_PATH = "/api/v1/s3/status"
 RANGE_LIMIT = 1000  # alerts per answer of the range route
 RANGE_SPAN = timedelta(days=7)  # one LIST per UTC day: at most 8 days of listings
 STATUS_MAX_AGE_SECONDS = 60.0
+# The status answer while the first check is still under way (in another request).
+PROVISIONAL_STATUS = {
+    "success": False,
+    "s3": {"success": False},
+    "threatstack": {"success": False},
+    "checking": True,
+}
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 Reader = Callable[[str], Any]
 Lister = Callable[[datetime, datetime, int], list[Any]]
@@ -93,26 +101,32 @@ class PushMetrics:
 class CachedStatus:
     """The old receiver's ``/status`` answer from the last known state: ``compute`` runs at
     most once per ``max_age`` seconds, one caller at a time; the others get the last answer
-    at once (so the route costs no API request per call, whoever calls it)."""
+    at once (so the route costs no API request per call, whoever calls it).
+
+    Nobody ever waits for another caller's compute, not even before the first answer
+    exists (then they get ``provisional``): a compute can take the API's whole retry policy
+    during an outage, and callers queued behind it would hold every worker of the listener,
+    ``/healthz`` included."""
 
     def __init__(
         self,
         compute: Callable[[], dict[str, Any]],
         max_age: float = STATUS_MAX_AGE_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
+        provisional: dict[str, Any] | None = None,
     ) -> None:
         self._compute = compute
         self._max_age = max_age
         self._monotonic = monotonic
+        self._provisional = provisional or {"success": False, "checking": True}
         self._lock = threading.Lock()
         self._value: dict[str, Any] | None = None
         self._at = 0.0
 
     def __call__(self) -> dict[str, Any]:
         fresh = self._value is not None and self._monotonic() - self._at < self._max_age
-        if fresh or not self._lock.acquire(blocking=self._value is None):
-            assert self._value is not None
-            return self._value
+        if fresh or not self._lock.acquire(blocking=False):
+            return self._value if self._value is not None else self._provisional
         try:
             if self._value is None or self._monotonic() - self._at >= self._max_age:
                 self._value = self._compute()
@@ -331,14 +345,15 @@ class PushRoutes:
         )
 
 
+SNS_HOST = re.compile(r"sns\.[a-z]{2}(-[a-z]+)+-\d\.amazonaws\.com(\.cn)?")
+
+
 def _is_sns_host(host: str) -> bool:
-    """``sns.<region>.amazonaws.com`` (and the China partition's ``.amazonaws.com.cn``)."""
-    parts = host.lower().split(".")
-    return (
-        len(parts) >= 4
-        and parts[0] == "sns"
-        and (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
-    )
+    """``sns.<region>.amazonaws.com`` (and the China partition's ``.amazonaws.com.cn``)
+    exactly: not any name under amazonaws.com that starts with ``sns.`` (an S3 bucket named
+    ``sns.anything`` is ``sns.anything.s3.amazonaws.com``, and a website bucket redirects
+    wherever its owner likes)."""
+    return SNS_HOST.fullmatch(host.lower()) is not None
 
 
 def _matches(given: str, secrets: Iterable[SecretStr]) -> bool:
@@ -375,8 +390,6 @@ def build_app(
         app.register_blueprint(routes.blueprint("push"))
         app.register_blueprint(routes.blueprint("push"), url_prefix=LEGACY_PREFIX, name="legacy")
         app.extensions["poller_push"] = routes
-        masks = [push.settings.token, push.settings.previous_token, push.settings.read_token]
-        app.extensions["poller_masks"] = (masks, push.settings.path)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -419,20 +432,21 @@ def build_app(
 
 def _logged_path() -> str:
     """The route's pattern when one matched (no path segment of it is logged), else the path
-    with anything after the push path masked and every known secret replaced."""
+    with every segment that is not a literal segment of some route masked: a wrong token
+    may come in any shape of path (``/api/v1/s3//alert/<token>``, ``.../alerts/<token>``,
+    a typo of the real one), and none of them is ever logged."""
     rule = request.url_rule
     if rule is not None:
         return str(rule.rule)
     from flask import current_app
 
-    masks, push_path = current_app.extensions.get("poller_masks", ([], ""))
-    path = request.path
-    for secret in masks:
-        if secret:
-            path = path.replace(secret.get_secret_value(), "***")
-    if push_path and push_path + "/" in path:  # a wrong token, maybe: never logged
-        path = path[: path.index(push_path + "/") + len(push_path) + 1] + "***"
-    return path
+    known = {
+        segment
+        for url_rule in current_app.url_map.iter_rules()
+        for segment in url_rule.rule.split("/")
+        if "<" not in segment
+    }
+    return "/".join(s if s in known else "***" for s in request.path.split("/"))
 
 
 def _health(check: Health) -> Response:

@@ -57,6 +57,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.dismissals = Counter(
+            "poller_dismissals_archived",
+            "Dismissal records written (P/dismissals/...), by the revisit or a repair",
+            registry=self.registry,
+        )
+        self.revisit_lag = Gauge(
+            "poller_revisit_lag_seconds",
+            "Seconds since the last finished revisit started (dismissals before it, of alerts"
+            " created within sync.revisit_days, are archived)",
+            registry=self.registry,
+        )
+
     def observe(self, summary: Summary, outcome: str, now: datetime) -> None:
         self.cycles.labels(outcome).inc()
         self.alerts.labels("archived").inc(summary.archived)
@@ -68,3 +80,8 @@ class Metrics:
             self.last_success.set(now.timestamp())
         if summary.watermark:
             self.watermark.set(datetime.fromisoformat(summary.watermark).timestamp())
+        self.dismissals.inc(summary.dismissals_archived)
+        started = (summary.revisit or {}).get("last_started_at")
+        if isinstance(started, str):
+            lag = now - datetime.fromisoformat(started.replace("Z", "+00:00"))
+            self.revisit_lag.set(lag.total_seconds())

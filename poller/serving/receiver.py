@@ -163,6 +163,7 @@ class Receiver:
         """Each alert archived, or quarantined with its reason: nothing of an accepted batch
         is dropped. Raises PollerError when the bucket fails (the sender then re-sends)."""
         results: list[dict[str, Any]] = []
+        taken: set[str] = set()
         for item in alerts:
             if isinstance(item, Rejected):
                 self._archive.quarantine(item, "push", seen_at)
@@ -175,6 +176,12 @@ class Receiver:
                     }
                 )
                 continue
+            if item.id in taken:
+                # The same id twice in one batch: the first copy's record stands, as for any
+                # re-delivery; a second copy in another minute must not name a second key.
+                results.append({"id": item.id, "result": "already_archived"})
+                continue
+            taken.add(item.id)
             if self._store.get(self._layout.alert_key(item.id)) is not None:
                 # Polled first: the poll path wrote both records, the webhook record under
                 # the API's createdAt. A second webhook key (the push's created_at may fall

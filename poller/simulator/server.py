@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,12 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 import mohawk
 import mohawk.exc
 
-from poller.simulator.alerts import AlertFactory, SimAlert
+from poller.simulator.alerts import DISMISS_REASONS, AlertFactory, SimAlert, iso_ms
 from poller.timeutil import Clock, utc_now
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
+DISMISSED_BY = "analyst@example.com"  # who dismisses through the API (a Hawk user's name)
 FAULT_KINDS = ("429", "500", "502", "503", "slow", "drop", "truncate", "bad_json")
 
 
@@ -64,6 +66,32 @@ class RequestRecord:
     path: str
     status: int
     query: str = ""  # the raw query string (status, from, until, token)
+
+
+def _dismiss_filter(
+    ids: list[str] | None, query: dict[str, Any] | None
+) -> Callable[[SimAlert], bool]:
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError("ids must be a list of alert ids")
+        chosen = set(ids)
+        return lambda alert: alert.id in chosen
+    assert query is not None
+    try:
+        since, until = _parse_time(str(query["from"])), _parse_time(str(query["until"]))
+    except (KeyError, ValueError):
+        raise ValueError("a dismissal by query needs from and until (ISO-8601)") from None
+    filters = {k: query[k] for k in ("severity", "ruleID", "agentID") if query.get(k) is not None}
+    if not filters:
+        raise ValueError("a dismissal by query needs one of severity, ruleID, agentID")
+    fields = {"severity": "severity", "ruleID": "ruleId", "agentID": "agentId"}
+
+    def wanted(alert: SimAlert) -> bool:
+        return since <= alert.created < until and all(
+            str(alert.doc.get(fields[name])) == str(value) for name, value in filters.items()
+        )
+
+    return wanted
 
 
 def _parse_time(text: str) -> datetime:
@@ -167,6 +195,48 @@ class Simulator:
 
     def add_malformed(self, kind: str, created: datetime, status: str = "active") -> SimAlert:
         return self.add(self.factory.malformed(kind, created), created, status)
+
+    def dismiss(
+        self,
+        ids: list[str] | None = None,
+        reason: str = "OTHER",
+        text: str | None = None,
+        by: str | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> list[SimAlert]:
+        """Dismiss active alerts, as ``POST /v2/alerts/dismiss`` does (threatstack-api.md
+        §3.1, §7b.3): each moves to the dismissed list, keeping its id and ``createdAt``, with
+        ``isDismissed``, ``dismissedAt`` (now), ``dismissReason``, ``dismissReasonText`` and
+        ``dismissedBy`` set. By ``ids``, or by ``query`` (``from``, ``until`` and one of
+        ``severity``, ``ruleID``, ``agentID``). Returns the alerts dismissed now; raises
+        ValueError for what the vendor documents as a bad request."""
+        if reason not in DISMISS_REASONS:
+            raise ValueError(f"dismissReason must be one of {', '.join(DISMISS_REASONS)}")
+        if text and reason != "OTHER":
+            raise ValueError("dismissReasonText goes only with dismissReason OTHER")
+        if (ids is None) == (query is None):
+            raise ValueError("dismiss by ids or by query (from, until and a filter)")
+        wanted = _dismiss_filter(ids, query)
+        moment = iso_ms(self.clock())
+        done = []
+        with self._lock:
+            for alert in self._alerts:
+                if alert.status != "active" or not isinstance(alert.doc, dict):
+                    continue
+                if not wanted(alert):
+                    continue
+                # A new object: what was served before stays as it was served.
+                alert.doc = {
+                    **alert.doc,
+                    "isDismissed": True,
+                    "dismissedAt": moment,
+                    "dismissReason": reason,
+                    "dismissReasonText": text if reason == "OTHER" else None,
+                    "dismissedBy": by or DISMISSED_BY,
+                }
+                alert.status = "dismissed"
+                done.append(alert)
+        return done
 
     @property
     def alerts(self) -> list[SimAlert]:
@@ -300,6 +370,26 @@ class Simulator:
             return 404, {"errors": ["agent not found"]}
         return 404, {"errors": [f"no route for {path}"]}
 
+    def _post(self, path: str, content: str) -> tuple[int, Any]:
+        if [p for p in path.split("/") if p] != ["v2", "alerts", "dismiss"]:
+            return 404, {"errors": [f"no route for POST {path}"]}
+        try:
+            request = json.loads(content)
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            ids = request.get("ids")
+            query = None if ids is not None else request
+            done = self.dismiss(
+                ids,
+                str(request.get("dismissReason", "")),
+                request.get("dismissReasonText"),
+                query=query,
+            )
+        except ValueError as exc:
+            return 400, {"errors": [str(exc)]}
+        # The vendor documents no answer body: this one says what was dismissed.
+        return 200, {"dismissed": [alert.id for alert in done]}
+
     def _list(self, query: dict[str, list[str]]) -> tuple[int, Any]:
         status = (query.get("status") or [""])[0]
         if status not in ("active", "dismissed"):
@@ -384,8 +474,27 @@ class _Handler(BaseHTTPRequestHandler):
         self._query = split.query
         self._serve(sim, self._arrived, url, split.path, parse_qs(split.query))
 
+    def do_POST(self) -> None:
+        """``POST /v2/alerts/dismiss`` only; the body is Hawk-hashed as ``application/json``."""
+        sim = self.sim
+        self._arrived = time.time()
+        url = f"http://{self.headers.get('Host', '')}{self.path}"
+        split = urlsplit(self.path)
+        self._request_path = split.path
+        self._query = split.query
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        self._serve(sim, self._arrived, url, split.path, {}, "POST", body)
+
     def _serve(
-        self, sim: Simulator, arrived: float, url: str, path: str, query: dict[str, list[str]]
+        self,
+        sim: Simulator,
+        arrived: float,
+        url: str,
+        path: str,
+        query: dict[str, list[str]],
+        method: str = "GET",
+        content: str = "",
     ) -> int:
         wait = sim._over_org_limit(arrived)
         if wait is not None:
@@ -401,9 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
                 sim._lookup,
                 self.headers.get("Authorization"),
                 url,
-                "GET",
-                content="",
-                content_type="",
+                method,
+                content=content,
+                content_type=self.headers.get("Content-Type", "") if content else "",
                 seen_nonce=sim._seen_nonce,
             )
         except (mohawk.exc.HawkFail, LookupError) as exc:
@@ -440,7 +549,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "slow":
             time.sleep(sim.faults.slow_seconds)
 
-        status, document = sim._route(path, query)
+        if method == "POST":
+            status, document = sim._post(path, content)
+        else:
+            status, document = sim._route(path, query)
         body = json.dumps(document).encode()
         headers = {"x-rate-limit-remaining": "150", "x-rate-limit-reset": "30000"}
         if status == 200:

@@ -9,6 +9,11 @@ Oldest first, because then what is done is always a prefix of the range: the liv
 can be moved forward over it as soon as the walk passes the watermark (a newest-first walk
 could never move it until the very end), and a killed run leaves no holes to reason about.
 
+Before a chunk is recorded, its dismissed list is read once more (``Revisit.sweep``) and
+the dismissal records missing there are written, create-only, as the revisit writes them:
+alerts archived earlier while active and dismissed since, which the walk met as already
+archived. A skipped chunk is not read again.
+
 The live checkpoint is never moved backwards, and forward only over ground the walk has
 covered without a gap from at or before the watermark. With no checkpoint at all, a backfill
 that runs up to now (no ``--until``) creates it as it goes, as a first ``sync`` would.
@@ -61,6 +66,9 @@ class BackfillPlan:
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
     ) -> None:
+        if self._cycle.revisit is not None and since < until:
+            fresh = self._cycle.first_dismissed
+            self._cycle.revisit.sweep(since, until, self._now, summary, self._cycle, fresh)
         self._records.record(
             since,
             until,

@@ -17,11 +17,12 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from poller.archive.records import Alert, Rejected, classify
 from poller.archive.state import Checkpoint, CheckpointStore, Lease, PendingRecords
@@ -77,6 +78,46 @@ class Unobserved:
         pass
 
 
+class CycleGuard(Protocol):
+    """What a walk beside the live one (the revisit) needs from the cycle it runs in."""
+
+    def fence(self) -> None:
+        """Prove the lease is still ours; raises LeaseLost. Call right before writing state."""
+
+    def stopping(self) -> bool:
+        """True once the daemon was asked to stop."""
+
+
+class Revisitor(Protocol):
+    """The revisit (see ``poller.walks.revisit``), run by a cycle after its live window."""
+
+    def run(
+        self,
+        now: datetime,
+        until: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int],
+        first_cycle: bool = False,
+    ) -> None:
+        """Revisit, if due, the dismissed list created before ``until`` (where the live
+        window starts). ``first_dismissed``: ids whose full record was just written from
+        the dismissed list (id -> creation second), handled already. ``first_cycle``: there
+        was no checkpoint, so nothing lies behind the window yet but what an earlier
+        backfill or receiver archived: the revisit waits for the next cycle."""
+
+    def sweep(
+        self,
+        since: datetime,
+        until: datetime,
+        now: datetime,
+        summary: Summary,
+        guard: CycleGuard,
+        first_dismissed: dict[str, int],
+    ) -> None:
+        """The dismissed list of [since, until), due or not (``backfill``)."""
+
+
 class ChunkPlan(Protocol):
     """What a walk does around each chunk: ``sync`` commits the live checkpoint after each;
     ``backfill`` records the chunk as finished (and moves the live checkpoint only forward)."""
@@ -125,6 +166,9 @@ class Summary:
     chunks_total: int = 0
     chunks_done: int = 0
     chunks_skipped: int = 0  # finished by an earlier run (backfill)
+    # Dismissal records written now (SPEC "Dismissals"): not alerts, so not in ``archived``.
+    dismissals_archived: int = 0
+    revisit: dict[str, Any] | None = None  # what this run's revisit did (walks.revisit)
     duration_s: float = 0.0
     ok: bool = True
     error: str | None = None
@@ -235,23 +279,27 @@ class Deadline:
             )
 
 
-class BoundedWriter:
-    """Runs archive writes on a thread pool with a bounded queue; the first error wins."""
+T = TypeVar("T")
+
+
+class BoundedWriter(Generic[T]):
+    """Runs archive writes on a thread pool with a bounded queue; the first error wins.
+    ``outcomes`` counts what the tasks returned."""
 
     def __init__(self, concurrency: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-write")
         self._slots = threading.BoundedSemaphore(concurrency * 2)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.outcomes: Counter[T] = Counter()
 
-    def submit(self, task: Callable[[], Outcome]) -> None:
+    def submit(self, task: Callable[[], T]) -> None:
         self.raise_error()
         self._slots.acquire()
         future = self._pool.submit(task)
         future.add_done_callback(self._done)
 
-    def _done(self, future: Future[Outcome]) -> None:
+    def _done(self, future: Future[T]) -> None:
         with self._lock:
             if future.cancelled():
                 pass  # cancelled after an earlier failure; that failure is reported
@@ -301,6 +349,10 @@ class Cycle:
     mode: str = "sync"
     hooks: CycleHooks = CycleHooks()
     pending: PendingRecords | None = None
+    revisit: Revisitor | None = None  # None: this cycle archives no later dismissals
+    # Ids whose full record this run wrote from the dismissed list (id -> creation second):
+    # the revisit and backfill's sweep know them handled without a GET. Filled, never replaced.
+    first_dismissed: dict[str, int] = field(default_factory=dict)
 
     def run(self, summary: Summary | None = None) -> Summary:
         """One cycle under a lease the caller holds, filling ``summary`` as it goes. Raises
@@ -312,7 +364,17 @@ class Cycle:
         self.check_statuses(checkpoint)
         since, until = cycle_window(checkpoint, now, self.settings)
         self.walk(since, until, now, summary, LiveCheckpoint(self, checkpoint, now))
+        # New alerts first: the revisit runs once the live window is committed.
+        if self.revisit is not None:
+            first = checkpoint.watermark is None
+            self.revisit.run(now, since, summary, self, self.first_dismissed, first)
         return summary
+
+    def fence(self) -> None:
+        self._fence()
+
+    def stopping(self) -> bool:
+        return self.hooks.should_stop()
 
     def walk(
         self,
@@ -461,7 +523,7 @@ class Cycle:
         """Read and archive one chunk; ``pushed``: ids with a pending marker, whose webhook
         record the push path wrote (only their full record is written here)."""
         seen_now: dict[str, int] = {}
-        writer = BoundedWriter(self.settings.max_concurrency)
+        writer: BoundedWriter[Outcome] = BoundedWriter(self.settings.max_concurrency)
         try:
             for status in poll_order(self.settings.statuses):
                 for page in self.source.list_alerts(status, since, until):
@@ -499,7 +561,7 @@ class Cycle:
         status: str,
         known: dict[str, int],
         seen_now: dict[str, int],
-        writer: BoundedWriter,
+        writer: BoundedWriter[Outcome],
         until: datetime,
         now: datetime,
         summary: Summary,
@@ -523,7 +585,18 @@ class Cycle:
                 extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
             )
         webhook = not (isinstance(item, Alert) and item.id in pushed)
-        writer.submit(lambda: self.archive.take(item, status, now, webhook))
+        if status != "dismissed" or not isinstance(item, Alert):
+            writer.submit(lambda: self.archive.take(item, status, now, webhook))
+            return
+        alert = item
+
+        def take_dismissed() -> Outcome:
+            outcome, full_written = self.archive.take_detail(alert, status, now, webhook)
+            if full_written:  # its full record is the dismissed version: no revisit needed
+                self.first_dismissed[alert.id] = created
+            return outcome
+
+        writer.submit(take_dismissed)
 
 
 class LiveCheckpoint:

@@ -15,10 +15,16 @@ its creation second says which day it belongs to; any other id is judged only by
 key, whose path holds its creation minute. Keys in the first and last minute of a range that
 does not start or end on a minute are not judged (the minute may hold alerts outside it).
 
-``--repair`` archives exactly what is missing, through the same create-only writes as every
-run: a record that is there is never rewritten. ``--checksums`` also reads every archived
-record of the range (one GET each) and compares its body's SHA-256 with the checksum S3
-stored when it was written: a mismatch means the object is not what poller wrote.
+Dismissals (SPEC "Dismissals"): for each alert the API lists as dismissed whose full record
+is archived, the ``dismissals/ID[0:2]/ID[2:4]/`` folders are listed like the ``alerts/``
+ones; an alert with no dismissal record costs one GET of its full record, and is reported
+when that record is the active version (the archive then shows the alert as never handled).
+
+``--repair`` archives exactly what is missing, dismissal records included, through the same
+create-only writes as every run: a record that is there is never rewritten. ``--checksums``
+also reads every archived record of the range (one GET each) and compares its body's
+SHA-256 with the checksum S3 stored when it was written: a mismatch means the object is not
+what poller wrote.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class DayRow:
     archived: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     missing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    dismissed: int = 0  # alerts the API lists as dismissed
+    dismissals_missing: int = 0  # of those, archived active with no dismissal record
 
 
 @dataclass
@@ -82,6 +90,9 @@ class Findings:
     not_in_manifest: int = 0  # records added to a day after its manifest was written
     to_repair: int = 0  # alerts with at least one record missing
     repaired: int = 0
+    dismissals_missing: list[str] = field(default_factory=list)  # the first IDS_SHOWN
+    dismissals_missing_count: int = 0
+    dismissals_repaired: int = 0
     repair_asked: bool = False
     malformed: int = 0
     days: list[DayRow] = field(default_factory=list)
@@ -97,8 +108,11 @@ class Findings:
     def complete(self) -> bool:
         """Nothing is missing (or everything missing was repaired), nothing was altered."""
         restored = self.to_repair == 0 or (self.repair_asked and self.repaired == self.to_repair)
+        dismissals = self.dismissals_missing_count == 0 or (
+            self.repair_asked and self.dismissals_repaired == self.dismissals_missing_count
+        )
         altered = self.checksum_mismatch or self.manifest_mismatch or self.manifest_chain_broken
-        return restored and not altered
+        return restored and dismissals and not altered
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +123,9 @@ class Findings:
             "unknown_count": self.unknown_count,
             "ids_shown_per_kind": IDS_SHOWN,
             "repaired": self.repaired,
+            "dismissals_missing": self.dismissals_missing,
+            "dismissals_missing_count": self.dismissals_missing_count,
+            "dismissals_repaired": self.dismissals_repaired,
             "checksums_checked": self.checksums_checked,
             "checksum_mismatch": self.checksum_mismatch[:IDS_SHOWN],
             "checksum_mismatch_count": len(self.checksum_mismatch),
@@ -124,19 +141,23 @@ class Findings:
 
 
 class PrefixListings:
-    """Keys under ``alerts/XX/YY/`` folders, each listed once, the most recent few kept."""
+    """Keys under ``alerts/XX/YY/`` (or ``dismissals/XX/YY/``) folders, each listed once,
+    the most recent few kept."""
 
-    def __init__(self, store: ObjectStore, layout: Layout, keep: int = 8) -> None:
+    def __init__(
+        self, store: ObjectStore, layout: Layout, keep: int = 8, kind: str = "alerts"
+    ) -> None:
         self._store = store
         self._layout = layout
         self._keep = keep
+        self._kind = kind
         self._cache: OrderedDict[str, set[str]] = OrderedDict()
 
     def ids(self, folder: str) -> set[str]:
         if folder in self._cache:
             self._cache.move_to_end(folder)
             return self._cache[folder]
-        prefix = self._layout.key("alerts", folder[:2], folder[2:4]) + "/"
+        prefix = self._layout.key(self._kind, folder[:2], folder[2:4]) + "/"
         found = {key.rsplit("/", 1)[1] for key in self._store.list_keys(prefix)}
         self._cache[folder] = found
         if len(self._cache) > self._keep:
@@ -173,6 +194,7 @@ class Verifier:
         self.statuses = poll_order(statuses)
         self.clock = clock
         self.observer: CycleObserver = observer or Unobserved()
+        self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
 
     def run(
         self,
@@ -184,6 +206,7 @@ class Verifier:
     ) -> Findings:
         findings = Findings(repair_asked=repair)
         folders = PrefixListings(self.store, self.layout)
+        self._dismissal_folders = PrefixListings(self.store, self.layout, kind="dismissals")
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         pieces = list(chunks(since, until, DAY, aligned=True))
         summary.chunks_total = len(pieces)
@@ -244,6 +267,7 @@ class Verifier:
             findings.note("missing", kind, missing)
             findings.note("unknown", kind, unknown)
         findings.days.append(row)
+        self._dismissals(found, archived_alerts, repair, row, findings, summary)
 
         if checksums:
             recorded = self._manifest(nominal.date(), findings)
@@ -266,6 +290,43 @@ class Verifier:
                 elif outcome is Outcome.QUARANTINED:
                     summary.quarantined += 1
         summary.already_archived += len(found) - len(to_repair)
+
+    def _dismissals(
+        self,
+        found: dict[str, tuple[Alert, str]],
+        archived_alerts: set[str],
+        repair: bool,
+        row: DayRow,
+        findings: Findings,
+        summary: Summary,
+    ) -> None:
+        """Dismissed in the API, archived active, no dismissal record: report (and repair).
+        An alert whose full record is missing is repaired whole, as the dismissed version."""
+        dismissed = {i: alert for i, (alert, status) in found.items() if status == "dismissed"}
+        row.dismissed = len(dismissed)
+        candidates = sorted(set(dismissed) & archived_alerts)
+        with_record: set[str] = set()
+        for folder in {alert_id[:4] for alert_id in candidates}:
+            with_record |= self._dismissal_folders.ids(folder)
+        missing = []
+        for alert_id in candidates:
+            if alert_id in with_record:
+                continue
+            record = self.archive.archived_full(alert_id)
+            if isinstance(record, dict) and record.get("isDismissed") is True:
+                continue  # first archived dismissed: the full record shows the dismissal
+            missing.append(alert_id)
+        row.dismissals_missing = len(missing)
+        findings.dismissals_missing_count += len(missing)
+        room = IDS_SHOWN - len(findings.dismissals_missing)
+        findings.dismissals_missing.extend(missing[: max(room, 0)])
+        if not repair:
+            return
+        for alert_id in missing:
+            written = self.archive.store_dismissal(dismissed[alert_id])
+            findings.dismissals_repaired += 1
+            if written:
+                summary.dismissals_archived += 1
 
     def _manifest(self, day: date, findings: Findings) -> dict[str, str] | None:
         """The records of ``day``'s manifest (None: the day has none), after checking that

@@ -1,0 +1,106 @@
+"""The revisit's own state, beside the checkpoint: ``P/_poller/revisit.json`` (version 1).
+
+::
+
+    {"version": 1,
+     "handled": {"<alert id>": 1764072000, ...},   # dismissed alerts whose dismissal the
+                                                   # archive shows (or that it does not hold
+                                                   # at all), with their creation second
+     "current": {"from": "...", "until": "...",    # a revisit under way: its range, how far
+                 "cursor": "...", "started_at": "...",  # it got (chunks end there), its
+                 "run_id": "...", "listed": 3, "archived": 1},  # counts so far
+     "last": {"from": "...", "until": "...", "started_at": "...", "finished_at": "...",
+              "run_id": "...", "listed": 60, "archived": 60, "already_archived": 0,
+              "first_dismissed": 0, "not_archived": 0},      # the last finished revisit
+     "updated_at": "...", "updated_by": "<run id>"}
+
+``handled`` is what makes a revisit cheap: an id in it costs no S3 request when the
+dismissed list shows it again. Ids created before the revisit's reach are pruned, so it holds
+at most ``sync.revisit_days`` of dismissed alerts (about 40 bytes each).
+
+Written with compare-and-swap on its ETag, by the lease holder only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from poller.archive.records import Layout
+from poller.archive.state import our_write_landed
+from poller.archive.store import ObjectStore, PreconditionFailed
+from poller.errors import CheckpointConflict, FatalError
+from poller.timeutil import iso_z
+
+REVISIT_VERSION = 1
+
+
+@dataclass
+class RevisitState:
+    handled: dict[str, int] = field(default_factory=dict)
+    current: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    etag: str | None = None  # of the stored object; None: there is none yet
+
+
+class RevisitStore:
+    def __init__(self, store: ObjectStore, layout: Layout) -> None:
+        self._store = store
+        self._key = layout.revisit_key
+
+    def load(self) -> RevisitState:
+        stored = self._store.get(self._key)
+        if stored is None:
+            return RevisitState()
+        try:
+            document = json.loads(stored.body)
+            version = document["version"]
+            if not isinstance(version, int) or version > REVISIT_VERSION:
+                raise FatalError(
+                    f"{self._key} has version {version!r}; this poller reads version"
+                    f" {REVISIT_VERSION} (was it written by a newer poller?)"
+                )
+            handled = {str(k): int(v) for k, v in (document.get("handled") or {}).items()}
+            current, last = document.get("current"), document.get("last")
+        except FatalError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Deleting it is safe: the next revisit re-reads its range and writes nothing twice.
+            raise FatalError(
+                f"{self._key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
+                " (the next revisit rebuilds it, writing nothing twice)"
+            ) from exc
+        return RevisitState(
+            handled,
+            current if isinstance(current, dict) else None,
+            last if isinstance(last, dict) else None,
+            stored.etag,
+        )
+
+    def save(self, state: RevisitState, run_id: str, now: datetime) -> RevisitState:
+        """Replace the stored state if and only if it is still the one ``state`` was read
+        from; raises CheckpointConflict when another writer changed it."""
+        document = {
+            "version": REVISIT_VERSION,
+            "handled": dict(sorted(state.handled.items())),
+            "current": state.current,
+            "last": state.last,
+            "updated_at": iso_z(now),
+            "updated_by": run_id,
+        }
+        body = json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        try:
+            if state.etag is None:
+                etag = self._store.put(self._key, body, if_none_match=True)
+            else:
+                etag = self._store.put(self._key, body, if_match=state.etag)
+        except PreconditionFailed as exc:
+            landed = our_write_landed(self._store, self._key, body)
+            if landed is None:
+                raise CheckpointConflict(
+                    f"{self._key} changed while this run worked: another writer moved it"
+                ) from exc
+            etag = landed
+        return RevisitState(dict(state.handled), state.current, state.last, etag)
