@@ -112,6 +112,19 @@ def test_probe_finds_bodies_kept_and_conditions_honoured(under_test: StoreUnderT
     assert under_test.store.list_keys("") == []  # the probe leaves nothing behind
 
 
+def test_listing_with_etags_and_the_first_key(under_test: StoreUnderTest):
+    store = under_test.store
+    assert store.first_key("p/webhooks/") is None
+    etags = {
+        key: store.put(key, b"{}") for key in ("p/webhooks/2026/11/02/x", "p/webhooks/2026/11/01/y")
+    }
+    store.put("p/other", b"{}")
+    listed = store.list_objects("p/webhooks/")
+    assert [(o.key, o.etag) for o in listed] == sorted(etags.items())
+    assert all(o.last_modified.tzinfo is not None for o in listed)
+    assert store.first_key("p/webhooks/") == "p/webhooks/2026/11/01/y"
+
+
 # ------------------------------------------------------------------ the checkpoint
 
 
