@@ -302,6 +302,7 @@ def cmd_tables(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     code = 0
     started = time.monotonic()
     try:
+        runtime.prove_store()  # before the first part is written, as every writing command
         report = runtime.tables_pass(since, until)
         if report.last_closed is None:
             log.warning(
