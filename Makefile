@@ -21,7 +21,7 @@ XDIST = -n $(WORKERS) --maxschedchunk 1
 UNIT = -m "not integration and not faults and not crash"
 
 
-$(BIN)/activate: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/activate: requirements.txt requirements-dev.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt

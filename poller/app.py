@@ -4,6 +4,7 @@ the objects of a run, wired together. Tests build the same objects with fakes in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -21,11 +22,13 @@ import requests
 from botocore.config import Config
 
 from poller.archive.allowance import PrefixAllowance
+from poller.archive.manifests import Manifests, closed_through
+from poller.archive.probe import StoreProof, fingerprint, prove_store, record_proof, recorded_proof
 from poller.archive.reading import archived_webhooks
 from poller.archive.records import SAFE_ID, Alert, Layout
 from poller.archive.revisits import RevisitStore
 from poller.archive.state import CheckpointStore, ChunkRecords, Lease, LeaseKeeper, PendingRecords
-from poller.archive.store import ObjectStore, S3ObjectStore, WriteOptions, count_requests
+from poller.archive.store import ObjectStore, RequestCounter, S3ObjectStore, WriteOptions
 from poller.archive.writer import Archive
 from poller.config import S3Settings, Settings
 from poller.errors import Stopped
@@ -49,6 +52,15 @@ from poller.walks.sync import (
     owed_fetches,
 )
 from poller.walks.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+UNGUARDED = (
+    "s3.require_conditional_writes=false on a store without conditional writes: the lease is"
+    " taken by read-then-write, so two runs starting within the same moment can both work"
+    " until the next renewal shows one of them it lost; a record is checked before it is"
+    " written, not atomically"
+)
 
 
 def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
@@ -76,12 +88,21 @@ def s3_client(settings: S3Settings) -> Any:
     """The only boto3 client. Endpoint, region and credentials come from the standard AWS
     variables (``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, IRSA...), as boto3 reads them.
     Retries are botocore's ``standard`` mode (throttling, 5xx, timeouts, with backoff),
-    chosen here rather than left to the environment."""
+    chosen here rather than left to the environment.
+
+    ``s3.checksums=false`` sends no checksum at all: botocore (>= 1.36) otherwise adds a CRC32
+    to every PutObject, and over HTTPS streams it as ``aws-chunked`` with a trailer, which
+    some S3-compatible stores reject or store as the body. ``when_required`` is what
+    ``AWS_REQUEST_CHECKSUM_CALCULATION`` would set; the setting makes it one switch."""
+    when = {} if settings.checksums else {"request_checksum_calculation": "when_required"}
+    validation = {} if settings.checksums else {"response_checksum_validation": "when_required"}
     config = Config(
         retries={"mode": "standard", "max_attempts": settings.max_attempts},
         max_pool_connections=settings.max_concurrency + 2,
         connect_timeout=10,
         read_timeout=60,
+        **when,
+        **validation,
     )
     return boto3.session.Session().client("s3", config=config)
 
@@ -142,6 +163,60 @@ class Runtime:
     requests: RequestCount
     layout: Layout
     stop: threading.Event
+    # The store sending the conditional headers whatever s3.require_conditional_writes
+    # says: the probe asks the store itself what it does.
+    native_store: ObjectStore | None = None
+    proof: StoreProof | None = None
+    manifested_through: date | None = None
+
+    def probe(self, fresh: bool = False) -> StoreProof:
+        """What the store does (see poller.archive.probe): a recorded proof when one under a
+        day old matches (unless ``fresh``), else the probe, recorded when it passes."""
+        s3 = self.settings.s3
+        print_ = fingerprint(write_options(s3), s3.require_conditional_writes)
+        proof = None if fresh else recorded_proof(self.store, self.layout, print_)
+        if proof is None:
+            native = self.native_store or self.store
+            proof = prove_store(native, self.layout, self.run_id, s3.checksums)
+            if proof.refusal(s3.require_conditional_writes) is None:
+                record_proof(self.store, self.layout, print_, proof, self.run_id, self.clock())
+        return proof
+
+    def prove_store(self) -> StoreProof:
+        """Once per process, before the first write of every command that writes: raise
+        StoreUnfit or UnguardedStore (with the setting that works around it) when nothing
+        may be archived on this store as configured."""
+        if self.proof is None:
+            proof = self.probe()
+            refusal = proof.refusal(self.settings.s3.require_conditional_writes)
+            if refusal is not None:
+                raise refusal
+            if proof.conditional_writes and isinstance(self.store, S3ObjectStore):
+                self.store.conditional_writes = True  # the store has them: use them
+            if not proof.conditional_writes:
+                log.warning(
+                    "store.unguarded",
+                    extra={"fields": {"lost": UNGUARDED, "findings": proof.as_dict()}},
+                )
+            self.proof = proof
+        return self.proof
+
+    def close_days(self, summary: Summary) -> None:
+        """After a cycle: the manifest of every closed UTC day not written yet (see
+        poller.archive.manifests). One listing a run; a daemon lists once a day."""
+        if not summary.watermark:
+            return
+        watermark = datetime.fromisoformat(summary.watermark.replace("Z", "+00:00"))
+        through = closed_through(watermark, timedelta(seconds=self.settings.sync.lookback_seconds))
+        if self.manifested_through is not None and through <= self.manifested_through:
+            return
+        manifests = Manifests(self.store, self.layout, self.settings.s3.max_concurrency)
+        written = manifests.close_days(through, self.run_id, self.clock())
+        if written:
+            days = [day.isoformat() for day in written]
+            log.info("manifests.written", extra={"fields": {"days": days}})
+        self.manifested_through = through
+
     # Creation days this process archived into (see Archive.touched).
     touched_days: set[date] = field(default_factory=set)
 
@@ -161,7 +236,6 @@ class Runtime:
             self.settings.sync.lease_ttl_seconds,
             holder,
             self.clock,
-            self.settings.s3.require_conditional_writes,
             recent_requests=self.budget.recent,
         )
 
@@ -359,13 +433,36 @@ def build(
     if sleep is time.sleep:
         sleep = interruptible_sleep(stop)
     run_id = run_id or new_run_id()
-    client = s3 if s3 is not None else s3_client(settings.s3)
-    store = S3ObjectStore(client, settings.s3.bucket, write_options(settings.s3), clock)
+    counter = RequestCounter()
+    client = counter.attach(s3 if s3 is not None else s3_client(settings.s3))
+
+    def renew_client() -> Any:
+        # A fresh session re-reads what may have changed under a long-lived process:
+        # rotated key files, a new web identity token (IRSA), a new profile.
+        return counter.attach(s3_client(settings.s3))
+
+    store = S3ObjectStore(
+        client,
+        settings.s3.bucket,
+        write_options(settings.s3),
+        clock,
+        conditional_writes=settings.s3.require_conditional_writes,
+        renew_client=renew_client if s3 is None else None,
+    )
     layout = Layout(settings.s3.prefix)
     # The budget is the prefix's (SPEC, A good API citizen): every process on this bucket
     # and prefix takes its requests from one ledger in the bucket, reached through the
     # API side's SharedAllowance protocol.
-    allowance = PrefixAllowance(store, layout, ts.requests_per_minute, run_id, sleep=sleep)
+    # The ledger is a write: the store is proven first (late-bound: the Runtime proves it).
+    built: list[Runtime] = []
+    allowance = PrefixAllowance(
+        store,
+        layout,
+        ts.requests_per_minute,
+        run_id,
+        sleep=sleep,
+        before_first_write=lambda: built[0].prove_store(),
+    )
     budget = RequestBudget(ts.requests_per_minute, sleep=sleep, shared=allowance)
     api = ThreatStackClient(
         ts,
@@ -374,7 +471,7 @@ def build(
         RetryPolicy(max_attempts=ts.max_attempts, max_delay_seconds=ts.max_retry_seconds),
         sleep,
     )
-    return Runtime(
+    runtime = Runtime(
         settings=settings,
         run_id=run_id,
         mode=mode,
@@ -382,10 +479,13 @@ def build(
         api=api,
         budget=budget,
         store=store,
-        requests=RequestCount(budget, count_requests(client)),
+        requests=RequestCount(budget, counter),
         layout=layout,
         stop=stop,
+        native_store=store.natively(),
     )
+    built.append(runtime)
+    return runtime
 
 
 # A walk other than sync's over a cycle's parts, such as a backfill.
@@ -405,6 +505,7 @@ def run_cycle(
     lease = runtime.lease()
     with runtime.requests.measure(summary):
         try:
+            runtime.prove_store()  # before the first write (the lease), once per process
             lease.acquire()
             # The budget holds across processes taking turns: count the last holder's requests.
             runtime.budget.inherit(lease.inherited_requests)
@@ -417,6 +518,7 @@ def run_cycle(
                 cycle = runtime.cycle(lease, hooks)
                 if walk is None:
                     cycle.run(summary)
+                    runtime.close_days(summary)
                 else:
                     walk(runtime, cycle, summary)
         finally:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import Runtime, Walk, build, new_run_id, run_cycle
-from poller.archive.probe import check_bucket
+from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle, write_options
+from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
 from poller.archive.revisits import RevisitState, RevisitStore
-from poller.archive.state import CheckpointStore
-from poller.archive.store import BucketProtection
+from poller.archive.state import Checkpoint, CheckpointStore
+from poller.archive.store import CREDENTIAL_CODES, BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
 from poller.errors import (
     ApiAuthError,
@@ -29,6 +29,7 @@ from poller.errors import (
     ConfigError,
     PollerError,
     Stopped,
+    UnreadableState,
 )
 from poller.tables.build import TablesReport
 from poller.tables.keys import days, last_closed_day
@@ -188,6 +189,8 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             *([progress] if progress else []), ProgressLog(pace, settings.log.progress_seconds)
         )
     )
+    if args.repair:
+        runtime.prove_store()  # before the first write
     try:
         with runtime.requests.measure(summary):
             findings = verifier.run(since, until, args.repair, summary, args.checksums)
@@ -299,6 +302,7 @@ def cmd_tables(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     code = 0
     started = time.monotonic()
     try:
+        runtime.prove_store()  # before the first part is written, as every writing command
         report = runtime.tables_pass(since, until)
         if report.last_closed is None:
             log.warning(
@@ -408,7 +412,11 @@ def _report(document: dict[str, Any], output: str | None, render: Any) -> None:
 
 def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     runtime = build(settings, "status", run_id=run_id)
-    checkpoint = CheckpointStore(runtime.store, runtime.layout).load()
+    unreadable: dict[str, str] = {}
+    try:
+        checkpoint = CheckpointStore(runtime.store, runtime.layout).load()
+    except UnreadableState as exc:
+        checkpoint, unreadable["checkpoint"] = Checkpoint(), str(exc)
     lease = runtime.lease().inspect()
     now = utc_now()
     watermark = checkpoint.watermark
@@ -416,7 +424,9 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         {
             "bucket": settings.s3.bucket,
             "prefix": settings.s3.prefix,
-            "checkpoint": None
+            "checkpoint": {"unreadable": unreadable["checkpoint"]}
+            if "checkpoint" in unreadable
+            else None
             if checkpoint.etag is None
             else {
                 "watermark": iso_z(watermark) if watermark else None,
@@ -428,6 +438,8 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             },
             "lease": None
             if lease is None
+            else {"unreadable": lease.problem, "age_s": round(lease.age_seconds, 1)}
+            if lease.problem
             else {
                 **lease.document,
                 "age_s": round(lease.age_seconds, 1),
@@ -437,6 +449,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
             "unfetchable": _pending(runtime.pending().unfetchable()),
+            "store": _store_status(runtime),
             "tables": _tables_status(runtime, watermark),
             "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
         },
@@ -444,6 +457,25 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         lambda document: render_status(document, now),
     )
     return 0
+
+
+def _store_status(runtime: Runtime) -> dict[str, Any] | None:
+    """The store's last recorded proof (see poller.archive.probe), and what is lost when it
+    runs without conditional writes; None when no run has proved it today."""
+    s3 = runtime.settings.s3
+    proof = recorded_proof(
+        runtime.store, runtime.layout, fingerprint(write_options(s3), s3.require_conditional_writes)
+    )
+    if proof is None:
+        return None
+    document: dict[str, Any] = {
+        "proven_at": proof.recorded_at,
+        "keeps_bodies": proof.keeps_bodies,
+        "conditional_writes": proof.conditional_writes,
+    }
+    if not proof.conditional_writes:
+        document["unguarded"] = UNGUARDED
+    return document
 
 
 def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, Any]:
@@ -489,6 +521,12 @@ def fix_for(error: PollerError) -> str:
     if isinstance(error, ApiUnavailable):
         return "check THREATSTACK_BASE_URL and that this machine can reach it (proxy, firewall)"
     if isinstance(error, ArchiveAccessError):
+        if any(code in text for code in CREDENTIAL_CODES):
+            return (
+                "S3 refused the AWS credentials (expired, rotated or wrong): renew them (the"
+                " rotated key file, a new session token, the IRSA role); the daemon re-reads"
+                " them on its own"
+            )
         if "NoSuchBucket" in text:
             return "create the bucket, or set TS_AWS_S3_BUCKET to an existing one"
         if "credentials" in text:
@@ -512,27 +550,22 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         fixes["threatstack"] = fix_for(exc)
         code = 1
     try:
-        honoured = check_bucket(runtime.store, runtime.layout, runtime.run_id)
+        proof = runtime.probe(fresh=True)  # check always asks the store afresh
         report["bucket"] = "ok"
-        report["conditional_writes"] = honoured
-        if not honoured:
-            if settings.s3.require_conditional_writes:
-                report["bucket"] = "refused: the store ignores conditional writes"
-                fixes["bucket"] = (
-                    "use a store that honours If-None-Match/If-Match, or set"
-                    " s3.require_conditional_writes=false to run without guards"
-                )
-                code = 1
+        report["conditional_writes"] = proof.conditional_writes
+        require = settings.s3.require_conditional_writes
+        for finding in proof.findings:
+            if finding.ok:
+                report[finding.name] = "ok"
+            elif finding.name in ("create_only", "compare_and_swap") and not require:
+                report[finding.name] = f"allowed: {finding.detail}"
+                report["unguarded"] = UNGUARDED
             else:
-                log.warning(
-                    "store.unguarded",
-                    extra={
-                        "fields": {
-                            "message": "conditional writes are ignored; running"
-                            " unguarded as configured"
-                        }
-                    },
-                )
+                report[finding.name] = f"failed: the store {finding.detail}"
+                fixes[finding.name] = finding.fix
+                code = 1
+        for name in FINDINGS:
+            report.setdefault(name, "not run (the write failed)")
     except PollerError as exc:
         report["bucket"] = f"failed: {exc}"
         fixes["bucket"] = fix_for(exc)
@@ -576,6 +609,7 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
             ["receiver.token: required for poller serve (set POLLER_RECEIVER__TOKEN_FILE)"]
         )
     runtime = build(settings, "serve", run_id=run_id)
+    runtime.prove_store()  # before the first webhook is written
     stop = runtime.stop
 
     def alive() -> tuple[bool, dict[str, Any]]:

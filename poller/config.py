@@ -257,11 +257,18 @@ class S3Settings(_Section):
     max_concurrency: Whole = setting(16, "parallel S3 writes", ge=1, le=256)
     max_attempts: Whole = setting(8, "botocore standard-mode attempts per S3 call", ge=1, le=50)
     require_conditional_writes: Flag = setting(
-        True, "refuse a store that ignores If-None-Match/If-Match"
+        True,
+        "refuse a store that ignores or lacks If-None-Match/If-Match; `false`: on such a store"
+        " send neither header, single writer through the lease alone (README, *S3-compatible"
+        " stores*)",
     )
     # The archive as evidence: these apply to every object poller writes (retention: to
     # archived records only).
-    checksums: Flag = setting(True, "a SHA-256 checksum on every PUT, verified by S3")
+    checksums: Flag = setting(
+        True,
+        "a SHA-256 checksum on every PUT, verified by S3; `false`: no checksum at all (no"
+        " aws-chunked uploads over HTTPS), for stores that reject or mangle them",
+    )
     sse: Sse = setting("", "`AES256` (SSE-S3) or `aws:kms` (SSE-KMS) on every object")
     kms_key_id: Text = setting("", "the KMS key, with `sse: aws:kms`")
     storage_class: Annotated[StorageClass, BeforeValidator(_text)] = setting(

@@ -12,7 +12,10 @@
     │   ├── ArchiveAccessError       S3 AccessDenied, NoSuchBucket, bad credentials
     │   ├── CheckpointConflict       someone else moved the checkpoint under us
     │   ├── LeaseLost                our lease was taken over; we must not commit
-    │   └── UnguardedStore           the store ignores conditional writes
+    │   ├── UnguardedStore           the store ignores or lacks conditional writes
+    │   │   └── ConditionalWritesUnsupported   a conditional header answered 501
+    │   ├── StoreUnfit               the store does not keep bodies byte for byte
+    │   └── UnreadableState          a lease or checkpoint that is not what poller wrote
     └── RetriableError               transient; retried at the I/O edge, then fatal for the run
         ├── ApiUnavailable           Threat Stack 5xx, timeout, dropped connection
         ├── RateLimited              Threat Stack 429 (carries ``retry_after`` seconds)
@@ -93,7 +96,22 @@ class LeaseLost(FatalError):
 
 
 class UnguardedStore(FatalError):
-    """The S3 store ignores conditional writes, and the configuration refuses that."""
+    """The S3 store ignores or lacks conditional writes, and the configuration refuses that."""
+
+
+class ConditionalWritesUnsupported(UnguardedStore):
+    """A write with ``If-None-Match``/``If-Match`` was answered 501 NotImplemented (or the
+    like): this store lacks conditional writes. Never transient: retrying cannot help."""
+
+
+class StoreUnfit(FatalError):
+    """The store does not keep what poller writes: a body or its content type came back
+    changed, or boto3's upload was rejected. Nothing may be archived on it as configured."""
+
+
+class UnreadableState(FatalError):
+    """A lease or checkpoint object that is not what poller wrote (not JSON, another
+    version, framing): named with its key and what to do, never guessed around."""
 
 
 class RetriableError(PollerError):

@@ -118,6 +118,8 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
     checkpoint = report.get("checkpoint")
     if checkpoint is None:
         row("checkpoint", "none yet: the first run starts at sync.first_run_since")
+    elif "unreadable" in checkpoint:
+        row("checkpoint", Text(checkpoint["unreadable"], style="bold red"))
     else:
         lag = report.get("lag_s")
         row("watermark", f"{checkpoint['watermark']}  (lag {span(lag)})")
@@ -132,6 +134,13 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         )
         row("seen ids", str(checkpoint.get("seen_ids", 0)))
     row("lease", _lease_line(report.get("lease")))
+    store = report.get("store")
+    if store is None:
+        row("store", "not proved today (the next writing run proves it; poller check now)")
+    elif store.get("conditional_writes"):
+        row("store", Text(f"proved {store.get('proven_at')}: bodies kept, conditional writes"))
+    else:
+        row("store", Text(f"proved {store.get('proven_at')}: {store.get('unguarded')}", "yellow"))
     revisit = report.get("revisit") or {}
     if revisit.get("last") or revisit.get("current"):
         row("revisit", _revisit_line(revisit))
@@ -189,6 +198,12 @@ def _revisit_line(revisit: dict[str, Any]) -> Text:
 def _lease_line(lease: dict[str, Any] | None) -> Text:
     if lease is None:
         return Text("free (never taken)", style="green")
+    if "unreadable" in lease:
+        return Text(
+            f"unreadable ({lease['unreadable']}): not a lease poller wrote; runs refuse it"
+            " until it is deleted",
+            style="bold red",
+        )
     who = (
         f"run {lease.get('run_id')} ({lease.get('mode')})"
         f" on {lease.get('host')} pid {lease.get('pid')}"
@@ -206,6 +221,10 @@ CHECK_LABELS = (
     ("config", "configuration"),
     ("threatstack", "Threat Stack"),
     ("bucket", "bucket"),
+    ("write", "probe write"),
+    ("read_back", "read back"),
+    ("create_only", "create-only"),
+    ("compare_and_swap", "compare+swap"),
 )
 
 
@@ -214,20 +233,26 @@ def render_check(report: dict[str, Any]) -> Group:
     lines: list[Text] = []
     fixes = report.get("fix") or {}
     for key, label in CHECK_LABELS:
+        if key not in report and key in ("write", "read_back", "create_only", "compare_and_swap"):
+            continue  # the bucket could not be reached: its line says why
         verdict = str(report.get(key, "not run"))
         ok = verdict == "ok"
+        allowed = verdict.startswith("allowed:")
         line = Text()
-        line.append("✓ " if ok else "✗ ", style="bold green" if ok else "bold red")
+        if allowed:
+            line.append("! ", style="bold yellow")
+        else:
+            line.append("✓ " if ok else "✗ ", style="bold green" if ok else "bold red")
         line.append(f"{label:<14}", style="bold")
         detail = verdict
         if key == "bucket" and ok:
-            detail = (
-                "ok: writable, conditional writes honoured"
-                if report.get("conditional_writes")
-                else "ok: writable, conditional writes IGNORED (running unguarded)"
-            )
+            detail = "ok: reachable"
         line.append(detail)
         lines.append(line)
+        if (allowed and key == "compare_and_swap") or (
+            allowed and "compare_and_swap" not in report
+        ):
+            lines.append(Text(f"  {'':<14}lost: {report.get('unguarded')}", style="yellow"))
         if not ok and key in fixes:
             lines.append(Text(f"  {'':<14}fix: {fixes[key]}", style="yellow"))
     evidence = report.get("evidence")
@@ -321,6 +346,19 @@ def render_verify(report: dict[str, Any]) -> Group:
                 f" {report.get('checksum_absent', 0)} written without a checksum"
                 + (f": {' '.join(report['checksum_mismatch'])}" if bad else ""),
                 style="bold red" if bad else "",
+            )
+        )
+    if report.get("manifest_checked") or report.get("manifest_chain_broken"):
+        changed = report.get("manifest_mismatch_count", 0)
+        broken = report.get("manifest_chain_broken") or []
+        parts.append(
+            Text(
+                f"manifests: {report.get('manifest_checked', 0)} records compared, {changed}"
+                " changed since their day closed"
+                + (f": {' '.join(report['manifest_mismatch'])}" if changed else "")
+                + (f"; manifests changed: {' '.join(broken)}" if broken else "")
+                + f"; {report.get('not_in_manifest', 0)} added after their day closed",
+                style="bold red" if changed or broken else "",
             )
         )
     if report.get("repaired"):

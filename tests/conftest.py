@@ -18,6 +18,7 @@ import boto3
 import hypothesis
 import pytest
 import requests
+from s3proxy import S3Proxy, self_signed_certificate
 
 from poller.archive.records import Alert, Layout, classify, webhook_record
 from poller.simulator import Simulator
@@ -131,6 +132,24 @@ def bucket(s3: Any) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def s3_proxy(
+    moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S3Proxy]:
+    """moto behind TLS (a self-signed certificate), with switchable quirks: started once."""
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    proxy = S3Proxy(moto_server.url, cert, key).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def tls_s3(s3_proxy: S3Proxy, s3: Any) -> S3Proxy:
+    """The TLS endpoint with no quirk on and no request recorded (moto reset by ``s3``)."""
+    s3_proxy.reset()
+    return s3_proxy
+
+
 @pytest.fixture
 def simulator() -> Iterator[Simulator]:
     with Simulator(seed=7) as sim:
@@ -143,6 +162,23 @@ def poller_env(sim: Simulator, moto: MotoServer, bucket: str, **extra: str) -> d
     env.update(AWS_ENV)
     env.update(sim.environment())
     env.update({"TS_AWS_S3_BUCKET": bucket, "AWS_ENDPOINT_URL_S3": moto.url})
+    env.update(extra)
+    return env
+
+
+def tls_env(sim: Simulator, proxy: S3Proxy, bucket: str, **extra: str) -> dict[str, str]:
+    """``poller_env`` with S3 over TLS through ``proxy``, trusted through AWS_CA_BUNDLE: boto3
+    then streams PUTs as aws-chunked with checksum trailers, as it does against AWS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLLER_", "THREATSTACK_"))}
+    env.update(AWS_ENV)
+    env.update(sim.environment())
+    env.update(
+        {
+            "TS_AWS_S3_BUCKET": bucket,
+            "AWS_ENDPOINT_URL_S3": proxy.url,
+            "AWS_CA_BUNDLE": str(proxy.ca_bundle),
+        }
+    )
     env.update(extra)
     return env
 

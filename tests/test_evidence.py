@@ -49,12 +49,14 @@ def test_every_object_carries_a_verified_checksum_sse_and_storage_class_and_reco
         assert head["ChecksumSHA256"] == sha256_b64(body), key  # S3 checked it on the way in
         assert head["ServerSideEncryption"] == "AES256", key
         assert head["StorageClass"] == "STANDARD_IA", key
-        retained = key.startswith(("alerts/", "webhooks/", "_poller/quarantine/"))
+        retained = key.startswith(
+            ("alerts/", "webhooks/", "_poller/quarantine/", "_poller/manifests/")
+        )
         if retained:
             assert head["ObjectLockMode"] == "GOVERNANCE", key
             until = head["ObjectLockRetainUntilDate"]
             assert now + timedelta(days=29) < until < now + timedelta(days=31), key
-        else:  # the checkpoint and the lease are rewritten: never locked
+        else:  # the checkpoint, the lease and the store proof are rewritten: never locked
             assert "ObjectLockMode" not in head, key
 
     report = json.loads(run_poller(["check", "--json"], env).stdout)

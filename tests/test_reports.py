@@ -24,12 +24,16 @@ def test_check_on_a_good_setup(simulator: Simulator, moto_server: MotoServer, bu
     text = run_poller(["check", "--text"], env)
     assert text.returncode == 0, text.stderr[-2000:]
     got = lines(text.stdout)
-    assert got[:3] == [
+    assert got[:7] == [
         "✓ configuration ok",
         "✓ Threat Stack ok",
-        "✓ bucket ok: writable, conditional writes honoured",
+        "✓ bucket ok: reachable",
+        "✓ probe write ok",
+        "✓ read back ok",
+        "✓ create-only ok",
+        "✓ compare+swap ok",
     ]
-    assert got[3].startswith("! evidence versioning off, object lock off")
+    assert got[7].startswith("! evidence versioning off, object lock off")
     assert got[-1] == "all checks passed"
     piped = run_poller(["check"], env)  # stdout is a pipe: JSON, the rule for programs
     assert json.loads(piped.stdout)["ok"] is True
@@ -69,6 +73,7 @@ def test_status_before_and_after_a_run(
         f"archive s3://{bucket}/",
         "checkpoint none yet: the first run starts at sync.first_run_since",
         "lease free (never taken)",
+        "store not proved today (the next writing run proves it; poller check now)",
     ]
     from datetime import timedelta
 
@@ -91,6 +96,10 @@ def test_status_before_and_after_a_run(
         " 12 listed, 12 archived, 0 already archived, 0 quarantined"
     )
     assert after[4].startswith(f"lease free: released by run {checkpoint['updated_by']} (sync)")
+    assert after[5].startswith("store proved ") and after[5].endswith(
+        ": bodies kept, conditional writes"
+    )
+    assert report["store"]["conditional_writes"] is True
 
 
 def test_a_long_sync_on_a_terminal_shows_progress_and_keeps_the_summary_last(

@@ -43,7 +43,11 @@ def make_daemon(
 ) -> tuple[Daemon, Clocks]:
     now = Clocks()
     runtime: Any = SimpleNamespace(
-        settings=Settings(), stop=threading.Event(), run_id="r", budget=RequestBudget(100)
+        settings=Settings(),
+        stop=threading.Event(),
+        run_id="r",
+        budget=RequestBudget(100),
+        store=SimpleNamespace(renewals=0),
     )
 
     def fake_cycle(_runtime: Any, summary: Any, observer: Any) -> Any:

@@ -11,11 +11,18 @@ from typing import Any
 
 import pytest
 
-from poller.archive.probe import check_bucket
+from poller.archive.probe import prove_store
 from poller.archive.records import Layout
 from poller.archive.state import CheckpointStore, Lease
 from poller.archive.store import MemoryObjectStore, ObjectStore, PreconditionFailed, S3ObjectStore
-from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
+from poller.errors import (
+    CheckpointConflict,
+    ConditionalWritesUnsupported,
+    LeaseHeld,
+    LeaseLost,
+    UnguardedStore,
+    UnreadableState,
+)
 from poller.timeutil import utc_now
 
 LAYOUT = Layout("tenant")
@@ -93,6 +100,18 @@ def test_listing(under_test: StoreUnderTest):
     assert sorted(under_test.store.list_keys("a/")) == ["a/1", "a/2"]
 
 
+def test_probe_finds_bodies_kept_and_conditions_honoured(under_test: StoreUnderTest):
+    proof = prove_store(under_test.store, LAYOUT, "run1", checksums=True)
+    assert [(f.name, f.ok) for f in proof.findings] == [
+        ("write", True),
+        ("read_back", True),
+        ("create_only", True),
+        ("compare_and_swap", True),
+    ]
+    assert proof.refusal(require_conditional_writes=True) is None
+    assert under_test.store.list_keys("") == []  # the probe leaves nothing behind
+
+
 def test_listing_with_etags_and_the_first_key(under_test: StoreUnderTest):
     store = under_test.store
     assert store.first_key("p/webhooks/") is None
@@ -104,11 +123,6 @@ def test_listing_with_etags_and_the_first_key(under_test: StoreUnderTest):
     assert [(o.key, o.etag) for o in listed] == sorted(etags.items())
     assert all(o.last_modified.tzinfo is not None for o in listed)
     assert store.first_key("p/webhooks/") == "p/webhooks/2026/11/01/y"
-
-
-def test_probe_finds_conditions_honoured(under_test: StoreUnderTest):
-    assert check_bucket(under_test.store, LAYOUT, "run1") is True
-    assert under_test.store.list_keys("") == []  # the probe leaves nothing behind
 
 
 # ------------------------------------------------------------------ the checkpoint
@@ -143,22 +157,27 @@ def test_checkpoint_never_moves_backwards(under_test: StoreUnderTest):
     [
         (b"{not json", "unreadable"),
         (b'{"version": 9, "watermark": null}', "newer poller"),
+        (b'{"watermark": null}', "version None"),
+        (b"2a\r\n{}\r\n0\r\n", "aws-chunked framing.*s3.checksums=false"),
         (b'{"version": 1, "watermark": "yesterday"}', "unreadable"),
         (b'{"version": 1, "watermark": null, "seen": {"a": "x"}}', "unreadable"),
     ],
 )
 def test_a_bad_checkpoint_stops_the_run(under_test: StoreUnderTest, body: bytes, match: str):
     under_test.store.put(LAYOUT.checkpoint_key, body)
-    with pytest.raises(FatalError, match=match):
+    with pytest.raises(UnreadableState, match=match) as raised:
         CheckpointStore(under_test.store, LAYOUT).load()
+    assert LAYOUT.checkpoint_key in str(raised.value) and "delete it" in str(raised.value)
+    stored = under_test.store.get(LAYOUT.checkpoint_key)
+    assert stored is not None and stored.body == body  # never replaced
 
 
 # ------------------------------------------------------------------ the lease
 
 
-def lease(store: ObjectStore, run_id: str, ttl: int = 2, require: bool = True) -> Lease:
+def lease(store: ObjectStore, run_id: str, ttl: int = 2) -> Lease:
     holder = {"run_id": run_id, "mode": "sync", "host": "test", "pid": 1}
-    return Lease(store, LAYOUT, ttl, holder, utc_now, require)
+    return Lease(store, LAYOUT, ttl, holder, utc_now)
 
 
 def test_lease_is_exclusive_until_released(under_test: StoreUnderTest):
@@ -201,13 +220,42 @@ def test_a_fresh_lease_is_not_taken_over(under_test: StoreUnderTest):
 def test_store_without_conditions_is_refused_unless_allowed():
     store = MemoryObjectStore()
     store.ignore_conditions = True
-    assert check_bucket(store, LAYOUT, "r") is False
-    with pytest.raises(UnguardedStore, match="require_conditional_writes"):
-        lease(store, "a").acquire()
-    assert released(store)  # it let go again
-    relaxed = lease(store, "a", require=False)
-    relaxed.acquire()
-    assert relaxed.held
+    proof = prove_store(store, LAYOUT, "r", checksums=True)
+    assert not proof.conditional_writes and proof.keeps_bodies
+    refusal = proof.refusal(require_conditional_writes=True)
+    assert isinstance(refusal, UnguardedStore)
+    assert "ignores If-None-Match" in str(refusal)
+    assert "require_conditional_writes=false" in str(refusal)
+    assert proof.refusal(require_conditional_writes=False) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b'{"version": 7, "run_id": "x"}', b'{"version": 1}', b"1a\r\n{}\r\n0\r\n"],
+    ids=["not-json", "other-version", "no-run-id", "framing"],
+)
+def test_an_unreadable_lease_is_named_never_held_by_none_and_never_replaced(
+    under_test: StoreUnderTest, body: bytes
+):
+    under_test.store.put(LAYOUT.lease_key, body)
+    under_test.advance(2.5)  # stale too: still not taken over silently
+    with pytest.raises(UnreadableState, match=r"lease tenant/_poller/lease\.json is unreadable"):
+        lease(under_test.store, "a", ttl=1).acquire()
+    stored = under_test.store.get(LAYOUT.lease_key)
+    assert stored is not None and stored.body == body
+    info = lease(under_test.store, "a").inspect()
+    assert info is not None and info.problem and "None" not in info.problem
+
+
+def test_a_store_that_answers_if_match_with_501_does_not_keep_the_lease_held():
+    store = MemoryObjectStore()
+    holder = lease(store, "a", ttl=60)
+    holder.acquire()
+    store.lacks_if_match = True
+    with pytest.raises(ConditionalWritesUnsupported, match="require_conditional_writes=false"):
+        holder.renew()
+    holder.release()
+    assert released(store)
 
 
 # ------------------------------------------------------------------ lost responses

@@ -32,6 +32,7 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
         (client_error("RequestTimeout", 400), ArchiveUnavailable),
         (client_error("ConditionalRequestConflict", 409), ArchiveUnavailable),
         (client_error("InvalidArgument", 400), FatalError),
+        (client_error("NotImplemented", 501), FatalError),  # a missing feature, not transient
         (botocore.exceptions.NoCredentialsError(), ArchiveAccessError),
         (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), ArchiveUnavailable),
         (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), ArchiveUnavailable),
@@ -68,3 +69,46 @@ def test_requests_are_counted_and_objects_are_json():
     assert store.get("missing") is None
     assert sent() == 3
     assert client.head_object(Bucket="bkt", Key="k")["ContentType"] == "application/json"
+
+
+class RefusingClient:
+    """A client whose credentials S3 refuses (ExpiredToken) on every call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def put_object(self, **_: Any) -> Any:
+        self.calls += 1
+        raise client_error("ExpiredToken", 400)
+
+
+@mock_aws
+def test_refused_credentials_rebuild_the_client_once_and_retry_the_call():
+    fresh: Any = boto3.client("s3", region_name="us-east-1")
+    fresh.create_bucket(Bucket="bkt")
+    stale = RefusingClient()
+    built: list[Any] = []
+
+    def renew() -> Any:
+        built.append(fresh)
+        return fresh
+
+    store = S3ObjectStore(stale, "bkt", renew_client=renew)
+    store.put("k", b"{}", if_none_match=True)
+    assert (stale.calls, len(built), store.renewals) == (1, 1, 1)
+    assert store.get("k") is not None  # the new client is kept
+
+
+def test_credentials_that_keep_failing_are_an_access_error_after_one_renewal():
+    clients = [RefusingClient(), RefusingClient()]
+    store = S3ObjectStore(clients[0], "bkt", renew_client=lambda: clients[1])
+    with pytest.raises(ArchiveAccessError, match="ExpiredToken"):
+        store.put("k", b"{}")
+    assert [c.calls for c in clients] == [1, 1] and store.renewals == 1
+
+
+def test_without_a_way_to_renew_the_error_is_classified_at_once():
+    client = RefusingClient()
+    with pytest.raises(ArchiveAccessError, match="ExpiredToken"):
+        S3ObjectStore(client, "bkt").put("k", b"{}")
+    assert client.calls == 1

@@ -32,7 +32,7 @@ from typing import Any
 
 from poller.archive.records import Layout
 from poller.archive.store import ObjectStore, PreconditionFailed
-from poller.errors import ArchiveAccessError
+from poller.errors import ArchiveAccessError, PollerError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,11 @@ class PrefixAllowance:
         taker: str,
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        before_first_write: Callable[[], object] | None = None,
     ) -> None:
+        # The store proof (SPEC: prove the bucket before the first write): the ledger is a
+        # write like any other, and must not land on a store that mangles or lacks conditions.
+        self._before_first_write = before_first_write
         self._store = store
         self._key = layout.key("_poller", "budget.json")
         self.per_minute = per_minute
@@ -80,20 +84,28 @@ class PrefixAllowance:
                 if self._slots > 0 and now <= self._usable_until:
                     self._slots -= 1
                     return
+                if self._before_first_write is not None:
+                    gate, self._before_first_write = self._before_first_write, None
+                    try:
+                        gate()
+                    except PollerError as exc:
+                        self._off(exc)
+                        return
                 try:
                     wait = self._grant(now)
                 except ArchiveAccessError as exc:
-                    # A bucket this process may not write (a read-only role, no bucket): the
-                    # API call must not fail for it; the process keeps to its own budget.
-                    self.unavailable = str(exc)
-                    log.warning(
-                        "budget.not_shared",
-                        extra={"fields": {"error": str(exc), "key": self._key}},
-                    )
+                    self._off(exc)
                     return
                 if wait > 0:
                     log.info("budget.shared_wait", extra={"fields": {"wait_s": round(wait, 3)}})
                     self._sleep(wait)
+
+    def _off(self, exc: PollerError) -> None:
+        # A bucket this process may not write (a read-only role, no bucket, a store that
+        # failed its proof): the API call must not fail for it; the process keeps to its own
+        # budget, and the command itself reports what is wrong with the store.
+        self.unavailable = str(exc)
+        log.warning("budget.not_shared", extra={"fields": {"error": str(exc), "key": self._key}})
 
     def _grant(self, now: float) -> float:
         """Take a grant (0.0), or say how long to wait before the next try."""

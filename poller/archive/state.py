@@ -37,8 +37,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from poller.archive.records import Layout, parse_compact
-from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
-from poller.errors import CheckpointConflict, FatalError, LeaseHeld, LeaseLost, UnguardedStore
+from poller.archive.store import (
+    ObjectStore,
+    PreconditionFailed,
+    StoredObject,
+    looks_like_chunk_framing,
+)
+from poller.errors import (
+    CheckpointConflict,
+    ConditionalWritesUnsupported,
+    LeaseHeld,
+    LeaseLost,
+    UnreadableState,
+)
 from poller.timeutil import Clock, iso_z
 
 log = logging.getLogger(__name__)
@@ -65,15 +76,43 @@ class Checkpoint:
     document: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_checkpoint(stored: StoredObject, key: str) -> Checkpoint:
+def unreadable(what: str, key: str, body: bytes, why: str, todo: str) -> UnreadableState:
+    """The error for a state object that is not what poller wrote: its key, why, what to do.
+    Never guessed around: starting over could re-read a year, or run beside another writer."""
+    if looks_like_chunk_framing(body):
+        why += (
+            "; it starts with aws-chunked framing: the store kept boto3's upload encoding as"
+            " the body (set s3.checksums=false, see README, S3-compatible stores)"
+        )
+    return UnreadableState(f"the {what} {key} is unreadable ({why}); nothing was changed. {todo}")
+
+
+def _document(body: bytes, version: int) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object of a state document of ``version``, or None and why not."""
     try:
-        document = json.loads(stored.body)
-        version = document["version"]
-        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-            raise FatalError(
-                f"checkpoint {key} has version {version!r}; this poller reads version"
-                f" {CHECKPOINT_VERSION} (was it written by a newer poller?)"
-            )
+        document = json.loads(body)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(document, dict):
+        return None, "not a JSON object"
+    found = document.get("version")
+    if found != version:
+        newer = isinstance(found, int) and found > version
+        hint = " (written by a newer poller?)" if newer else ""
+        return None, f"version {found!r}, this poller reads version {version}{hint}"
+    return document, ""
+
+
+def _parse_checkpoint(stored: StoredObject, key: str) -> Checkpoint:
+    todo = (
+        "Inspect it (aws s3 cp s3://BUCKET/KEY -); restore a good version if the bucket keeps"
+        " versions, or delete it to restart from sync.first_run_since (verify --repair then"
+        " fills any gap)"
+    )
+    document, why = _document(stored.body, CHECKPOINT_VERSION)
+    if document is None:
+        raise unreadable("checkpoint", key, stored.body, why, todo)
+    try:
         watermark_text = document.get("watermark")
         watermark = (
             datetime.fromisoformat(watermark_text.replace("Z", "+00:00")).astimezone(UTC)
@@ -81,14 +120,9 @@ def _parse_checkpoint(stored: StoredObject, key: str) -> Checkpoint:
             else None
         )
         seen = {str(k): int(v) for k, v in (document.get("seen") or {}).items()}
-    except FatalError:
-        raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        # Never guess: starting over could re-read a year; stopping loses nothing.
-        raise FatalError(
-            f"checkpoint {key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
-            " to restart from sync.first_run_since"
-        ) from exc
+        why = f"a field does not read: {type(exc).__name__}"
+        raise unreadable("checkpoint", key, stored.body, why, todo) from exc
     return Checkpoint(watermark, seen, stored.etag, document)
 
 
@@ -259,6 +293,7 @@ class LeaseInfo:
     document: dict[str, Any]
     age_seconds: float
     stale: bool
+    problem: str = ""  # why the stored lease is unreadable; "" when it reads
 
     @property
     def released(self) -> bool:
@@ -279,7 +314,6 @@ class Lease:
         ttl_seconds: int,
         holder: dict[str, Any],
         clock: Clock,
-        require_conditional_writes: bool = True,
         recent_requests: Callable[[], list[float]] = list,
     ) -> None:
         self._store = store
@@ -287,7 +321,6 @@ class Lease:
         self._ttl = ttl_seconds
         self._holder = dict(holder)
         self._clock = clock
-        self._require_conditions = require_conditional_writes
         self._etag: str | None = None
         self._acquired_at: datetime | None = None
         self._lock = threading.Lock()
@@ -319,35 +352,45 @@ class Lease:
         return None if stored is None else self._info(stored)
 
     def _info(self, stored: StoredObject) -> LeaseInfo:
-        try:
-            document = json.loads(stored.body)
-            if not isinstance(document, dict):
-                document = {"unreadable": True}
-        except ValueError:
-            document = {"unreadable": True}
         age = (stored.server_time - stored.last_modified).total_seconds()
+        document, why = _document(stored.body, LEASE_VERSION)
+        if document is not None and not document.get("run_id"):
+            document, why = None, "no run_id"
+        if document is None:
+            return LeaseInfo({}, age, age > self._ttl, why)
         return LeaseInfo(document, age, age > self._ttl)
+
+    def _refuse_unreadable(self, stored: StoredObject, info: LeaseInfo) -> None:
+        if info.problem:
+            raise unreadable(
+                "lease",
+                self._key,
+                stored.body,
+                info.problem,
+                "If no poller is running on this prefix, inspect it and delete it; the next"
+                " run takes a new lease.",
+            )
 
     def acquire(self) -> None:
         """Take the lease, or take over a stale one; raise LeaseHeld when another holds it."""
-        for _ in range(3):  # the lease may vanish between our write and our read
+        # Read first, write once: the common case (a released lease) costs a GET and one
+        # conditional PUT, and nothing is written before the lease is known to be free.
+        for _ in range(3):  # the lease may appear or vanish between our read and our write
             self._acquired_at = self._clock()
-            body = self._body()
-            try:
-                self._etag = self._store.put(self._key, body, if_none_match=True)
-            except PreconditionFailed:
-                pass
-            else:
-                self._check_conditions_honoured()
-                return
             stored = self._store.get(self._key)
             if stored is None:
-                continue
-            if stored.body == body:  # our own write, whose response was lost
-                self._etag = stored.etag
-                self._check_conditions_honoured()
-                return
+                body = self._body()
+                try:
+                    self._etag = self._store.put(self._key, body, if_none_match=True)
+                    return
+                except PreconditionFailed:
+                    # Another run created it first, or our own write's response was lost.
+                    self._etag = our_write_landed(self._store, self._key, body)
+                    if self._etag is not None:
+                        return
+                    continue
             info = self._info(stored)
+            self._refuse_unreadable(stored, info)
             if not info.free:
                 holder = info.document
                 raise LeaseHeld(
@@ -379,24 +422,6 @@ class Lease:
             return
         raise LeaseHeld("the lease keeps changing hands; giving up this time")
 
-    def _check_conditions_honoured(self) -> None:
-        """A second create-only write of the lease must fail; if it does not, the store
-        ignores conditional writes and nothing here is safe."""
-        try:
-            self._etag = self._store.put(self._key, self._body(), if_none_match=True)
-        except PreconditionFailed:
-            return
-        message = (
-            "this S3 store ignores conditional writes (If-None-Match): the lease and the"
-            " checkpoint cannot protect against concurrent runs"
-        )
-        if self._require_conditions:
-            self.release()
-            raise UnguardedStore(
-                message + "; set s3.require_conditional_writes=false to run anyway"
-            )
-        log.warning("store.unguarded", extra={"fields": {"message": message}})
-
     def renew(self) -> None:
         """Extend the lease; raise LeaseLost when it is no longer ours."""
         with self._lock:
@@ -422,7 +447,12 @@ class Lease:
         if etag is None:
             return
         try:
-            self._store.put(self._key, self._body(released=True), if_match=etag)
+            try:
+                self._store.put(self._key, self._body(released=True), if_match=etag)
+            except ConditionalWritesUnsupported:
+                # A store without If-Match must not keep the lease held for its ttl: we
+                # held it a moment ago, so mark it released plainly.
+                self._store.put(self._key, self._body(released=True))
         except PreconditionFailed:
             pass  # someone else holds it now (or our own write's response was lost)
         except Exception as exc:  # noqa: BLE001 - releasing is best effort; the ttl covers it

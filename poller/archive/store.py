@@ -8,6 +8,8 @@ place, ``classify_s3_error``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +19,24 @@ from typing import Any, Protocol
 
 import botocore.exceptions
 
-from poller.errors import ArchiveAccessError, ArchiveUnavailable, FatalError, PollerError
+from poller.errors import (
+    ArchiveAccessError,
+    ArchiveUnavailable,
+    ConditionalWritesUnsupported,
+    FatalError,
+    PollerError,
+)
 from poller.timeutil import Clock, utc_now
+
+log = logging.getLogger(__name__)
+
+_FRAMING = re.compile(rb"^[0-9a-fA-F]{1,8}(;chunk-signature=[0-9a-f]+)?\r\n")
+
+
+def looks_like_chunk_framing(body: bytes) -> bool:
+    """Whether ``body`` starts as an aws-chunked upload does ("<hex size>\\r\\n...", what a
+    store that does not understand that encoding keeps as the object's body)."""
+    return bool(_FRAMING.match(body))
 
 
 class PreconditionFailed(Exception):
@@ -33,6 +51,7 @@ class StoredObject:
     # The server's clock when it answered (the ``Date`` header): with ``last_modified``
     # it tells an object's age without trusting the local clock.
     server_time: datetime
+    content_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,12 +102,20 @@ class ObjectStore(Protocol):
         object was written without one), or None when there is no such object."""
 
 
-_ACCESS_CODES = {
+# The credentials themselves failed: a rebuilt client (a fresh session re-reads rotated key
+# files, a new web identity token) may succeed where this one cannot.
+CREDENTIAL_CODES = {
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+}
+_ACCESS_CODES = CREDENTIAL_CODES | {
     "AccessDenied",
     "AllAccessDisabled",
     "NoSuchBucket",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
     "InvalidBucketName",
     "AuthorizationHeaderMalformed",
     "PermanentRedirect",
@@ -115,6 +142,9 @@ def classify_s3_error(exc: Exception, what: str) -> PollerError:
         if code in _ACCESS_CODES or status in (301, 403):
             hint = " (the bucket does not exist)" if code == "NoSuchBucket" else ""
             return ArchiveAccessError(f"S3 refused {what}: {code or status}{hint}")
+        if code == "NotImplemented" or status == 501:
+            # The store lacks a feature the request uses: retrying will not add it.
+            return FatalError(f"S3 does not implement {what}: {code or status}")
         if code in _TRANSIENT_CODES or status >= 500 or status == 409:
             return ArchiveUnavailable(f"S3 failed {what}: {code or status}")
         return FatalError(f"S3 rejected {what}: {code or status}")
@@ -126,10 +156,35 @@ def classify_s3_error(exc: Exception, what: str) -> PollerError:
     raise exc
 
 
+def credentials_failed(exc: BaseException) -> bool:
+    """Whether S3 refused the credentials (expired, unknown, wrong secret), or none were found."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) in CREDENTIAL_CODES
+    return isinstance(exc, botocore.exceptions.NoCredentialsError)
+
+
+def _lacks_feature(exc: botocore.exceptions.ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code == "NotImplemented" or status == 501
+
+
+def _unsupported(header: str, key: str) -> ConditionalWritesUnsupported:
+    return ConditionalWritesUnsupported(
+        f"this S3 store does not implement {header} (501 NotImplemented writing {key}): it"
+        " lacks conditional writes; use a store that has them, or set"
+        " s3.require_conditional_writes=false (single writer through the lease alone)"
+    )
+
+
 def _is_precondition_failure(exc: botocore.exceptions.ClientError) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in ("PreconditionFailed", "412") or status == 412
+
+
+def _read(response: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    return response, response["Body"].read()
 
 
 def _server_time(response: dict[str, Any]) -> datetime:
@@ -192,19 +247,73 @@ class S3ObjectStore:
         bucket: str,
         options: WriteOptions | None = None,
         clock: Clock = utc_now,
+        *,
+        conditional_writes: bool = True,
+        renew_client: Callable[[], Any] | None = None,
     ) -> None:
         self._client = client
+        # Builds a client from a fresh session: called once when S3 refuses the credentials,
+        # and the call is retried once with it (rotated keys, expired session tokens).
+        self._renew_client = renew_client
+        self._renew_lock = threading.Lock()
+        self.renewals = 0
         self.bucket = bucket
         self._options = options or WriteOptions()
         self._clock = clock
+        # False (s3.require_conditional_writes=false on a store that lacks them): no
+        # If-None-Match/If-Match header is ever sent; the conditions are checked by a HEAD
+        # just before the write instead, which is not atomic (see README).
+        self.conditional_writes = conditional_writes
+
+    def natively(self) -> S3ObjectStore:
+        """This store sending the conditional headers whatever the setting (the probe's)."""
+        if self.conditional_writes:
+            return self
+        return S3ObjectStore(
+            self._client, self.bucket, self._options, self._clock, renew_client=self._renew_client
+        )
+
+    def _call(self, call: Callable[[Any], Any]) -> Any:
+        """``call(client)``; when S3 refuses the credentials, once more with a new client."""
+        client = self._client
+        try:
+            return call(client)
+        except (botocore.exceptions.ClientError, botocore.exceptions.NoCredentialsError) as exc:
+            if self._renew_client is None or not credentials_failed(exc):
+                raise
+        with self._renew_lock:
+            if self._client is client:  # one rebuild for all the calls that failed with it
+                self._client = self._renew_client()
+                self.renewals += 1
+                log.warning("s3.credentials_renewed", extra={"fields": {"renewals": self.renewals}})
+        return call(self._client)
+
+    def _current_etag(self, key: str) -> str | None:
+        try:
+            return str(self._call(lambda c: c.head_object(Bucket=self.bucket, Key=key))["ETag"])
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise classify_s3_error(exc, f"reading {key}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise classify_s3_error(exc, f"reading {key}") from exc
+
+    def _emulate(self, key: str, if_none_match: bool, if_match: str | None) -> None:
+        """The conditions, checked by a HEAD (a race can slip between it and the write)."""
+        if not if_none_match and if_match is None:
+            return
+        current = self._current_etag(key)
+        if if_none_match and current is not None:
+            raise PreconditionFailed(key)
+        if if_match is not None and current != if_match:
+            raise PreconditionFailed(key)
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self.bucket!r})"
 
     def get(self, key: str) -> StoredObject | None:
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"].read()
+            response, body = self._call(lambda c: _read(c.get_object(Bucket=self.bucket, Key=key)))
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -216,6 +325,7 @@ class S3ObjectStore:
             etag=response["ETag"],
             last_modified=response["LastModified"].astimezone(UTC),
             server_time=_server_time(response),
+            content_type=str(response.get("ContentType") or ""),
         )
 
     def put(
@@ -229,23 +339,31 @@ class S3ObjectStore:
         content_type: str = "application/json",
     ) -> str:
         conditions: dict[str, Any] = self._options.arguments(retain, self._clock())
-        if if_none_match:
-            conditions["IfNoneMatch"] = "*"
-        if if_match is not None:
-            conditions["IfMatch"] = if_match
+        if not self.conditional_writes:
+            self._emulate(key, if_none_match, if_match)
+        else:
+            if if_none_match:
+                conditions["IfNoneMatch"] = "*"
+            if if_match is not None:
+                conditions["IfMatch"] = if_match
         try:
-            response = self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentType=content_type,
-                **conditions,
+            response = self._call(
+                lambda c: c.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=content_type,
+                    **conditions,
+                )
             )
         except botocore.exceptions.ClientError as exc:
             if _is_precondition_failure(exc):
                 raise PreconditionFailed(key) from exc
-            if if_match is not None and exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+            if "IfMatch" in conditions and exc.response.get("Error", {}).get("Code") == "NoSuchKey":
                 raise PreconditionFailed(key) from exc
+            if _lacks_feature(exc) and ("IfMatch" in conditions or "IfNoneMatch" in conditions):
+                header = "If-Match" if "IfMatch" in conditions else "If-None-Match"
+                raise _unsupported(header, key) from exc
             raise classify_s3_error(exc, f"writing {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise classify_s3_error(exc, f"writing {key}") from exc
@@ -253,27 +371,39 @@ class S3ObjectStore:
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         extra = {"IfMatch": if_match} if if_match is not None else {}
+        if not self.conditional_writes and extra:
+            current = self._current_etag(key)
+            if current is None:
+                return
+            if current != if_match:
+                raise PreconditionFailed(key)
+            extra = {}
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=key, **extra)
+            self._call(lambda c: c.delete_object(Bucket=self.bucket, Key=key, **extra))
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code in ("NoSuchKey", "404"):
                 return
             if _is_precondition_failure(exc):
                 raise PreconditionFailed(key) from exc
+            if _lacks_feature(exc) and extra:
+                raise _unsupported("If-Match", key) from exc
             raise classify_s3_error(exc, f"deleting {key}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise classify_s3_error(exc, f"deleting {key}") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
-            paginator = self._client.get_paginator("list_objects_v2")
+        def listing(client: Any) -> list[str]:
+            keys: list[str] = []
+            paginator = client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(item["Key"] for item in page.get("Contents", []))
+            return keys
+
+        try:
+            return list(self._call(listing))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
-        return keys
 
     def list_objects(self, prefix: str) -> list[ListedObject]:
         found: list[ListedObject] = []
@@ -298,8 +428,9 @@ class S3ObjectStore:
 
     def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-            body = response["Body"].read()
+            response, body = self._call(
+                lambda c: _read(c.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"))
+            )
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -322,13 +453,15 @@ class S3ObjectStore:
             except botocore.exceptions.BotoCoreError:
                 return None
 
-        versioning = ask(lambda: self._client.get_bucket_versioning(Bucket=self.bucket), ())
+        versioning = ask(
+            lambda: self._call(lambda c: c.get_bucket_versioning(Bucket=self.bucket)), ()
+        )
         lock = ask(
-            lambda: self._client.get_object_lock_configuration(Bucket=self.bucket),
+            lambda: self._call(lambda c: c.get_object_lock_configuration(Bucket=self.bucket)),
             ("ObjectLockConfigurationNotFoundError",),
         )
         encryption = ask(
-            lambda: self._client.get_bucket_encryption(Bucket=self.bucket),
+            lambda: self._call(lambda c: c.get_bucket_encryption(Bucket=self.bucket)),
             ("ServerSideEncryptionConfigurationNotFoundError",),
         )
         return BucketProtection(
@@ -369,6 +502,7 @@ class MemoryObjectStore:
         self.requests = 0
         self._version = 0
         self.ignore_conditions = False  # behave like a store that drops the headers
+        self.lacks_if_match = False  # behave like a store that answers If-Match with 501
 
     def get(self, key: str) -> StoredObject | None:
         with self._lock:
@@ -376,7 +510,9 @@ class MemoryObjectStore:
             found = self._objects.get(key)
             if found is None:
                 return None
-            return StoredObject(found.body, found.etag, found.last_modified, self._clock())
+            return StoredObject(
+                found.body, found.etag, found.last_modified, self._clock(), "application/json"
+            )
 
     def put(
         self,
@@ -391,6 +527,8 @@ class MemoryObjectStore:
         with self._lock:
             self.requests += 1
             current = self._objects.get(key)
+            if self.lacks_if_match and if_match is not None:
+                raise _unsupported("If-Match", key)
             if not self.ignore_conditions:
                 if if_none_match and current is not None:
                     raise PreconditionFailed(key)
@@ -445,14 +583,28 @@ class MemoryObjectStore:
             return {key: obj.body for key, obj in self._objects.items()}
 
 
-def count_requests(client: Any) -> Callable[[], int]:
-    """Count every HTTP request a boto3 client sends (retries included); returns a reader."""
-    sent = [0]
-    lock = threading.Lock()
+class RequestCounter:
+    """Counts every HTTP request the boto3 clients it is attached to send (retries included);
+    calling it reads the count. A renewed client is attached too, so the count goes on."""
 
-    def on_send(**_: Any) -> None:
-        with lock:
-            sent[0] += 1
+    def __init__(self) -> None:
+        self._sent = 0
+        self._lock = threading.Lock()
 
-    client.meta.events.register("before-send.s3", on_send)
-    return lambda: sent[0]
+    def attach(self, client: Any) -> Any:
+        client.meta.events.register("before-send.s3", self._on_send)
+        return client
+
+    def _on_send(self, **_: Any) -> None:
+        with self._lock:
+            self._sent += 1
+
+    def __call__(self) -> int:
+        return self._sent
+
+
+def count_requests(client: Any) -> RequestCounter:
+    """A counter attached to ``client``: calling it reads the count."""
+    counter = RequestCounter()
+    counter.attach(client)
+    return counter

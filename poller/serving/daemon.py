@@ -118,6 +118,7 @@ class Daemon:
             self.metrics.failures_in_a_row.set(self.failures_in_a_row)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
             self.metrics.budget.set(self.runtime.budget.per_minute)
+            self.metrics.credential_renewals.set(getattr(self.runtime.store, "renewals", 0))
             if outcome == "ok":
                 self.tables(summary)
 
@@ -242,6 +243,13 @@ class Daemon:
 
     def run(self) -> int:
         settings = self.runtime.settings
+        try:
+            # Before the push path or a cycle writes anything. A store that cannot be used
+            # as configured will not get better: exit, and say why and what to set.
+            self.runtime.prove_store()
+        except PollerError as exc:
+            log.error("daemon.refused", extra={"fields": {"error": str(exc)}})
+            return exc.exit_code
 
         def on_signal(signum: int, _frame: object) -> None:
             log.warning("daemon.stopping", extra={"fields": {"signal": signum}})

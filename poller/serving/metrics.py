@@ -41,6 +41,11 @@ class Metrics:
             "Threat Stack requests started in the last 60 s (against the budget)",
             registry=self.registry,
         )
+        self.credential_renewals = Gauge(
+            "poller_s3_credential_renewals",
+            "S3 clients rebuilt from a fresh session after S3 refused the credentials",
+            registry=self.registry,
+        )
         self.failures_in_a_row = Gauge(
             "poller_failed_cycles_in_a_row",
             "Cycles that failed since the last good one (/healthz turns red at 5)",

@@ -35,9 +35,10 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from poller.archive.manifests import Manifests, sha256_hex
 from poller.archive.records import Alert, Layout, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
@@ -83,6 +84,10 @@ class Findings:
     checksums_checked: int = 0
     checksum_mismatch: list[str] = field(default_factory=list)  # keys whose body changed
     checksum_absent: int = 0  # records written without a checksum (before 0.1.0, or off)
+    manifest_checked: int = 0  # records compared with their day's manifest
+    manifest_mismatch: list[str] = field(default_factory=list)  # keys changed since closing
+    manifest_chain_broken: list[str] = field(default_factory=list)  # days whose manifest changed
+    not_in_manifest: int = 0  # records added to a day after its manifest was written
     to_repair: int = 0  # alerts with at least one record missing
     repaired: int = 0
     dismissals_missing: list[str] = field(default_factory=list)  # the first IDS_SHOWN
@@ -106,7 +111,8 @@ class Findings:
         dismissals = self.dismissals_missing_count == 0 or (
             self.repair_asked and self.dismissals_repaired == self.dismissals_missing_count
         )
-        return restored and dismissals and not self.checksum_mismatch
+        altered = self.checksum_mismatch or self.manifest_mismatch or self.manifest_chain_broken
+        return restored and dismissals and not altered
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +130,11 @@ class Findings:
             "checksum_mismatch": self.checksum_mismatch[:IDS_SHOWN],
             "checksum_mismatch_count": len(self.checksum_mismatch),
             "checksum_absent": self.checksum_absent,
+            "manifest_checked": self.manifest_checked,
+            "manifest_mismatch": self.manifest_mismatch[:IDS_SHOWN],
+            "manifest_mismatch_count": len(self.manifest_mismatch),
+            "manifest_chain_broken": self.manifest_chain_broken,
+            "not_in_manifest": self.not_in_manifest,
             "malformed_in_api": self.malformed,
             "days": [row.__dict__ for row in self.days],
         }
@@ -259,11 +270,13 @@ class Verifier:
         self._dismissals(found, archived_alerts, repair, row, findings, summary)
 
         if checksums:
+            recorded = self._manifest(nominal.date(), findings)
             for alert_id in sorted(archived_alerts & set(found)):
-                self._check_sum(self.layout.alert_key(alert_id), findings)
+                self._check_sum(self.layout.alert_key(alert_id), findings, recorded)
             for alert_id in sorted(set(found) & set(webhook_ids)):
                 alert = found[alert_id][0]
-                self._check_sum(self.layout.webhook_key(alert_id, alert.created), findings)
+                key = self.layout.webhook_key(alert_id, alert.created)
+                self._check_sum(key, findings, recorded)
         to_repair = sorted(set(missing_alerts) | set(missing_webhooks))
         findings.to_repair += len(to_repair)
         if repair:
@@ -315,12 +328,38 @@ class Verifier:
             if written:
                 summary.dismissals_archived += 1
 
-    def _check_sum(self, key: str, findings: Findings) -> None:
-        """Does the body still hash to the SHA-256 S3 stored when it was written?"""
+    def _manifest(self, day: date, findings: Findings) -> dict[str, str] | None:
+        """The records of ``day``'s manifest (None: the day has none), after checking that
+        the manifest before it is still what this one recorded."""
+        manifests = Manifests(self.store, self.layout)
+        loaded = manifests.load(day)
+        if loaded is None:
+            return None
+        document, _ = loaded
+        previous = document.get("previous")
+        if isinstance(previous, dict) and previous.get("day"):
+            before = manifests.load(date.fromisoformat(str(previous["day"])))
+            if before is None or sha256_hex(before[1]) != previous.get("sha256"):
+                findings.manifest_chain_broken.append(str(previous["day"]))
+                log.error("verify.manifest_changed", extra={"fields": {"day": previous["day"]}})
+        records = document.get("records")
+        return {str(k): str(v) for k, v in records.items()} if isinstance(records, dict) else {}
+
+    def _check_sum(self, key: str, findings: Findings, recorded: dict[str, str] | None) -> None:
+        """Does the body still hash to the SHA-256 S3 stored when it was written, and to the
+        one its day's manifest recorded when the day closed?"""
         stored = self.store.stored_checksum(key)
         if stored is None:
             return
         body, checksum = stored
+        if recorded is not None:
+            if key not in recorded:
+                findings.not_in_manifest += 1
+            else:
+                findings.manifest_checked += 1
+                if sha256_hex(body) != recorded[key]:
+                    findings.manifest_mismatch.append(key)
+                    log.error("verify.manifest_mismatch", extra={"fields": {"key": key}})
         findings.checksums_checked += 1
         if checksum is None:
             findings.checksum_absent += 1
