@@ -241,6 +241,7 @@ class Revisit:
             if since < until:
                 for page in self.source.list_alerts("dismissed", since, until):
                     pages += 1
+                    guard.progress(summary)
                     if guard.stopping():
                         raise Stopped()
                     for raw in page:
