@@ -39,7 +39,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from poller.archive.manifests import Manifests, sha256_hex
-from poller.archive.records import Alert, Layout, classify
+from poller.archive.records import UNENCODABLE, Alert, Layout, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
 from poller.timeutil import Clock, iso_z
@@ -323,7 +323,16 @@ class Verifier:
         if not repair:
             return
         for alert_id in missing:
-            written = self.archive.store_dismissal(dismissed[alert_id])
+            try:
+                written = self.archive.store_dismissal(dismissed[alert_id])
+            except UNENCODABLE as exc:
+                # No faithful JSON form (NaN, say): left missing, as the revisit leaves it,
+                # rather than ending the repair of every other alert.
+                log.warning(
+                    "dismissal.unencodable",
+                    extra={"fields": {"id": alert_id, "error": type(exc).__name__}},
+                )
+                continue
             findings.dismissals_repaired += 1
             if written:
                 summary.dismissals_archived += 1
