@@ -135,7 +135,19 @@ def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
             body = ", ".join(f'"{name}" {kind}' for name, kind in columns)
             con.execute(f'CREATE TABLE {table} ({body}, "date" DATE)')
     con.execute(f"CREATE VIEW alerts_latest AS {ALERTS_LATEST}")
+    confine(con, [p for table in TABLES for p in files.get(table, [])])
     return con
+
+
+def confine(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
+    """Read-only and confined: the SQL may read the cached parts and nothing else on this
+    machine or the network (no ``COPY ... TO``, ``ATTACH``, ``read_csv('/etc/passwd')``,
+    ``INSTALL``/``LOAD``), and cannot undo this (the configuration is locked)."""
+    con.execute(f"SET allowed_paths = {_quoted_list(paths)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
 
 
 @dataclass
