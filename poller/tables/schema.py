@@ -61,6 +61,13 @@ def _moment(value: Any) -> datetime | None:
     return moment if 1970 < moment.year < 10_000 else None
 
 
+def _severity(value: Any) -> int | None:
+    """An INTEGER column: a number beyond its range is None (the record keeps it), never a
+    row that makes DuckDB refuse the whole batch."""
+    number = as_integer(value)
+    return number if number is not None and -(2**31) <= number < 2**31 else None
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
@@ -95,7 +102,7 @@ def alert_row(body: bytes, key: str) -> dict[str, Any] | None:
         "id": raw["id"],
         "created_at": _stamp(created),
         "title": as_text(raw.get("title")),
-        "severity": as_integer(raw.get("severity")),
+        "severity": _severity(raw.get("severity")),
         "is_dismissed": _flag(raw.get("isDismissed")) or dismissed_at is not None,
         "dismissed_at": _stamp(dismissed_at),
         "dismiss_reason": as_text(raw.get("dismissReason")),

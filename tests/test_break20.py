@@ -1,0 +1,88 @@
+"""Break-it review of issue 20 (query tables): reproducers over the in-memory World of
+tests/test_tables.py."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_tables import DAY1, World
+
+from poller.errors import QueryError
+from poller.tables.query import connect, run_sql
+
+
+def _query(world: World, sql: str) -> list[tuple[Any, ...]]:
+    from datetime import date
+
+    from poller.tables.query import PartCache
+
+    fetched = PartCache(world.store, world.layout, world.tmp / "cache").fetch(
+        date(2026, 1, 1), date(2027, 1, 1)
+    )
+    return run_sql(connect(fetched.files), sql).rows
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT 42 AS x) TO '{tmp}/written.csv'",
+        "COPY alerts TO '{tmp}/written.parquet' (FORMAT parquet)",
+        "ATTACH '{tmp}/written.duckdb' AS x",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM glob('/etc/*')",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "EXPORT DATABASE '{tmp}/written'",
+    ],
+)
+def test_query_is_read_only_and_confined_to_the_cached_parts(tmp_path: Path, sql: str) -> None:
+    (tmp_path / "w").mkdir()
+    world = World(tmp_path / "w")
+    world.build()
+    with pytest.raises(QueryError):
+        _query(world, sql.format(tmp=tmp_path))
+    assert not list(tmp_path.glob("written*"))
+    # ...while the tables themselves still answer
+    assert _query(world, "SELECT count(*) FROM alerts_latest")[0][0] > 0
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"severity": "2"},
+        {"severity": "high"},
+        {"severity": 2**40},
+        {"severity": "9999999999999999999"},
+        {"severity": 1.5},
+        {"title": "\U0001f600 \u202e NUL\u0000 " + "x" * 300_000},
+        {"title": {"nested": [1, 2]}},
+        {"agentId": 12345},
+        {"dismissedAt": "not a time", "isDismissed": "true"},
+        {"dismissReason": None, "dataSource": ""},
+    ],
+)
+def test_odd_alerts_never_break_a_pass(tmp_path: Path, odd: dict[str, Any]) -> None:
+    world = World(tmp_path, count=4, dismissed=0)
+    doc = world.factory.alert(DAY1 + timedelta(hours=5))
+    doc.update(odd)
+    world.put(doc)
+    report = world.build()
+    assert report.ok
+    rows = _query(world, f"SELECT record FROM alerts WHERE id = '{doc['id']}'")
+    assert len(rows) == 1 and json.loads(rows[0][0]) == doc
+
+
+def test_an_alert_missing_optional_fields_gets_a_row(tmp_path: Path) -> None:
+    world = World(tmp_path, count=2, dismissed=0)
+    doc = {"id": "bare0001abcd", "createdAt": (DAY1 + timedelta(hours=3)).isoformat()}
+    world.put(doc)
+    world.build()
+    assert _query(world, "SELECT severity, title FROM alerts WHERE id = 'bare0001abcd'") == [
+        (None, None)
+    ]
