@@ -86,3 +86,49 @@ def test_an_alert_missing_optional_fields_gets_a_row(tmp_path: Path) -> None:
     assert _query(world, "SELECT severity, title FROM alerts WHERE id = 'bare0001abcd'") == [
         (None, None)
     ]
+
+
+def test_a_lone_surrogate_in_a_field_never_breaks_a_pass(tmp_path: Path) -> None:
+    world = World(tmp_path, count=4, dismissed=0)
+    doc = world.factory.alert(DAY1 + timedelta(hours=5))
+    doc["title"] = "half an emoji \ud83d here"
+    world.put(doc)
+    report = world.build()
+    assert report.ok
+    rows = _query(world, f"SELECT record FROM alerts WHERE id = '{doc['id']}'")
+    assert len(rows) == 1 and json.loads(rows[0][0]) == doc
+
+
+def test_a_corrupt_part_in_the_bucket_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    from poller.errors import PollerError
+
+    world = World(tmp_path)
+    world.build()
+    key = next(k for k in world.part_keys("alerts") if "2026-11-01" in k)
+    body = world.store.get(key)
+    assert body is not None
+    world.store.delete(key)
+    world.store.put(key, body.body[: len(body.body) // 2])  # truncated
+    with pytest.raises(PollerError):  # QueryError or FatalError: a message, not a traceback
+        _query(world, "SELECT count(*) FROM alerts")
+
+
+def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
+    from poller.errors import PollerError
+
+    world = World(tmp_path)
+    world.build()
+    key = next(k for k in world.part_keys("alerts") if "2026-11-01" in k)
+    world.store.delete(key)
+    world.store.put(key, b"PAR1 not really")
+    late = world.factory.alert(DAY1 + timedelta(hours=9))
+    world.put(late)
+    builder = world.builder()
+    builder.mark_due(DAY1.date(), "test")
+    with pytest.raises(PollerError, match="cannot be read"):  # not a raw duckdb exception
+        builder.run(builder.plan(world.watermark))
+    # The remedy the message gives: delete the day's parts; the next pass rebuilds the day.
+    world.store.delete(key)
+    assert world.build().ok
+    ids = [r[0] for r in _query(world, "SELECT id FROM alerts")]
+    assert sorted(ids) == sorted(world.closed_ids())
