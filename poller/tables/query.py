@@ -127,10 +127,18 @@ def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
         columns = COLUMNS[table]
         paths = files.get(table, [])
         if paths:
-            con.execute(
-                f'CREATE VIEW {table} AS SELECT {select_list(columns)}, CAST("date" AS DATE)'
-                f' AS "date" FROM read_parquet({_quoted_list(paths)}, hive_partitioning=true)'
-            )
+            try:
+                con.execute(
+                    f'CREATE VIEW {table} AS SELECT {select_list(columns)}, CAST("date" AS DATE)'
+                    f' AS "date" FROM read_parquet({_quoted_list(paths)}, hive_partitioning=true)'
+                )
+            except duckdb.Error as exc:  # a damaged part (in the bucket or in the cache)
+                con.close()
+                raise FatalError(
+                    f"a {table} part cannot be read: {exc} (if the cached copy is damaged,"
+                    " delete it from the cache folder; if the bucket's is, delete every part of"
+                    " that day and table, and poller tables builds the day again)"
+                ) from exc
         else:
             body = ", ".join(f'"{name}" {kind}' for name, kind in columns)
             con.execute(f'CREATE TABLE {table} ({body}, "date" DATE)')
