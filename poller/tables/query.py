@@ -27,7 +27,7 @@ import duckdb
 
 from poller.archive.records import Layout
 from poller.archive.store import ListedObject, ObjectStore
-from poller.errors import FatalError, QueryError
+from poller.errors import ConfigError, FatalError, QueryError
 from poller.tables.keys import TableKeys
 from poller.tables.schema import ALERT_COLUMNS, COLUMNS, TABLES, select_list
 
@@ -105,11 +105,20 @@ class PartCache:
         stored = self._store.get(item.key)
         if stored is None:
             raise FatalError(f"the table part {item.key} vanished while being fetched")
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(stored.body)
-        partial.replace(path)  # never a half-written part under the real name
-        tag.write_text(stored.etag, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(stored.body)
+            partial.replace(path)  # never a half-written part under the real name
+            tag.write_text(stored.etag, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                [
+                    f"tables.cache_dir: the cache folder {self.folder} cannot hold the parts"
+                    f" ({exc.strerror or exc}); set tables.cache_dir"
+                    " (POLLER_TABLES__CACHE_DIR) to a writable folder"
+                ]
+            ) from exc
         fetched.downloaded += 1
         return path
 
