@@ -132,3 +132,54 @@ def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
     assert world.build().ok
     ids = [r[0] for r in _query(world, "SELECT id FROM alerts")]
     assert sorted(ids) == sorted(world.closed_ids())
+
+
+def test_a_stale_cache_is_fetched_again_when_the_etag_moves(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.build()
+    assert _query(world, "SELECT count(*) FROM alerts WHERE title = 'swapped'") == [(0,)]
+    key = next(k for k in world.part_keys("alerts") if "2026-11-01" in k)
+    import duckdb
+
+    swapped = tmp_path / "swapped.parquet"
+    con = duckdb.connect()
+    cached = next((tmp_path / "cache" / "alerts").rglob("date=2026-11-01/*.parquet"))
+    con.execute(
+        f"COPY (SELECT * REPLACE ('swapped' AS title) FROM read_parquet('{cached}'))"
+        f" TO '{swapped}' (FORMAT parquet)"
+    )
+    world.store.delete(key)
+    world.store.put(key, swapped.read_bytes())
+    assert _query(world, "SELECT count(*) FROM alerts WHERE title = 'swapped'")[0][0] > 0
+
+
+def test_every_pass_lists_every_dismissal_record_ever_archived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not fixed: the dismissal records are keyed by id, so each pass (every daemon cycle)
+    lists all of them and holds the listing in memory: O(archive), not O(batch)."""
+    world = World(tmp_path, count=40, dismissed=0)
+    world.build()
+    from poller.archive.store import MemoryObjectStore
+
+    listed: list[int] = []
+    original = MemoryObjectStore.list_objects
+
+    def counting(self: MemoryObjectStore, prefix: str) -> Any:
+        found = original(self, prefix)
+        if prefix == world.layout.key("dismissals") + "/":
+            listed.append(len(list(found)))
+        return found
+
+    for n in range(5):  # dismissal records, as the revisit writes them
+        doc = dict(world.docs[sorted(world.docs)[n]])
+        doc.update(isDismissed=True, dismissedAt=(DAY1 + timedelta(hours=20)).isoformat())
+        world.store.put(
+            world.layout.key("dismissals", doc["id"][:2], doc["id"][2:4], doc["id"]),
+            json.dumps(doc).encode(),
+            if_none_match=True,
+        )
+    monkeypatch.setattr(MemoryObjectStore, "list_objects", counting)
+    world.build()
+    world.build()  # nothing new: still the whole listing
+    assert listed == [5, 5]
