@@ -406,6 +406,22 @@ def test_a_5_mb_body_gets_a_413_the_sender_reads(served: Served):
     assert answer.status_code == 413 and b"max_body" in answer.content
 
 
+def test_a_chunk_declared_over_the_limit_gets_a_413_before_its_data(served: Served):
+    """A chunk of 16 MiB declared (the limit is 1 MiB) and none of it sent: the sender reads
+    a 413 (before, it read nothing and was closed at its request deadline)."""
+    with socket.create_connection(("127.0.0.1", served.port)) as sender:
+        sender.sendall(
+            f"POST /api/v1/s3/alert/{TOKEN} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "1000000\r\n".encode()
+        )
+        sender.settimeout(10)  # a bound on the wait, not a claim
+        answer = b""
+        while chunk := sender.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"max_body" in answer
+
+
 def _hold_40_slow_senders(served: Served, org_id: str) -> None:
     """40 connections to the push port, each sending a header line every second and never
     finishing: /healthz and a real push answer within 2 s throughout (requests' timeout), and

@@ -44,8 +44,11 @@ from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.receiver import ChunkedReceiver
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
+from waitress.utilities import RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,25 @@ LINGER_SECONDS = 2.0  # how long a closing connection keeps reading what the sen
 LINGER_BYTES = 8 * 1024 * 1024
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's request parser, plus: a chunk whose declared size already takes the body
+    past ``max_body_bytes`` is a 413 at once. waitress counts only the chunk bytes that
+    arrive, so a sender that declares a huge chunk and stalls got no answer, just the close
+    at its deadline."""
+
+    def received(self, data: bytes) -> int:
+        consumed = int(super().received(data))
+        receiver = self.body_rcv
+        if self.completed or not isinstance(receiver, ChunkedReceiver):
+            return consumed
+        limit = self.adj.max_request_body_size
+        if self.body_bytes_received + receiver.chunk_remainder >= limit:  # waitress's >=
+            self.error = RequestEntityTooLarge(f"exceeds max_body of {limit}")
+            self.completed = True
+            return len(data)  # the rest of this read is that chunk's, not a next request
+        return consumed
+
+
 class _DeadlineChannel(HTTPChannel):
     """waitress's channel, plus: since when it owes a request (for the server's deadline and
     for choosing whom to displace), its peer address, and a lingering close.
@@ -78,6 +100,7 @@ class _DeadlineChannel(HTTPChannel):
     which can destroy the response before the sender reads it. So, as Apache and nginx do,
     the channel half-closes, then reads and discards for up to ``LINGER_SECONDS``."""
 
+    parser_class = _Parser
     owing_since = 0.0  # accepted, or its last response finished (monotonic)
     source = ""
     cut = False  # closed by the server (deadline, displaced): no linger, nothing to answer
