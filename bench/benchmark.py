@@ -15,6 +15,11 @@ Against the Threat Stack simulator and a moto S3 server process (one for the who
   (f) memory    peak RSS of a 5,000- and a 50,000-alert `poller backfill`
   (g) catch-up  20,000 alerts under the simulator's 200/min organisation limit with the
                 default budget: time to finish, the most requests in any 60 s
+  (h) tables    `poller tables` over 3 days of 10,000 alerts a day (rows/s, peak RSS, S3
+                requests per alert), then `poller query` over a month of parts (the built
+                days' parts copied to 30 days): a filter on one host and a count by severity,
+                with the cache cold and warm. ``--only-tables`` runs just this;
+                ``--tables-days 30`` builds the whole month (seeding it takes ~30 min here)
 
 (a), (b) and (c) alternate within each round; medians and ranges are printed and written as
 JSON. Rate limits are off except in (g).
@@ -47,7 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from poller.archive.records import Alert, Layout, classify, json_body, webhook_record  # noqa: E402
+from poller.archive.state import CheckpointStore  # noqa: E402
+from poller.archive.store import S3ObjectStore  # noqa: E402
 from poller.simulator import Faults, Simulator  # noqa: E402
+from poller.simulator.alerts import AlertFactory  # noqa: E402
 from poller.timeutil import utc_now  # noqa: E402
 
 AWS = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -118,6 +126,25 @@ class Bench:
         )
         env.update(extra)
         return env
+
+    def poller_rows(self, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+        """Run `poller query ...`: its rows, wall time and peak RSS (no summary line)."""
+        with tempfile.NamedTemporaryFile() as usage:
+            started = time.monotonic()
+            result = subprocess.run(
+                [sys.executable, "-c", WRAPPER, *args],
+                env={**env, "BENCH_USAGE": usage.name},
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=ROOT,
+            )
+            wall = time.monotonic() - started
+            rss_kib, _cpu = Path(usage.name).read_text().split()
+        if result.returncode != 0:
+            raise SystemExit(f"poller {args} failed: {result.stderr[-2000:]}")
+        rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        return {"rows": rows, "wall_s": wall, "rss_mib": int(rss_kib) / 1024}
 
     def poller(self, args: list[str], env: dict[str, str]) -> dict[str, Any]:
         """Run `poller ARGS`; its summary plus wall time, peak RSS and CPU of the process."""
@@ -231,9 +258,19 @@ def main() -> None:
     parser.add_argument(
         "--only-memory", action="store_true", help="only (f): the two backfills' peak RSS"
     )
+    parser.add_argument("--only-tables", action="store_true", help="only (h): tables and query")
+    parser.add_argument("--tables-days", type=int, default=3)
+    parser.add_argument("--tables-per-day", type=int, default=10_000)
     args = parser.parse_args()
     if args.only_memory:
         memory_only(args)
+        return
+    if args.only_tables:
+        moto, url = start_moto()
+        try:
+            print_tables(tables_bench(Bench(url), args.tables_days, args.tables_per_day))
+        finally:
+            moto.terminate()
         return
     started = time.monotonic()
     moto, url = start_moto()
@@ -346,11 +383,118 @@ def main() -> None:
                 "max_requests_in_60s": sim.max_requests_in_any_window(60.0),
                 "answered_429": sim.org_limited,
             }
+        results["tables"] = tables_bench(bench, args.tables_days, args.tables_per_day)
     finally:
         moto.terminate()
     results["bench_wall_s"] = time.monotonic() - started
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    if "tables" in results:
+        print_tables(results["tables"])
+
+
+MONTH = 30
+HOST_SQL = "SELECT count(*) FROM alerts_latest WHERE agent_id = '{agent}' AND severity = 1"
+SEVERITY_SQL = "SELECT severity, count(*) FROM alerts GROUP BY severity ORDER BY severity"
+
+
+def tables_bench(bench: Bench, days: int, per_day: int) -> dict[str, Any]:
+    """(h): seed ``days`` closed days of ``per_day`` archived alerts (both records, written
+    directly, 16 threads), run `poller tables`, copy the parts to a month, query it."""
+    from datetime import UTC, datetime
+
+    bucket = bench.bucket()
+    layout = Layout()
+    factory = AlertFactory(seed=21)
+    first = datetime(2026, 10, 1, tzinfo=UTC)
+    client = boto3.client(
+        "s3",
+        endpoint_url=bench.url,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(max_pool_connections=20),
+    )
+
+    def put(item: tuple[str, bytes]) -> None:
+        client.put_object(Bucket=bucket, Key=item[0], Body=item[1], IfNoneMatch="*")
+
+    started = time.monotonic()
+    for day in range(days):
+        objects: list[tuple[str, bytes]] = []
+        start = first + timedelta(days=day)
+        for doc, _, _ in factory.spread(per_day, start, start + timedelta(days=1), 0.3):
+            alert = classify(doc)
+            assert isinstance(alert, Alert)
+            objects.append((layout.alert_key(alert.id), json_body(doc)))
+            objects.append(
+                (layout.webhook_key(alert.id, alert.created), json_body(webhook_record(alert, "o")))
+            )
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(put, objects))
+    seed_s = time.monotonic() - started
+    print(f"  seeded {days * per_day} alerts in {seed_s:.0f} s", flush=True)
+    watermark = first + timedelta(days=MONTH + 1)
+    checkpoints = CheckpointStore(S3ObjectStore(client, bucket), layout)
+    checkpoints.commit(checkpoints.load(), watermark, {}, "bench", "sync", watermark)
+    with Simulator(seed=21) as sim:  # only for the environment's credentials
+        env = bench.env(sim, bucket)
+    built = timed("poller tables", lambda: bench.poller(["tables", "--since", "2026-10-01"], env))
+    # A month of parts: the built days' parts copied (server side) to the other days.
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="tables/").get("Contents", [])
+    parts = [item["Key"] for item in listing]
+    for day in range(days, MONTH):
+        source_day = (first + timedelta(days=day % days)).date().isoformat()
+        target_day = (first + timedelta(days=day)).date().isoformat()
+        for key in parts:
+            if f"date={source_day}/" in key:
+                client.copy_object(
+                    Bucket=bucket,
+                    Key=key.replace(f"date={source_day}/", f"date={target_day}/"),
+                    CopySource={"Bucket": bucket, "Key": key},
+                )
+    queries: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        query_env = {**env, "POLLER_TABLES__CACHE_DIR": cache}
+        span = ["--since", "2026-10-01", "--until", "2026-10-30", "--json"]
+        host = HOST_SQL.format(agent=factory.agents[0])
+        for label, sql in (("host_cold", host), ("host_warm", host), ("severity", SEVERITY_SQL)):
+            run = bench.poller_rows(["query", sql, *span], query_env)
+            queries[label] = {"wall_s": run["wall_s"], "rss_mib": run["rss_mib"]}
+    alerts = built["alert_rows"]
+    return {
+        "days": days,
+        "alerts": alerts,
+        "seed_s": seed_s,
+        "tables_wall_s": built["wall_s"],
+        "rows_per_s": alerts / built["wall_s"],
+        "rss_mib": built["rss_mib"],
+        "s3_per_alert": built["s3_requests"] / max(alerts, 1),
+        "parts": len(parts),
+        "month_alerts": alerts * MONTH // days,
+        "queries": queries,
+    }
+
+
+def print_tables(t: dict[str, Any]) -> None:
+    q = t["queries"]
+    lines = [
+        (
+            f"(h) poller tables, {t['days']} days, {t['alerts']} alerts: rows/s",
+            f"{t['rows_per_s']:.0f}",
+        ),
+        ("    peak RSS MiB", f"{t['rss_mib']:.1f}"),
+        ("    S3 requests per alert", f"{t['s3_per_alert']:.3f}"),
+        (
+            f"    query, a month ({t['month_alerts']} alerts), one host, cold cache s",
+            f"{q['host_cold']['wall_s']:.1f}",
+        ),
+        ("    same, warm cache s", f"{q['host_warm']['wall_s']:.1f}"),
+        ("    count by severity, warm cache s", f"{q['severity']['wall_s']:.1f}"),
+        ("    query peak RSS MiB", f"{q['severity']['rss_mib']:.1f}"),
+    ]
+    for label, value in lines:
+        print(f"{label:<70}{value:>10}")
 
 
 def memory_only(args: argparse.Namespace) -> None:

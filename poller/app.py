@@ -11,8 +11,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,6 +30,8 @@ from poller.config import S3Settings, Settings
 from poller.errors import Stopped
 from poller.serving.http import PROVISIONAL_STATUS, CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
+from poller.tables.build import TablesBuilder, TablesReport
+from poller.tables.query import PartCache, default_cache_dir
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.retrying import RetryPolicy
@@ -137,6 +140,11 @@ class Runtime:
     requests: RequestCount
     layout: Layout
     stop: threading.Event
+    # Creation days this process archived into (see Archive.touched).
+    touched_days: set[date] = field(default_factory=set)
+
+    def archive(self) -> Archive:
+        return Archive(self.store, self.layout, self.settings.threatstack.org_id, self.touched_days)
 
     def lease(self) -> Lease:
         holder = {
@@ -159,7 +167,7 @@ class Runtime:
         return Verifier(
             self.api,
             self.store,
-            Archive(self.store, self.layout, self.settings.threatstack.org_id),
+            self.archive(),
             self.settings.threatstack.statuses,
             self.clock,
             observer,
@@ -172,7 +180,7 @@ class Runtime:
         """The push path's receiver; its detail fetches share this process's budget and
         take only what the polling cycle leaves (under half of the budget in 60 s)."""
         pending = self.pending()
-        archive = Archive(self.store, self.layout, self.settings.threatstack.org_id)
+        archive = self.archive()
         budget = self.budget
 
         def headroom() -> bool:
@@ -230,6 +238,55 @@ class Runtime:
             confirm_subscription=confirm_subscription,
         )
 
+    def tables_builder(self) -> TablesBuilder:
+        settings = self.settings
+        return TablesBuilder(
+            self.store,
+            self.layout,
+            lookback=timedelta(seconds=settings.sync.lookback_seconds),
+            batch_size=settings.tables.batch_size,
+            concurrency=settings.s3.max_concurrency,
+            should_stop=self.stop.is_set,
+        )
+
+    def watermark(self) -> datetime | None:
+        return CheckpointStore(self.store, self.layout).load().watermark
+
+    def tables_pass(
+        self,
+        since: date | None = None,
+        until: date | None = None,
+        deadline: float | None = None,
+    ) -> TablesReport:
+        """One pass of ``poller tables`` (see poller.tables.build); no lease: parts are
+        create-only and a lost race re-reads what the winner wrote."""
+        before = self.requests.s3_sent()
+        report = TablesReport()
+        try:
+            builder = self.tables_builder()
+            plan = builder.plan(self.watermark(), since, until)
+            return builder.run(plan, deadline, report)
+        finally:
+            report.s3_requests = self.requests.s3_sent() - before
+
+    def mark_tables_due(self) -> int:
+        """Days a backfill or a repair archived into are built again (a new part holds what
+        their parts lack). Returns how many days were marked."""
+        touched = sorted(self.touched_days)
+        builder = self.tables_builder()
+        for day in touched:
+            builder.mark_due(day, f"archived into by {self.mode}")
+        return len(touched)
+
+    def part_cache(self) -> PartCache:
+        folder = self.settings.tables.cache_dir
+        path = (
+            Path(folder).expanduser()
+            if folder
+            else default_cache_dir(self.settings.s3.bucket, self.settings.s3.prefix)
+        )
+        return PartCache(self.store, self.layout, path)
+
     def chunk_records(self) -> ChunkRecords:
         return ChunkRecords(self.store, self.layout)
 
@@ -256,7 +313,7 @@ class Runtime:
         settings = self.settings
         return Cycle(
             source=self.api,
-            archive=Archive(self.store, self.layout, settings.threatstack.org_id),
+            archive=self.archive(),
             checkpoints=CheckpointStore(self.store, self.layout),
             lease=lease,
             settings=CycleSettings(

@@ -8,8 +8,9 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,14 @@ from poller.errors import (
     PollerError,
     Stopped,
 )
+from poller.tables.build import TablesReport
+from poller.tables.keys import days, last_closed_day
+from poller.tables.query import connect, json_value, run_sql
 from poller.terminal import (
     ChunkProgress,
     console_for,
     render_check,
+    render_rows,
     render_status,
     render_verify,
     wants_text,
@@ -54,6 +59,8 @@ REQUIREMENTS = {
     "verify": REQUIRED_API + REQUIRED_S3,
     "serve": REQUIRED_API + REQUIRED_S3,
     "demo": (),
+    "tables": REQUIRED_S3,
+    "query": REQUIRED_S3,
 }
 
 
@@ -102,13 +109,25 @@ def parser() -> argparse.ArgumentParser:
         ("check", "validate config, call the Threat Stack self-test, probe the bucket"),
     ):
         _output_flags(commands.add_parser(name, help=text))
+    tables = commands.add_parser(
+        "tables", help="build the query tables of closed UTC days that lack them (resumable)"
+    )
+    tables.add_argument("--since", metavar="T", help="default: the archive's first day")
+    tables.add_argument("--until", metavar="T", help="default: the last closed day")
+    query = commands.add_parser(
+        "query", help="run SQL (DuckDB) over the tables alerts, dismissals and alerts_latest"
+    )
+    query.add_argument("sql", metavar="SQL", help="one statement, DuckDB's dialect")
+    query.add_argument("--since", metavar="T", default="30d", help="first day (default: 30d)")
+    query.add_argument("--until", metavar="T", help="last day (default: today)")
+    _output_flags(query)
     commands.add_parser(
         "serve", help="only the push path: the webhook receiver (needs receiver.token), no polling"
     )
     demo = commands.add_parser(
         "demo", help="the real daemon against a local simulator and S3 server, no setup"
     )
-    demo.add_argument("--alerts", type=int, default=300, help="alerts of the past day (300)")
+    demo.add_argument("--alerts", type=int, default=300, help="alerts since yesterday 0:00 UTC")
     demo.add_argument("--interval", type=int, default=10, help="seconds between cycles (10)")
     demo.add_argument("--port", type=int, default=8080, help="the daemon's HTTP port (8080)")
     demo.add_argument("--keep", type=Path, metavar="DIR", help="copy the archive here at the end")
@@ -175,6 +194,7 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
     finally:
         if progress is not None:
             progress.close()
+        _mark_tables_due(runtime)
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -247,8 +267,129 @@ def _walk_command(
     finally:
         if progress is not None:
             progress.close()
+        if mode == "backfill":
+            _mark_tables_due(runtime)
     _emit(summary.as_dict())
     return code
+
+
+def _mark_tables_due(runtime: Runtime) -> None:
+    """A backfill or a repair archived into these days: their tables are built again."""
+    try:
+        marked = runtime.mark_tables_due()
+    except PollerError as exc:  # the archive is done; say what the tables miss
+        log.warning("tables.mark_failed", extra={"fields": {"error": str(exc)}})
+        return
+    if marked:
+        log.info("tables.due", extra={"fields": {"days": marked}})
+
+
+def _day(text: str | None, now: datetime, name: str) -> date | None:
+    return None if text is None else _instant(text, now, name).date()
+
+
+def cmd_tables(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+    """Build the query tables; the JSON report is the last line on stdout."""
+    now = utc_now()
+    since, until = _day(args.since, now, "--since"), _day(args.until, now, "--until")
+    if since is not None and until is not None and since > until:
+        raise ConfigError([f"--since {since} is after --until {until}"])
+    runtime = build(settings, "tables", run_id=run_id)
+    report = TablesReport()
+    code = 0
+    started = time.monotonic()
+    try:
+        report = runtime.tables_pass(since, until)
+        if report.last_closed is None:
+            log.warning(
+                "tables.nothing_closed",
+                extra={"fields": {"why": "no checkpoint yet, or no UTC day has closed"}},
+            )
+        log.info("tables.done", extra={"fields": report.as_dict()})
+    except PollerError as exc:
+        report.ok, report.error, code = False, str(exc), exc.exit_code
+        log.error("tables.failed", extra={"fields": {"error": str(exc), "exit_code": code}})
+    except (Stopped, KeyboardInterrupt) as exc:
+        # Parts are whole objects written create-only: a rerun carries on where this ended.
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
+        report.ok, report.error = False, "stopped"
+        log.warning("tables.stopped", extra={"fields": {"exit_code": code}})
+    report.duration_s = round(time.monotonic() - started, 3)
+    _emit(report.as_dict())
+    return code
+
+
+def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
+    """SQL over the cached parts of the range; rows on stdout and nothing else there."""
+    now = utc_now()
+    since = _instant(args.since, now, "--since").date()
+    until = now.date() if args.until is None else _instant(args.until, now, "--until").date()
+    if since > until:
+        raise ConfigError([f"--since {since} is after --until {until}"])
+    runtime = build(settings, "query", run_id=run_id)
+    cache = runtime.part_cache()
+    fetched = cache.fetch(since, until)
+    notice = {
+        "cache": str(fetched.folder),
+        "downloaded": fetched.downloaded,
+        "reused": fetched.reused,
+        "days": {"from": since.isoformat(), "until": until.isoformat()},
+        "days_with_alerts": len(fetched.days["alerts"]),
+    }
+    log.info("query.parts", extra={"fields": notice})
+    missing = _days_without_tables(runtime, since, until, fetched.days["alerts"])
+    if missing:
+        log.warning("query.no_tables", extra={"fields": {"message": missing}})
+    if sys.stderr.isatty():
+        console = console_for(sys.stderr)
+        console.print(
+            f"[dim]{len(fetched.days['alerts'])} days of tables, cache {fetched.folder}"
+            f" ({fetched.downloaded} fetched, {fetched.reused} reused)[/dim]"
+        )
+        if missing:
+            console.print(f"[yellow]{missing}[/yellow]")
+    con = connect(fetched.files)
+    try:
+        answer = run_sql(con, args.sql)
+    finally:
+        con.close()
+    if wants_text(sys.stdout, args.output):
+        console_for(sys.stdout).print(render_rows(answer.columns, answer.rows))
+    else:
+        for row in answer.rows:
+            document = {c: json_value(v) for c, v in zip(answer.columns, row, strict=True)}
+            sys.stdout.write(json.dumps(document, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _days_without_tables(runtime: Runtime, since: date, until: date, built: list[str]) -> str:
+    """When days of the range have no tables: which are not closed yet, which wait for
+    ``poller tables``. Empty when every day has them."""
+    have = set(built)
+    lacking = [d for d in days(since, until) if d.isoformat() not in have]
+    if not lacking:
+        return ""
+    last_closed = last_closed_day(
+        runtime.watermark(), timedelta(seconds=runtime.settings.sync.lookback_seconds)
+    )
+    open_days = [d for d in lacking if last_closed is None or d > last_closed]
+    unbuilt = [d for d in lacking if d not in open_days]
+    parts = []
+    if open_days:
+        parts.append(
+            f"not closed yet: {_day_span(open_days)} (a day is closed once the archive's"
+            f" watermark is {runtime.settings.sync.lookback_seconds} s past its end)"
+        )
+    if unbuilt:
+        parts.append(f"closed but without tables: {_day_span(unbuilt)} (run poller tables)")
+    return "no tables for some days of the range; " + "; ".join(parts)
+
+
+def _day_span(listed: list[date]) -> str:
+    if len(listed) == 1:
+        return listed[0].isoformat()
+    return f"{listed[0].isoformat()} .. {listed[-1].isoformat()} ({len(listed)} days)"
 
 
 def cmd_run(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
@@ -295,12 +436,26 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             },
             "lag_s": round((now - watermark).total_seconds(), 1) if watermark else None,
             "pending": _pending(runtime.pending().ids()),
+            "tables": _tables_status(runtime, watermark),
             "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
         },
         args.output,
         lambda document: render_status(document, now),
     )
     return 0
+
+
+def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, Any]:
+    """The last closed day with tables, and the closed days still owed them."""
+    plan = runtime.tables_builder().plan(watermark)
+    last = plan.last_day_with_tables()
+    return {
+        "enabled_in_daemon": runtime.settings.tables.enabled,
+        "last_closed": plan.last_closed.isoformat() if plan.last_closed else None,
+        "last_day_with_tables": last.isoformat() if last else None,
+        "pending": len(plan.due),
+        "pending_days": [day.isoformat() for day in plan.due[:30]],  # the oldest 30
+    }
 
 
 def _revisit(state: RevisitState, now: datetime) -> dict[str, Any]:
@@ -463,6 +618,8 @@ COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
     "check": cmd_check,
+    "tables": cmd_tables,
+    "query": cmd_query,
 }
 
 

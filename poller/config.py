@@ -402,6 +402,31 @@ class ReceiverSettings(_Section):
     tls_key_file: Text = setting("", "its key")
 
 
+class TablesSettings(_Section):
+    """The query tables (SPEC "Query tables", poller.tables)."""
+
+    enabled: Flag = setting(
+        True, "the daemon builds the query tables of closed days after its cycles"
+    )
+    cache_dir: Text = setting(
+        "",
+        'where `poller query` keeps fetched parts (`""`: `$XDG_CACHE_HOME/poller/tables/'
+        "BUCKET/PREFIX`, else `~/.cache/...`)",
+    )
+    max_seconds_per_cycle: Whole = setting(
+        120,
+        "the daemon starts no new day of tables after this; the next cycle goes on",
+        ge=1,
+        le=86_400,
+    )
+    batch_size: Whole = setting(
+        1000,
+        "full records read and staged at a time (bounds `poller tables`' memory)",
+        ge=1,
+        le=100_000,
+    )
+
+
 class Settings(_Section):
     threatstack: ThreatStackSettings = Field(default_factory=ThreatStackSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -409,6 +434,7 @@ class Settings(_Section):
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    tables: TablesSettings = Field(default_factory=TablesSettings)
 
 
 # ---------------------------------------------------------------- what the loader reads off them

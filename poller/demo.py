@@ -15,6 +15,7 @@ import random
 import secrets
 import socket
 import sys
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -47,8 +48,10 @@ from poller.config import (
 from poller.serving.daemon import Daemon
 from poller.simulator import Simulator
 from poller.simulator.alerts import SimAlert
-from poller.terminal import span
-from poller.timeutil import utc_now
+from poller.tables.build import TablesBuilder
+from poller.tables.query import PartCache, connect, run_sql
+from poller.terminal import render_rows, span
+from poller.timeutil import iso_z, utc_now
 
 BUCKET = "poller-demo"
 INSTALL_HINT = (
@@ -131,7 +134,9 @@ class AlertWeather:
                     self.pushed += 1
 
 
-def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Settings:
+def demo_settings(
+    sim: Simulator, interval: int, port: int, token: str, since: str = "24h"
+) -> Settings:
     credentials = sim.credentials
     return Settings(
         threatstack=ThreatStackSettings(
@@ -148,7 +153,7 @@ def demo_settings(sim: Simulator, interval: int, port: int, token: str) -> Setti
             interval_seconds=interval,
             lookback_seconds=300,
             settle_seconds=5,
-            first_run_since="24h",
+            first_run_since=since,
             lease_ttl_seconds=30,
             # Dismissals of archived alerts show up within a few cycles.
             revisit_days=2,
@@ -311,6 +316,41 @@ def tour(client: Any, endpoint: str, console: Console) -> None:
     )
 
 
+# The tour's question, asked of the demo's own closed days.
+TOUR_SQL = (
+    'SELECT "date", severity, count(*) AS alerts,'
+    " count(*) FILTER (WHERE is_dismissed) AS dismissed"
+    ' FROM alerts_latest GROUP BY "date", severity ORDER BY "date", severity'
+)
+
+
+def query_tour(runtime: Runtime, console: Console) -> None:
+    """The query tables of the demo's closed day (yesterday), built if the daemon has not
+    yet, and one ``poller query`` over them."""
+    console.rule("[bold]Query tables")
+    lookback = timedelta(seconds=runtime.settings.sync.lookback_seconds)
+    builder = TablesBuilder(runtime.store, runtime.layout, lookback=lookback)
+    builder.run(builder.plan(runtime.watermark()))  # nothing to do when the daemon did it
+    with tempfile.TemporaryDirectory(prefix="poller-demo-") as folder:
+        today = utc_now().date()
+        fetched = PartCache(runtime.store, runtime.layout, Path(folder)).fetch(
+            today - timedelta(days=2), today
+        )
+        if not fetched.days["alerts"]:
+            console.print("no closed day yet: the tables are built once a day has closed")
+            return
+        con = connect(fetched.files)
+        answer = run_sql(con, TOUR_SQL)
+        con.close()
+    console.print(
+        Text(
+            f"closed days with tables: {', '.join(fetched.days['alerts'])}\n"
+            f"$ poller query --since 2d '{TOUR_SQL}'"
+        )
+    )
+    console.print(render_rows(answer.columns, answer.rows))
+
+
 def keep_archive(client: Any, directory: Path) -> int:
     """Copy every object of the demo bucket under ``directory`` (keys become paths)."""
     copied = 0
@@ -342,13 +382,15 @@ def run_demo(alerts: int, interval: int, port: int, keep: Path | None) -> int:
     sim = Simulator(seed=2026).start()
     try:
         now = utc_now()
-        sim.generate(alerts, now - timedelta(days=1), now - timedelta(minutes=2))
+        # From yesterday's start: a whole past day, closed, for the query tables.
+        start = datetime.combine(now.date() - timedelta(days=1), datetime.min.time(), now.tzinfo)
+        sim.generate(alerts, start, now - timedelta(minutes=2))
         for kind in MALFORMED_KINDS[:2]:
             sim.add_malformed(kind, now - timedelta(hours=5))
         client = local_s3_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
         token = secrets.token_urlsafe(16)
-        settings = demo_settings(sim, interval, _free_port(port), token)
+        settings = demo_settings(sim, interval, _free_port(port), token, iso_z(start))
         runtime = build(settings, "run", s3=client)
         daemon = Daemon(runtime, utc_now)
 
@@ -370,8 +412,8 @@ def run_demo(alerts: int, interval: int, port: int, keep: Path | None) -> int:
         weather = AlertWeather(sim, runtime.stop, push=push)
         weather.start()
         console.print(
-            f"[bold]poller demo[/]: a simulated Threat Stack with {alerts} alerts of the past"
-            f" day (more arrive as it runs) at {sim.base_url}\n"
+            f"[bold]poller demo[/]: a simulated Threat Stack with {alerts} alerts since"
+            f" yesterday 00:00 UTC (more arrive as it runs) at {sim.base_url}\n"
             f"S3 endpoint: {endpoint}  bucket: {BUCKET}\n"
             f"cycle every {interval}s · Ctrl-C stops it and shows what was archived"
         )
@@ -380,6 +422,7 @@ def run_demo(alerts: int, interval: int, port: int, keep: Path | None) -> int:
             code = daemon.run()
             live.refresh()
         tour(client, endpoint, console)
+        query_tour(runtime, console)
         if keep is not None:
             copied = keep_archive(client, keep)
             console.print(f"kept {copied} objects under {keep}/")

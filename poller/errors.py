@@ -2,6 +2,7 @@
 
     PollerError                      base; ``exit_code`` says how the CLI ends
     ├── ConfigError                  bad configuration or usage (exit 2)
+    ├── QueryError                   SQL that DuckDB refused, with its message (exit 2)
     ├── LeaseHeld                    another run holds the lease (exit 75)
     ├── FatalError                   will not get better by retrying (exit 1)
     │   ├── ApiAuthError             Threat Stack 401/403 (credentials, clock, permission)
@@ -41,6 +42,12 @@ class ConfigError(PollerError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+class QueryError(PollerError):
+    """``poller query``: the SQL is wrong; the message is DuckDB's."""
+
+    exit_code = 2
 
 
 class LeaseHeld(PollerError):

@@ -142,6 +142,24 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
             f"{pending['count']} full records (the next sync writes them):"
             f" {' '.join(pending['ids'])}",
         )
+    tables = report.get("tables")
+    if tables and tables.get("last_closed"):  # no row before the first closed day
+        last = tables.get("last_day_with_tables") or "none yet"
+        due = tables.get("pending_days") or []
+        count = tables.get("pending", len(due))
+        waiting = f"{count} days pending: {' '.join(due[:10])}" if due else "nothing pending"
+        row("query tables", f"through {last} (last closed {tables.get('last_closed')}); {waiting}")
+    return table
+
+
+def render_rows(columns: list[str], rows: list[tuple[Any, ...]]) -> Table:
+    """``poller query`` on a terminal: the answer as a table (cells as plain text)."""
+    table = Table(show_lines=False, header_style="bold")
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    for values in rows:
+        table.add_row(*(Text("" if v is None else str(v)) for v in values))
+    table.caption = f"{len(rows)} rows"
     return table
 
 

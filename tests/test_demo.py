@@ -63,7 +63,7 @@ def test_demo_archives_both_layouts_then_stops_on_sigint_with_a_tour_of_real_key
         assert any(k.startswith("alerts/") for k in keys), keys
         assert any(k.startswith("webhooks/") for k in keys), keys
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
+        out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
@@ -76,6 +76,9 @@ def test_demo_archives_both_layouts_then_stops_on_sigint_with_a_tour_of_real_key
     dismissal = next(k for k in keys if k.startswith("dismissals/"))
     assert "A later dismissal" in out
     assert dismissal in out and "alerts/" + dismissal.split("/", 1)[1] in out
+    # The tour ends with poller query over the demo's closed day (yesterday).
+    assert "Query tables" in out and "$ poller query --since 2d" in out, out[-3000:]
+    assert re.search(r"\d+ rows", out), out[-3000:]
 
 
 def test_demo_without_moto_says_how_to_get_it(

@@ -42,7 +42,11 @@ def policy_actions() -> set[str]:
 
 
 def test_the_policy_allows_exactly_what_sync_backfill_verify_check_and_status_do(
-    simulator: Simulator, moto_server: MotoServer, s3: Any, monkeypatch: pytest.MonkeyPatch
+    simulator: Simulator,
+    moto_server: MotoServer,
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
 ):
     bucket = "iam-evidence"
     s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
@@ -73,6 +77,7 @@ def test_the_policy_allows_exactly_what_sync_backfill_verify_check_and_status_do
         "POLLER_S3__OBJECT_LOCK_MODE": "GOVERNANCE",
         "POLLER_S3__OBJECT_LOCK_DAYS": "1",
         "POLLER_LOG__LEVEL": "warning",
+        "POLLER_TABLES__CACHE_DIR": str(tmp_path / "cache"),
     }.items():
         monkeypatch.setenv(name, value)
     now = utc_now()
@@ -87,6 +92,8 @@ def test_the_policy_allows_exactly_what_sync_backfill_verify_check_and_status_do
         s3.delete_object(Bucket=bucket, Key=gone["Key"])  # so verify --repair writes
         assert cli.main(["verify", "--since", "3d", "--repair", "--json"]) == 0
         assert cli.main(["status", "--json"]) == 0
+        assert cli.main(["tables"]) == 0
+        assert cli.main(["query", "SELECT count(*) FROM alerts_latest", "--json"]) == 0
     finally:
         root.handlers[:] = handlers
     assert not unknown, f"operations the table does not map yet: {unknown}"

@@ -93,6 +93,19 @@ def test_listing(under_test: StoreUnderTest):
     assert sorted(under_test.store.list_keys("a/")) == ["a/1", "a/2"]
 
 
+def test_listing_with_etags_and_the_first_key(under_test: StoreUnderTest):
+    store = under_test.store
+    assert store.first_key("p/webhooks/") is None
+    etags = {
+        key: store.put(key, b"{}") for key in ("p/webhooks/2026/11/02/x", "p/webhooks/2026/11/01/y")
+    }
+    store.put("p/other", b"{}")
+    listed = store.list_objects("p/webhooks/")
+    assert [(o.key, o.etag) for o in listed] == sorted(etags.items())
+    assert all(o.last_modified.tzinfo is not None for o in listed)
+    assert store.first_key("p/webhooks/") == "p/webhooks/2026/11/01/y"
+
+
 def test_probe_finds_conditions_honoured(under_test: StoreUnderTest):
     assert check_bucket(under_test.store, LAYOUT, "run1") is True
     assert under_test.store.list_keys("") == []  # the probe leaves nothing behind

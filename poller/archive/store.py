@@ -35,6 +35,16 @@ class StoredObject:
     server_time: datetime
 
 
+@dataclass(frozen=True)
+class ListedObject:
+    """One entry of a listing: enough to tell whether a local copy is current (``etag``)
+    and when the object was written (``last_modified``, the server's clock)."""
+
+    key: str
+    etag: str
+    last_modified: datetime
+
+
 class ObjectStore(Protocol):
     def get(self, key: str) -> StoredObject | None:
         """The object, or None when there is none."""
@@ -47,6 +57,7 @@ class ObjectStore(Protocol):
         if_none_match: bool = False,
         if_match: str | None = None,
         retain: bool = False,
+        content_type: str = "application/json",
     ) -> str:
         """Write; return the new ETag. Raise PreconditionFailed when a condition does not hold.
         ``retain``: an archived record, to which Object Lock retention applies if configured."""
@@ -56,6 +67,13 @@ class ObjectStore(Protocol):
 
     def list_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``."""
+
+    def list_objects(self, prefix: str) -> list[ListedObject]:
+        """Every object under ``prefix``, with its ETag and Last-Modified (same requests as
+        ``list_keys``: one LIST per 1,000 keys)."""
+
+    def first_key(self, prefix: str) -> str | None:
+        """The lowest key under ``prefix`` in S3's (UTF-8 byte) order, in one request."""
 
     def protection(self) -> BucketProtection:
         """Versioning, Object Lock and default encryption of the bucket."""
@@ -208,6 +226,7 @@ class S3ObjectStore:
         if_none_match: bool = False,
         if_match: str | None = None,
         retain: bool = False,
+        content_type: str = "application/json",
     ) -> str:
         conditions: dict[str, Any] = self._options.arguments(retain, self._clock())
         if if_none_match:
@@ -219,7 +238,7 @@ class S3ObjectStore:
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
-                ContentType="application/json",
+                ContentType=content_type,
                 **conditions,
             )
         except botocore.exceptions.ClientError as exc:
@@ -255,6 +274,27 @@ class S3ObjectStore:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
         return keys
+
+    def list_objects(self, prefix: str) -> list[ListedObject]:
+        found: list[ListedObject] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                found.extend(
+                    ListedObject(item["Key"], item["ETag"], item["LastModified"].astimezone(UTC))
+                    for item in page.get("Contents", [])
+                )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise classify_s3_error(exc, f"listing {prefix}") from exc
+        return found
+
+    def first_key(self, prefix: str) -> str | None:
+        try:
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise classify_s3_error(exc, f"listing {prefix}") from exc
+        contents = page.get("Contents") or []
+        return str(contents[0]["Key"]) if contents else None
 
     def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
         try:
@@ -346,6 +386,7 @@ class MemoryObjectStore:
         if_none_match: bool = False,
         if_match: str | None = None,
         retain: bool = False,
+        content_type: str = "application/json",
     ) -> str:
         with self._lock:
             self.requests += 1
@@ -376,6 +417,21 @@ class MemoryObjectStore:
         with self._lock:
             self.requests += 1
             return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def list_objects(self, prefix: str) -> list[ListedObject]:
+        with self._lock:
+            self.requests += 1
+            return [
+                ListedObject(key, found.etag, found.last_modified)
+                for key, found in sorted(self._objects.items())
+                if key.startswith(prefix)
+            ]
+
+    def first_key(self, prefix: str) -> str | None:
+        with self._lock:
+            self.requests += 1
+            keys = sorted(k for k in self._objects if k.startswith(prefix))
+            return keys[0] if keys else None
 
     def protection(self) -> BucketProtection:
         return BucketProtection("off", "off", "off")

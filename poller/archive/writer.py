@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
 from typing import Any
 
@@ -36,10 +36,19 @@ class Outcome(Enum):
 
 
 class Archive:
-    def __init__(self, store: ObjectStore, layout: Layout, organization_id: str) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        organization_id: str,
+        touched: set[date] | None = None,
+    ) -> None:
         self._store = store
         self.layout = layout
         self._organization_id = organization_id
+        # The UTC creation days archived into: a backfill or a repair makes them due again
+        # for the query tables (poller.tables).
+        self.touched = touched if touched is not None else set()
 
     def _create(self, key: str, body: bytes) -> bool:
         try:
@@ -105,6 +114,8 @@ class Archive:
         wrote_webhook = webhook and self._create(
             self.layout.webhook_key(alert.id, alert.created), webhook_body
         )
+        if full or wrote_webhook:
+            self.touched.add(alert.created.date())
         outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
         return outcome, full
 

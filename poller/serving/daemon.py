@@ -12,7 +12,8 @@ import contextlib
 import logging
 import signal
 import threading
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from poller.errors import LeaseHeld, PollerError, Stopped
 from poller.serving.http import Health, build_app
 from poller.serving.metrics import Metrics
 from poller.serving.server import Limits, Listener
+from poller.tables.keys import last_closed_day
 from poller.timeutil import Clock, iso_z
 from poller.walks.sync import Summary
 
@@ -51,6 +53,11 @@ class Daemon:
         self._scheduler: BlockingScheduler | None = None
         self.http_port: int | None = None  # the port actually bound (http.port may be 0)
         self.push_port: int | None = None  # receiver.port's, when the push path has its own
+        # The query tables: built after a cycle when a day has closed since the last pass,
+        # when the last pass ran out of time, or hourly (days a backfill marked due).
+        self._tables_through: date | None = None
+        self._tables_checked: datetime | None = None
+        self._tables_more = False
 
     def _shutdown(self) -> None:
         if self._scheduler is not None:
@@ -90,6 +97,48 @@ class Daemon:
             self.metrics.observe(summary, outcome, now)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
             self.metrics.budget.set(self.runtime.budget.per_minute)
+            if outcome == "ok":
+                self.tables(summary)
+
+    TABLES_RECHECK = timedelta(hours=1)
+
+    def tables(self, summary: Summary) -> None:
+        """The query tables of closed days, within ``tables.max_seconds_per_cycle`` (no new
+        day is started after it; the next cycle carries on). Never raises."""
+        settings = self.runtime.settings
+        if not settings.tables.enabled or summary.watermark is None:
+            return
+        watermark = datetime.fromisoformat(summary.watermark.replace("Z", "+00:00"))
+        last_closed = last_closed_day(watermark, timedelta(seconds=settings.sync.lookback_seconds))
+        now = self.clock()
+        if (
+            last_closed == self._tables_through
+            and not self._tables_more
+            and self._tables_checked is not None
+            and now - self._tables_checked < self.TABLES_RECHECK
+        ):
+            return
+        deadline = time.monotonic() + settings.tables.max_seconds_per_cycle
+        try:
+            report = self.runtime.tables_pass(deadline=deadline)
+        except PollerError as exc:
+            self._tables_more = True
+            log.error("tables.failed", extra={"fields": {"error": str(exc)}})
+            return
+        except Stopped:
+            log.warning("tables.stopped")
+            return
+        except Exception:  # a bug must not kill the daemon
+            self._tables_more = True
+            log.exception("tables.crashed")
+            return
+        self._tables_checked, self._tables_through = now, last_closed
+        self._tables_more = report.days_left > 0
+        self.metrics.table_parts.inc(report.parts_written)
+        self.metrics.tables_pending.set(report.days_left)
+        self.last_progress = self.clock()
+        if report.days_built or report.parts_written:
+            log.info("tables.done", extra={"fields": report.as_dict()})
 
     # A CycleObserver: every page and commit is progress, for liveness.
     def started(self, summary: Summary, chunk_count: int) -> None:

@@ -46,6 +46,16 @@ class Metrics:
             "threatstack.requests_per_minute",
             registry=self.registry,
         )
+        self.table_parts = Counter(
+            "poller_table_parts",
+            "Query-table Parquet parts written by the daemon",
+            registry=self.registry,
+        )
+        self.tables_pending = Gauge(
+            "poller_tables_pending_days",
+            "Due days of query tables the daemon's last pass left for the next (its time bound)",
+            registry=self.registry,
+        )
 
         self.dismissals = Counter(
             "poller_dismissals_archived",

@@ -1,0 +1,564 @@
+"""``poller tables``: the Parquet parts of closed days, derived from the archive alone.
+
+One *pass*:
+
+1. **Plan** (a handful of LISTs): the closed days of the range (from the archive's first
+   ``webhooks/`` day, found in one request, unless given) that lack a part of either table,
+   or that carry a due marker.
+2. **Alerts**, day by day, oldest first, until the deadline: the day's ids are the last
+   segments of its ``webhooks/YYYY/MM/DD/`` keys; ids already in the day's parts (read from
+   the parts themselves) are left out; the rest have their full records read, a batch at a
+   time, staged on disk in DuckDB and written as one new part, create-only. An id whose full
+   record is not archived yet (a pushed alert still owed it) is left for a later part, and
+   the day keeps a due marker until it has it.
+3. **Dismissals**: rows come from full records that are already the dismissed version
+   (read in step 2, or from the day's existing parts when it is built again) and from
+   dismissal records (``P/dismissals/...``), which are listed each pass and read only when
+   written since the last pass (by their Last-Modified, less a margin). Each goes to the
+   part of its ``dismissedAt`` day once that day is closed, unless that day's parts have it;
+   until then it waits (its creation day stays due, or the mark stays before it).
+4. **Bookkeeping**: due markers of finished days are deleted under their ETag (a marker a
+   backfill rewrote meanwhile stays), the dismissal mark moves.
+
+Every part is written create-only under the next free number, so a rerun after a kill, or
+two builders at once, never put an alert in two parts: a lost race (412) re-reads the day's
+parts and writes only what they still lack. Memory is a batch of records plus DuckDB's
+bounded working set; the staging database and downloaded parts live in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from poller.archive.records import SAFE_ID, Layout
+from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
+from poller.errors import FatalError, Stopped
+from poller.tables.keys import Part, TableKeys, day_of_webhook_key, days, last_closed_day
+from poller.tables.schema import (
+    ALERT_COLUMNS,
+    COLUMNS,
+    DISMISSAL_COLUMNS,
+    TABLES,
+    alert_row,
+    duckdb_struct,
+    select_list,
+)
+from poller.timeutil import iso_z
+
+log = logging.getLogger(__name__)
+
+PARQUET = "application/vnd.apache.parquet"
+STATE_VERSION = 1
+# Dismissal records written this close before the mark are read again (and found in the
+# parts): Last-Modified has whole seconds and S3's front ends do not share one clock.
+MARK_MARGIN = timedelta(minutes=5)
+WRITE_ATTEMPTS = 5
+
+
+@dataclass
+class Plan:
+    """What a pass will do: the due days, oldest first, and what the bucket holds."""
+
+    last_closed: date | None
+    first: date | None
+    due: list[date]
+    parts: dict[str, dict[date, list[Part]]]
+    markers: dict[date, str]  # day -> the marker's ETag
+
+    def last_day_with_tables(self) -> date | None:
+        built = [d for d in self.parts["alerts"] if self.last_closed and d <= self.last_closed]
+        return max(built) if built else None
+
+
+@dataclass
+class TablesReport:
+    """The JSON summary ``poller tables`` prints, and what the daemon logs."""
+
+    last_closed: str | None = None
+    days_due: int = 0
+    days_built: list[str] = field(default_factory=list)
+    days_left: int = 0  # due days not reached before the deadline
+    parts_written: int = 0
+    alert_rows: int = 0
+    dismissal_rows: int = 0
+    records_read: int = 0
+    owed_full_records: int = 0  # ids in webhooks/ whose full record is not archived yet
+    unreadable: int = 0  # archived bodies that are not an alert with id and creation time
+    waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
+    s3_requests: int = 0
+    duration_s: float = 0.0
+    ok: bool = True
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+_STAGED = {
+    "alert_rows": (*ALERT_COLUMNS, ("date", "DATE")),
+    # source_day: the creation day a full-record dismissal came from (None for a dismissal
+    # record); listed_at: a dismissal record's Last-Modified.
+    "dismissal_rows": (
+        *DISMISSAL_COLUMNS,
+        ("date", "DATE"),
+        ("source_day", "DATE"),
+        ("listed_at", "TIMESTAMP"),
+    ),
+}
+
+
+class TablesBuilder:
+    """Builds the parts; reads and writes only through ``ObjectStore``."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: Layout,
+        *,
+        lookback: timedelta,
+        batch_size: int = 1000,
+        concurrency: int = 16,
+        # DuckDB's own working set; beyond it, it spills to the work folder. Kept well under
+        # the daemon's 256 MiB container limit with Python's ~70 MiB beside it.
+        memory_limit: str = "96MB",
+        workdir: Path | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._store = store
+        self.keys = TableKeys(layout)
+        self._lookback = lookback
+        self._batch = max(1, batch_size)
+        self._concurrency = max(1, concurrency)
+        self._memory_limit = memory_limit
+        self._workdir = workdir
+        self._should_stop = should_stop
+
+    # ------------------------------------------------------------------ plan
+    def parts(self) -> dict[str, dict[date, list[Part]]]:
+        found: dict[str, dict[date, list[Part]]] = {table: {} for table in TABLES}
+        for table in TABLES:
+            for item in self._store.list_objects(self.keys.table_prefix(table)):
+                part = self.keys.parse_part(table, item.key, item.etag)
+                if part is not None:
+                    found[table].setdefault(part.day, []).append(part)
+        for by_day in found.values():
+            for listed in by_day.values():
+                listed.sort(key=lambda p: p.number)
+        return found
+
+    def markers(self) -> dict[date, str]:
+        found: dict[date, str] = {}
+        prefix = self.keys.due_prefix
+        for item in self._store.list_objects(prefix):
+            with contextlib.suppress(ValueError):
+                found[date.fromisoformat(item.key[len(prefix) :])] = item.etag
+        return found
+
+    def first_day(self) -> date | None:
+        """The archive's first creation day: its lowest ``webhooks/`` key, one request."""
+        key = self._store.first_key(self.keys.webhooks_prefix)
+        return None if key is None else day_of_webhook_key(self.keys, key)
+
+    def plan(
+        self, watermark: datetime | None, since: date | None = None, until: date | None = None
+    ) -> Plan:
+        """The closed days in [since, until] that lack a part of either table or are marked
+        due; ``since`` is never before the archive's first day (its default), ``until``
+        defaults to the last closed day."""
+        last_closed = last_closed_day(watermark, self._lookback)
+        parts, markers = self.parts(), self.markers()
+        # Never before the archive's first day: days before it would only get empty parts.
+        archive_first = self.first_day()
+        first = (
+            archive_first if since is None or archive_first is None else max(since, archive_first)
+        )
+        due: list[date] = []
+        if last_closed is not None and first is not None:
+            end = min(until, last_closed) if until is not None else last_closed
+            if first <= end:
+                due = [
+                    day
+                    for day in days(first, end)
+                    if day in markers or any(day not in parts[t] for t in TABLES)
+                ]
+        return Plan(last_closed, first, due, parts, markers)
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self, plan: Plan, deadline: float | None = None, report: TablesReport | None = None
+    ) -> TablesReport:
+        """Build the plan's due days (until ``deadline``, a ``time.monotonic()`` value), then
+        the dismissals. Raises PollerError for storage failures, Stopped on a stop request."""
+        report = report or TablesReport()
+        report.last_closed = plan.last_closed.isoformat() if plan.last_closed else None
+        report.days_due = len(plan.due)
+        if plan.last_closed is None:
+            return report
+        with tempfile.TemporaryDirectory(prefix="poller-tables-", dir=self._workdir) as tmp:
+            work = Path(tmp)
+            con = duckdb.connect(str(work / "staging.duckdb"))
+            try:
+                con.execute(f"SET memory_limit = '{self._memory_limit}'")
+                con.execute(f"SET temp_directory = {_quote(work / 'spill')}")
+                con.execute("SET threads = 2")
+                for name, columns in _STAGED.items():
+                    body = ", ".join(f'"{n}" {kind}' for n, kind in columns)
+                    con.execute(f"CREATE TABLE {name} ({body})")
+                _Pass(self, con, work, plan, report).run(deadline)
+            finally:
+                con.close()
+        return report
+
+    # ------------------------------------------------------------------ state
+    def load_mark(self) -> tuple[datetime | None, str | None]:
+        stored = self._store.get(self.keys.state_key)
+        if stored is None:
+            return None, None
+        try:
+            document = json.loads(stored.body)
+            text = document.get("dismissals_read_until")
+            mark = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+        except (ValueError, AttributeError, TypeError):
+            log.warning("tables.state_unreadable", extra={"fields": {"key": self.keys.state_key}})
+            return None, stored.etag  # read every dismissal record again: safe, just slower
+        return mark, stored.etag
+
+    def save_mark(self, mark: datetime, etag: str | None) -> None:
+        body = json.dumps(
+            {"version": STATE_VERSION, "dismissals_read_until": iso_z(mark)}, sort_keys=True
+        ).encode("utf-8")
+        try:
+            if etag is None:
+                self._store.put(self.keys.state_key, body, if_none_match=True)
+            else:
+                self._store.put(self.keys.state_key, body, if_match=etag)
+        except PreconditionFailed:
+            # Another builder moved it meanwhile; its mark is as good as ours.
+            log.info("tables.mark_raced")
+
+    def read(self, keys: list[str]) -> list[StoredObject | None]:
+        with ThreadPoolExecutor(max_workers=min(self._concurrency, len(keys) or 1)) as pool:
+            return list(pool.map(self._store.get, keys))
+
+    def download(self, part: Part, folder: Path) -> Path:
+        stored = self._store.get(part.key)
+        if stored is None:
+            raise FatalError(f"the table part {part.key} vanished while being read")
+        path = folder / f"{part.table}-{part.day.isoformat()}-{part.number}.parquet"
+        path.write_bytes(stored.body)
+        return path
+
+    def write_part(self, table: str, day: date, number: int, path: Path) -> Part:
+        """Create-only; raises PreconditionFailed when the number is taken."""
+        key = self.keys.part_key(table, day, number)
+        etag = self._store.put(key, path.read_bytes(), if_none_match=True, content_type=PARQUET)
+        return Part(table, day, number, key, etag)
+
+    def refresh_day(self, plan: Plan, table: str, day: date) -> None:
+        listed = [
+            self.keys.parse_part(table, item.key, item.etag)
+            for item in self._store.list_objects(self.keys.day_prefix(table, day))
+        ]
+        plan.parts[table][day] = sorted((p for p in listed if p), key=lambda p: p.number)
+
+    def mark_due(self, day: date, reason: str) -> None:
+        body = json.dumps({"reason": reason}).encode("utf-8")
+        with contextlib.suppress(PreconditionFailed):
+            self._store.put(self.keys.due_key(day), body, if_none_match=True)
+
+    def clear_due(self, day: date, etag: str) -> None:
+        with contextlib.suppress(PreconditionFailed):
+            self._store.delete(self.keys.due_key(day), if_match=etag)
+
+
+class _Pass:
+    """One pass's working state (the staging database, what waits, what was built)."""
+
+    def __init__(
+        self,
+        builder: TablesBuilder,
+        con: duckdb.DuckDBPyConnection,
+        work: Path,
+        plan: Plan,
+        report: TablesReport,
+    ) -> None:
+        self.b = builder
+        self.con = con
+        self.work = work
+        self.plan = plan
+        self.report = report
+        self.owed_days: set[date] = set()
+        self.built: list[date] = []
+        self._files = 0
+        self._kept_due: set[date] = set()
+        self.mark_state: tuple[datetime | None, str | None] = (None, None)
+
+    def _keep_due(self, day: date, reason: str) -> None:
+        """Mark ``day`` due before anything makes it look finished (its dismissals part), so
+        a kill after that point still leaves it to be built again."""
+        if day not in self.plan.markers and day not in self._kept_due:
+            self.b.mark_due(day, reason)
+            self._kept_due.add(day)
+
+    def _file(self, suffix: str) -> Path:
+        self._files += 1
+        return self.work / f"f{self._files}{suffix}"
+
+    def _stage(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Rows into a staging table through a JSON-lines file: DuckDB parses them."""
+        if not rows:
+            return
+        path = self._file(".jsonl")
+        with path.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        columns = _STAGED[table]
+        wanted = [n for n, _ in columns if n in rows[0]]
+        struct = duckdb_struct(tuple(c for c in columns if c[0] in wanted))
+        names = ", ".join(f'"{n}"' for n in wanted)
+        self.con.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM read_json({_quote(path)},"
+            f" format='newline_delimited', columns={struct})"
+        )
+        path.unlink()
+
+    def _check_stop(self) -> None:
+        if self.b._should_stop():
+            raise Stopped()
+
+    # ------------------------------------------------------------------ run
+    def run(self, deadline: float | None) -> None:
+        started = time.monotonic()
+        for index, day in enumerate(self.plan.due):
+            if deadline is not None and time.monotonic() >= deadline and self.built:
+                self.report.days_left = len(self.plan.due) - index
+                break
+            self._check_stop()
+            self._alerts_day(day)
+            self.built.append(day)
+            self.report.days_built.append(day.isoformat())
+        deferred_days = self._dismissals()
+        for day in self.built:
+            etag = self.plan.markers.get(day)
+            if etag is not None and day not in self.owed_days and day not in deferred_days:
+                self.b.clear_due(day, etag)
+        self.report.duration_s = round(time.monotonic() - started, 3)
+
+    # ------------------------------------------------------------------ alerts
+    def _existing_ids(self, table: str, day: date, keep_dismissed: bool) -> set[str]:
+        """The ids in a day's parts; with ``keep_dismissed``, the dismissed full records in
+        them are staged as dismissal candidates too (a day built again finds them there)."""
+        ids: set[str] = set()
+        for part in self.plan.parts[table].get(day, []):
+            path = self.b.download(part, self.work)
+            source = f"read_parquet({_quote(path)})"
+            ids.update(row[0] for row in self.con.execute(f"SELECT id FROM {source}").fetchall())
+            if keep_dismissed:
+                self.con.execute(
+                    f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
+                    f" CAST(dismissed_at AS DATE), DATE '{day.isoformat()}', NULL"
+                    f" FROM {source} WHERE dismissed_at IS NOT NULL"
+                )
+            path.unlink()
+        return ids
+
+    def _alerts_day(self, day: date) -> None:
+        for _attempt in range(WRITE_ATTEMPTS):
+            self.con.execute("DELETE FROM alert_rows")
+            have = self._existing_ids("alerts", day, keep_dismissed=True)
+            ids = list(
+                dict.fromkeys(
+                    key.rsplit("/", 1)[-1]
+                    for key in self.b._store.list_keys(self.b.keys.webhooks_day_prefix(day))
+                )
+            )
+            todo = [i for i in ids if SAFE_ID.fullmatch(i) and i not in have]
+            staged = self._read_alerts(day, todo)
+            existing = self.plan.parts["alerts"].get(day, [])
+            if staged == 0 and existing:
+                return
+            number = existing[-1].number + 1 if existing else 1
+            path = self._file(".parquet")
+            self.con.execute(
+                f"COPY (SELECT {select_list(ALERT_COLUMNS)} FROM alert_rows"
+                f" ORDER BY created_at, id) TO {_quote(path)} (FORMAT parquet, COMPRESSION zstd)"
+            )
+            try:
+                part = self.b.write_part("alerts", day, number, path)
+            except PreconditionFailed:
+                # Another builder wrote this number: see what it holds, then write the rest.
+                log.info("tables.part_raced", extra={"fields": {"day": day.isoformat()}})
+                self.b.refresh_day(self.plan, "alerts", day)
+                continue
+            finally:
+                path.unlink()
+            self.plan.parts["alerts"].setdefault(day, []).append(part)
+            self.report.parts_written += 1
+            self.report.alert_rows += staged
+            self.con.execute(
+                f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
+                f" CAST(dismissed_at AS DATE), date, NULL FROM alert_rows"
+                f" WHERE dismissed_at IS NOT NULL"
+            )
+            log.info(
+                "tables.part",
+                extra={"fields": {"table": "alerts", "day": day.isoformat(), "rows": staged}},
+            )
+            return
+        raise FatalError(f"tables: the parts of {day} keep changing; another builder is busy")
+
+    def _read_alerts(self, day: date, ids: list[str]) -> int:
+        staged = 0
+        layout = self.b.keys.layout
+        for batch in _batches(ids, self.b._batch):
+            self._check_stop()
+            keys = [layout.alert_key(i) for i in batch]
+            rows: list[dict[str, Any]] = []
+            for alert_id, key, stored in zip(batch, keys, self.b.read(keys), strict=True):
+                if stored is None:
+                    self._keep_due(day, "owed full records")
+                    self.owed_days.add(day)
+                    self.report.owed_full_records += 1
+                    continue
+                self.report.records_read += 1
+                row = alert_row(stored.body, key)
+                if row is None or row["id"] != alert_id:
+                    self.report.unreadable += 1
+                    log.warning("tables.unreadable", extra={"fields": {"key": key}})
+                    continue
+                row["date"] = day.isoformat()  # the day its webhook key files it under
+                rows.append(row)
+            self._stage("alert_rows", rows)
+            staged += len(rows)
+        return staged
+
+    # ------------------------------------------------------------------ dismissals
+    def _dismissal_records(self) -> datetime | None:
+        """Stage the dismissal records written since the mark; return the new mark."""
+        self.mark_state = self.b.load_mark()
+        mark = self.mark_state[0]
+        listed = self.b._store.list_objects(self.b.keys.dismissals_prefix)
+        fresh = [o for o in listed if mark is None or o.last_modified >= mark - MARK_MARGIN]
+        for batch in _batches([o.key for o in fresh], self.b._batch):
+            self._check_stop()
+            rows: list[dict[str, Any]] = []
+            when = {o.key: o.last_modified for o in fresh}
+            for key, stored in zip(batch, self.b.read(batch), strict=True):
+                if stored is None:
+                    continue
+                self.report.records_read += 1
+                row = alert_row(stored.body, key)
+                if row is None or row["dismissed_at"] is None:
+                    self.report.unreadable += 1
+                    log.warning("tables.unreadable", extra={"fields": {"key": key}})
+                    continue
+                staged = {name: row[name] for name, _ in DISMISSAL_COLUMNS}
+                staged["date"] = row["dismissed_at"][:10]
+                staged["listed_at"] = (
+                    when[key].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+                )
+                rows.append(staged)
+            self._stage("dismissal_rows", rows)
+        newest = max((o.last_modified for o in listed), default=mark)
+        return newest
+
+    def _dismissals(self) -> set[date]:
+        """Write the dismissals parts; return the creation days whose dismissals wait."""
+        newest = self._dismissal_records()
+        last_closed = self.plan.last_closed
+        assert last_closed is not None
+        target = {
+            row[0]
+            for row in self.con.execute("SELECT DISTINCT date FROM dismissal_rows").fetchall()
+        }
+        target.update(d for d in self.built if d not in self.plan.parts["dismissals"])
+        closed = f"DATE '{last_closed.isoformat()}'"
+        waiting_sources = {
+            row[0]
+            for row in self.con.execute(
+                f"SELECT DISTINCT source_day FROM dismissal_rows"
+                f" WHERE date > {closed} AND source_day IS NOT NULL"
+            ).fetchall()
+        }
+        for day in waiting_sources:
+            self._keep_due(day, "dismissals wait for their day to close")
+        for day in sorted(target):
+            if day > last_closed:
+                continue
+            self._dismissals_day(day)
+        waiting = self.con.execute(
+            f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE date > {closed}"
+        ).fetchone()
+        assert waiting is not None
+        self.report.waiting_dismissals = int(waiting[0])
+        if newest is not None:
+            mark = newest
+            if waiting[1] is not None:  # a record whose day is not closed: read it again
+                mark = min(mark, waiting[1].replace(tzinfo=UTC))
+            self.b.save_mark(mark, self.mark_state[1])
+        return waiting_sources
+
+    def _dismissals_day(self, day: date) -> None:
+        for _attempt in range(WRITE_ATTEMPTS):
+            have = self._existing_ids("dismissals", day, keep_dismissed=False)
+            self.con.execute("CREATE OR REPLACE TEMP TABLE have_ids (id VARCHAR)")
+            if have:
+                self.con.executemany("INSERT INTO have_ids VALUES (?)", [[i] for i in have])
+            rows_sql = (
+                f"SELECT {select_list(DISMISSAL_COLUMNS)} FROM dismissal_rows"
+                f" WHERE date = DATE '{day.isoformat()}' AND id NOT IN (SELECT id FROM have_ids)"
+                " QUALIFY row_number() OVER (PARTITION BY id ORDER BY key) = 1"
+            )
+            counted = self.con.execute(f"SELECT count(*) FROM ({rows_sql})").fetchone()
+            count = int(counted[0]) if counted else 0
+            existing = self.plan.parts["dismissals"].get(day, [])
+            if count == 0 and existing:
+                return
+            number = existing[-1].number + 1 if existing else 1
+            path = self._file(".parquet")
+            self.con.execute(
+                f"COPY ({rows_sql} ORDER BY dismissed_at, id) TO {_quote(path)}"
+                " (FORMAT parquet, COMPRESSION zstd)"
+            )
+            try:
+                part = self.b.write_part("dismissals", day, number, path)
+            except PreconditionFailed:
+                log.info("tables.part_raced", extra={"fields": {"day": day.isoformat()}})
+                self.b.refresh_day(self.plan, "dismissals", day)
+                continue
+            finally:
+                path.unlink()
+            self.plan.parts["dismissals"].setdefault(day, []).append(part)
+            self.report.parts_written += 1
+            self.report.dismissal_rows += count
+            log.info(
+                "tables.part",
+                extra={"fields": {"table": "dismissals", "day": day.isoformat(), "rows": count}},
+            )
+            return
+        raise FatalError(f"tables: the dismissals of {day} keep changing; another builder is busy")
+
+
+def schema_of(table: str) -> tuple[tuple[str, str], ...]:
+    return COLUMNS[table]

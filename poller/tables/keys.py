@@ -1,0 +1,93 @@
+"""Where the tables and their bookkeeping live in the bucket (SPEC "The archive"):
+
+- ``P/tables/<table>/date=YYYY-MM-DD/part-NNNN.parquet``: the parts, create-only;
+- ``P/_poller/tables/due/YYYY-MM-DD``: a closed day to build again (a backfill or a repair
+  archived into it, its alerts are owed full records, or a dismissal found in it belongs to
+  a day not closed yet); deleted, under its ETag, once the day is complete;
+- ``P/_poller/tables/state.json``: how far the dismissal records have been read (their
+  Last-Modified), compare-and-swap on its ETag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from poller.archive.records import Layout
+
+_PART = re.compile(r"date=(\d{4}-\d{2}-\d{2})/part-(\d{4,})\.parquet")
+
+
+@dataclass(frozen=True)
+class Part:
+    table: str
+    day: date
+    number: int
+    key: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class TableKeys:
+    layout: Layout
+
+    def table_prefix(self, table: str) -> str:
+        return self.layout.key("tables", table) + "/"
+
+    def day_prefix(self, table: str, day: date) -> str:
+        return self.table_prefix(table) + f"date={day.isoformat()}/"
+
+    def part_key(self, table: str, day: date, number: int) -> str:
+        return self.day_prefix(table, day) + f"part-{number:04d}.parquet"
+
+    def parse_part(self, table: str, key: str, etag: str) -> Part | None:
+        match = _PART.fullmatch(key[len(self.table_prefix(table)) :])
+        if match is None or not key.startswith(self.table_prefix(table)):
+            return None
+        return Part(table, date.fromisoformat(match[1]), int(match[2]), key, etag)
+
+    @property
+    def due_prefix(self) -> str:
+        return self.layout.key("_poller", "tables", "due") + "/"
+
+    def due_key(self, day: date) -> str:
+        return self.due_prefix + day.isoformat()
+
+    @property
+    def state_key(self) -> str:
+        return self.layout.key("_poller", "tables", "state.json")
+
+    @property
+    def webhooks_prefix(self) -> str:
+        return self.layout.key("webhooks") + "/"
+
+    def webhooks_day_prefix(self, day: date) -> str:
+        return self.layout.key("webhooks", day.strftime("%Y/%m/%d")) + "/"
+
+    @property
+    def dismissals_prefix(self) -> str:
+        return self.layout.key("dismissals") + "/"
+
+
+def last_closed_day(watermark: datetime | None, lookback: timedelta) -> date | None:
+    """The last UTC day whose end the live watermark has passed by ``lookback``, or None.
+    Day D is closed when ``watermark - lookback >= D+1 00:00``."""
+    if watermark is None:
+        return None
+    return (watermark.astimezone(UTC) - lookback).date() - timedelta(days=1)
+
+
+def day_of_webhook_key(keys: TableKeys, key: str) -> date | None:
+    """The creation day a ``webhooks/YYYY/MM/DD/...`` key is filed under."""
+    rest = key[len(keys.webhooks_prefix) :].split("/")
+    if len(rest) < 3:
+        return None
+    try:
+        return date(int(rest[0]), int(rest[1]), int(rest[2]))
+    except ValueError:
+        return None
+
+
+def days(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
