@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import bucket_objects, poller_env, tls_env
 from s3proxy import S3Proxy
-from test_stores import poller
+from test_stores import last_json, poller
 
 from poller.simulator import Simulator
 from poller.timeutil import utc_now
@@ -102,3 +102,43 @@ def test_listings_renew_rotated_credentials_too(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "third")
     assert store.first_key("alerts/") == "alerts/x"
     assert store.renewals == 3
+
+
+@pytest.mark.parametrize("damage", ["deleted", "not JSON", "records emptied"])
+def test_a_day_whose_manifest_is_gone_or_unreadable_is_not_verified_as_complete(
+    damage: str,
+    simulator: Simulator,
+    tls_s3: S3Proxy,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+):
+    """Verifying one closed day: its record was overwritten (with a matching checksum) and its
+    manifest deleted, made unreadable or emptied. Nothing then says the day was altered."""
+    midnight = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
+    for back in (3, 2, 1):
+        day = midnight - timedelta(days=back)
+        simulator.generate(2, day + timedelta(hours=1), day + timedelta(hours=20))
+    env = tls_env(simulator, tls_s3, bucket, POLLER_SYNC__FIRST_RUN_SINCE="4d")
+    code, _, err = poller(["sync"], env, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    day = (midnight - timedelta(days=2)).date()
+    key = f"_poller/manifests/{day.isoformat()}.json"
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    record = sorted(manifest["records"])[0]
+    original = json.loads(s3.get_object(Bucket=bucket, Key=record)["Body"].read())
+    altered = json.dumps(dict(original, title="nothing to see here")).encode()
+    s3.put_object(Bucket=bucket, Key=record, Body=altered, ChecksumAlgorithm="SHA256")
+    if damage == "deleted":
+        s3.delete_object(Bucket=bucket, Key=key)
+    elif damage == "not JSON":
+        s3.put_object(Bucket=bucket, Key=key, Body=b"garbage")
+    else:
+        s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(dict(manifest, records={})).encode())
+    since, until = day.isoformat(), (day + timedelta(days=1)).isoformat()
+    args = ["verify", "--since", since, "--until", until, "--checksums", "--json"]
+    code, out, _ = poller(args, env, monkeypatch, capsys)
+    report = last_json(out)
+    assert report["complete"] is False, report
+    assert record in report["manifest_mismatch"] or report["manifest_chain_broken"], report
