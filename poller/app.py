@@ -173,7 +173,7 @@ class Runtime:
         """What the store does (see poller.archive.probe): a recorded proof when one under a
         day old matches (unless ``fresh``), else the probe, recorded when it passes."""
         s3 = self.settings.s3
-        print_ = fingerprint(write_options(s3), s3.require_conditional_writes)
+        print_ = self.fingerprint()
         proof = None if fresh else recorded_proof(self.store, self.layout, print_)
         if proof is None:
             native = self.native_store or self.store
@@ -181,6 +181,12 @@ class Runtime:
             if proof.refusal(s3.require_conditional_writes) is None:
                 record_proof(self.store, self.layout, print_, proof, self.run_id, self.clock())
         return proof
+
+    def fingerprint(self) -> str:
+        """What a recorded proof must match (see poller.archive.probe.fingerprint)."""
+        s3 = self.settings.s3
+        endpoint = str(getattr(self.store, "endpoint", ""))
+        return fingerprint(write_options(s3), s3.require_conditional_writes, endpoint)
 
     def prove_store(self) -> StoreProof:
         """Once per process, before the first write of every command that writes: raise

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from poller import __version__
-from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle, write_options
-from poller.archive.probe import FINDINGS, fingerprint, recorded_proof
+from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle
+from poller.archive.probe import FINDINGS, recorded_proof
 from poller.archive.revisits import RevisitState, RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import CREDENTIAL_CODES, BucketProtection
@@ -462,10 +462,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
 def _store_status(runtime: Runtime) -> dict[str, Any] | None:
     """The store's last recorded proof (see poller.archive.probe), and what is lost when it
     runs without conditional writes; None when no run has proved it today."""
-    s3 = runtime.settings.s3
-    proof = recorded_proof(
-        runtime.store, runtime.layout, fingerprint(write_options(s3), s3.require_conditional_writes)
-    )
+    proof = recorded_proof(runtime.store, runtime.layout, runtime.fingerprint())
     if proof is None:
         return None
     document: dict[str, Any] = {

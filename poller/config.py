@@ -383,13 +383,24 @@ class ReceiverSettings(_Section):
     )
     threads: Whole = setting(8, "workers; each runs one whole, already-read request", ge=1, le=256)
     connection_limit: Whole = setting(
-        100,
-        "open connections per listener; beyond, it stops accepting until some close",
+        1000,
+        "open connections per listener; a new one displaces the oldest still owing its request",
         ge=2,
         le=10_000,
     )
+    connections_per_source: Whole = setting(
+        50,
+        "open connections per peer address (the socket's); a new one displaces that "
+        "source's oldest still owing its request; 0: no cap",
+        ge=0,
+        le=10_000,
+    )
     timeout_seconds: Number = setting(
-        10.0, "a request must arrive whole within this from its first byte", ge=0.5, le=300
+        10.0,
+        "a connection must deliver a whole request within this from being accepted "
+        "(and from its last response)",
+        ge=0.5,
+        le=300,
     )
     idle_timeout_seconds: Number = setting(
         60.0, "a connection silent this long is closed", ge=1, le=3600

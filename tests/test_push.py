@@ -411,6 +411,22 @@ def test_a_5_mb_body_gets_a_413_the_sender_reads(served: Served):
     assert answer.status_code == 413 and b"max_body" in answer.content
 
 
+def test_a_chunk_declared_over_the_limit_gets_a_413_before_its_data(served: Served):
+    """A chunk of 16 MiB declared (the limit is 1 MiB) and none of it sent: the sender reads
+    a 413 (before, it read nothing and was closed at its request deadline)."""
+    with socket.create_connection(("127.0.0.1", served.port)) as sender:
+        sender.sendall(
+            f"POST /api/v1/s3/alert/{TOKEN} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "1000000\r\n".encode()
+        )
+        sender.settimeout(10)  # a bound on the wait, not a claim
+        answer = b""
+        while chunk := sender.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"max_body" in answer
+
+
 def _hold_40_slow_senders(served: Served, org_id: str) -> None:
     """40 connections to the push port, each sending a header line every second and never
     finishing: /healthz and a real push answer within 2 s throughout (requests' timeout), and
@@ -470,6 +486,55 @@ def test_40_slow_senders_hold_no_worker_of_the_daemon(
     finally:
         err = daemon.stop()
     assert TOKEN not in err
+    assert "Traceback" not in "".join(line for line in err.splitlines() if line[:1] != "{")
+
+
+def _silent_socket(source: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))  # Linux answers on all of 127/8: one peer address per source
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_silent_sockets_over_the_limits_leave_healthz_and_pushes_answering(
+    simulator: Simulator, moto_server: MotoServer, bucket: str
+):
+    """Sockets that never send a byte, on the daemon's one listener (the default: health and
+    pushes share ``http.port``), with the limits scaled down: 8 from one source (its cap is
+    5), then 20 from four more (the listener's limit is 12). /healthz and a real push still
+    answer within 2 s (requests' timeout), and every silent socket is closed by the server
+    (at the latest at its 2 s deadline from being accepted)."""
+    port = free_port()
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_RECEIVER__TOKEN=TOKEN,
+        POLLER_RECEIVER__TIMEOUT_SECONDS="2",
+        POLLER_RECEIVER__THREADS="4",
+        POLLER_RECEIVER__CONNECTION_LIMIT="12",
+        POLLER_RECEIVER__CONNECTIONS_PER_SOURCE="5",
+        POLLER_HTTP__HOST="127.0.0.1",
+        POLLER_HTTP__PORT=str(port),
+    )
+    daemon = Served(env, port, "run")
+    try:
+        sources = ["127.0.0.2"] * 8 + [f"127.0.0.{n}" for n in range(3, 7) for _ in range(5)]
+        silent = [_silent_socket(source, port) for source in sources]
+        assert requests.get(f"{daemon.health_url}/healthz", timeout=2).status_code == 200
+        alert = dict(README_PAYLOAD["alerts"][0], organization_id=simulator.credentials.org_id)
+        assert daemon.push({"alerts": [{**alert, "id": "past_silence"}]}, timeout=2).ok
+        closed = 0
+        for sock in silent:
+            sock.settimeout(10)  # a bound on the wait, not a claim: the deadline is 2 s
+            try:
+                closed += sock.recv(100) == b""
+            except ConnectionResetError:
+                closed += 1
+            sock.close()
+        assert closed == len(silent)
+    finally:
+        err = daemon.stop()
     assert "Traceback" not in "".join(line for line in err.splitlines() if line[:1] != "{")
 
 

@@ -214,6 +214,9 @@ class Guard:
     def stopping(self) -> bool:
         return False
 
+    def progress(self, summary: Summary) -> None:
+        pass
+
 
 def test_a_revisit_that_yields_resumes_from_its_cursor_at_the_next_cycle(
     simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.config import ReceiverSettings
 from poller.serving.http import CachedStatus, PushParts, _is_sns_host, build_app
+from poller.serving.pushes import PushRejected, decode_body
 from poller.serving.receiver import Receiver
 
 PUSH, OLD, READ = (
@@ -223,3 +225,22 @@ def test_a_range_at_the_ends_of_time_is_an_answer_not_a_crash(start: str, end: s
     app, _ = _app_and_store()
     answer = app.get(f"/api/v1/s3/alert?start={start}&end={end}", headers=bearer(READ))
     assert answer.status_code in (200, 400), answer.get_json()
+
+
+def test_a_multi_member_gzip_body_is_decoded_whole_within_one_limit():
+    """RFC 1952 allows members back to back (``cat a.gz b.gz``): all are decoded, and the
+    size limit holds for their sum, not per member."""
+    first, second = b'{"alerts": [{"id": "a"},', b' {"id": "b"}]}'
+    body = gzip.compress(first) + gzip.compress(second)
+    assert decode_body(body, "gzip", 1024) == first + second
+    assert decode_body(body + b"\0" * 8, "gzip", 1024) == first + second  # padding
+    two_halves = gzip.compress(b" " * 600) * 2  # each member under 1,000 bytes, both over
+    with pytest.raises(PushRejected) as over:
+        decode_body(two_halves, "gzip", 1000)
+    assert over.value.status == 413
+    with pytest.raises(PushRejected) as cut:
+        decode_body(body[:-5], "gzip", 1024)  # the second member's trailer is missing
+    assert cut.value.status == 400
+    with pytest.raises(PushRejected) as junk:
+        decode_body(gzip.compress(first) + b"not gzip", "gzip", 1024)
+    assert junk.value.status == 400

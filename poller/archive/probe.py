@@ -106,10 +106,13 @@ class StoreProof:
         }
 
 
-def fingerprint(options: WriteOptions, require_conditional_writes: bool) -> str:
-    """What decides how bytes travel and which headers go: a proof holds only for it."""
+def fingerprint(options: WriteOptions, require_conditional_writes: bool, endpoint: str = "") -> str:
+    """What decides how bytes travel and which headers go: a proof holds only for it. The
+    endpoint too: over plain HTTP boto3 never streams aws-chunked, over HTTPS it does, and a
+    bucket reached through another endpoint (a TLS gateway) is another transport."""
     facts = {
         "botocore": botocore.__version__,
+        "endpoint": endpoint,
         "poller": __version__,
         "options": asdict(options),
         "require_conditional_writes": require_conditional_writes,
@@ -228,9 +231,17 @@ def recorded_proof(store: ObjectStore, layout: Layout, print_: str) -> StoreProo
         if document.get("version") != PROOF_VERSION or document.get("fingerprint") != print_:
             return None
         findings = tuple(Finding(**item) for item in document["findings"])
-        return StoreProof(findings, str(document["proven_at"]))
+        proven_at = str(document["proven_at"])
     except (ValueError, TypeError, KeyError, AttributeError):
         return None  # ours to overwrite: a proof that does not read is no proof
+    # Each of the four findings, once, as written: a proof missing one (or with an "ok" that
+    # is not a boolean) would pass for a store that nothing proved.
+    if tuple(f.name for f in findings) != FINDINGS or not all(
+        isinstance(f.ok, bool) and isinstance(f.detail, str) and isinstance(f.fix, str)
+        for f in findings
+    ):
+        return None
+    return StoreProof(findings, proven_at)
 
 
 def record_proof(

@@ -45,6 +45,42 @@ class RevisitState:
     etag: str | None = None  # of the stored object; None: there is none yet
 
 
+# The instants a revisit under way, and the last finished one, must carry (ISO 8601): the
+# revisit resumes from them and ``status`` shows them, so a corrupt one is named here, as the
+# file being unreadable, rather than failing every later cycle with a KeyError.
+CURRENT_INSTANTS = ("from", "until", "cursor", "started_at")
+LAST_INSTANTS = ("from", "until", "started_at")
+RUN_TEXT = ("run_id", "finished_at")  # the other text fields; every other one is a count
+
+
+def _run_record(
+    value: Any, instants: tuple[str, ...], texts: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
+    """``current`` or ``last`` as stored, checked: ``instants`` and ``texts`` are required,
+    the other fields are counts. Raises ValueError, KeyError or TypeError."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("a revisit record is not an object")
+    for name in texts:
+        if not isinstance(value[name], str):
+            raise TypeError(f"{name} is not text")
+    for name in instants:
+        text = value[name]
+        if not isinstance(text, str):
+            raise TypeError(f"{name} is not text")
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            raise ValueError(f"{name} has no time zone")
+    for name, item in value.items():
+        if name in instants or name in RUN_TEXT:
+            if not isinstance(item, str):
+                raise TypeError(f"{name} is not text")
+        elif type(item) is not int or item < 0:
+            raise TypeError(f"{name} is not a count")
+    return value
+
+
 class RevisitStore:
     def __init__(self, store: ObjectStore, layout: Layout) -> None:
         self._store = store
@@ -57,13 +93,15 @@ class RevisitStore:
         try:
             document = json.loads(stored.body)
             version = document["version"]
-            if not isinstance(version, int) or version > REVISIT_VERSION:
+            if type(version) is not int or version != REVISIT_VERSION:
+                # Not only a newer one: 0, -1 or true were never written by any poller.
                 raise FatalError(
                     f"{self._key} has version {version!r}; this poller reads version"
                     f" {REVISIT_VERSION} (was it written by a newer poller?)"
                 )
             handled = {str(k): int(v) for k, v in (document.get("handled") or {}).items()}
-            current, last = document.get("current"), document.get("last")
+            current = _run_record(document.get("current"), CURRENT_INSTANTS, ("run_id",))
+            last = _run_record(document.get("last"), LAST_INSTANTS)
         except FatalError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -72,12 +110,7 @@ class RevisitStore:
                 f"{self._key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
                 " (the next revisit rebuilds it, writing nothing twice)"
             ) from exc
-        return RevisitState(
-            handled,
-            current if isinstance(current, dict) else None,
-            last if isinstance(last, dict) else None,
-            stored.etag,
-        )
+        return RevisitState(handled, current, last, stored.etag)
 
     def save(self, state: RevisitState, run_id: str, now: datetime) -> RevisitState:
         """Replace the stored state if and only if it is still the one ``state`` was read

@@ -311,6 +311,12 @@ class S3ObjectStore:
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self.bucket!r})"
 
+    @property
+    def endpoint(self) -> str:
+        """The URL requests go to (scheme included: it decides whether boto3 streams
+        aws-chunked uploads); part of the store proof's fingerprint."""
+        return str(getattr(self._client.meta, "endpoint_url", "") or "")
+
     def get(self, key: str) -> StoredObject | None:
         try:
             response, body = self._call(lambda c: _read(c.get_object(Bucket=self.bucket, Key=key)))
@@ -406,21 +412,26 @@ class S3ObjectStore:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
 
     def list_objects(self, prefix: str) -> list[ListedObject]:
-        found: list[ListedObject] = []
-        try:
-            paginator = self._client.get_paginator("list_objects_v2")
+        def listing(client: Any) -> list[ListedObject]:
+            found: list[ListedObject] = []
+            paginator = client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 found.extend(
                     ListedObject(item["Key"], item["ETag"], item["LastModified"].astimezone(UTC))
                     for item in page.get("Contents", [])
                 )
+            return found
+
+        try:  # through _call, as every request: a rotated key is picked up here too
+            return list(self._call(listing))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
-        return found
 
     def first_key(self, prefix: str) -> str | None:
         try:
-            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            page = self._call(
+                lambda c: c.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            )
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
         contents = page.get("Contents") or []

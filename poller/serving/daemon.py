@@ -270,6 +270,7 @@ def limits(settings: ReceiverSettings, *, tls: bool = True) -> Limits:
     return Limits(
         threads=settings.threads,
         connection_limit=settings.connection_limit,
+        connections_per_source=settings.connections_per_source,
         max_header_bytes=settings.max_header_bytes,
         max_body_bytes=settings.max_body_bytes,
         request_timeout_seconds=settings.timeout_seconds,

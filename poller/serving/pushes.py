@@ -75,20 +75,34 @@ def _pushed(alert: Alert) -> PushedAlert:
 
 
 def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
-    """The body as sent, decoded: identity or gzip (at most ``limit`` bytes once decoded)."""
+    """The body as sent, decoded: identity or gzip (at most ``limit`` bytes once decoded).
+
+    A gzip body may hold several members, one after another (RFC 1952, 2.2: concatenated
+    files, as ``cat a.gz b.gz`` or a streaming writer produces): they are decoded in turn,
+    within the one ``limit`` for all of them. Zero bytes after the last member (a padding
+    some writers leave) are ignored, as the gzip tool ignores them. 400 for invalid or
+    truncated gzip, 413 past the limit, 415 for another encoding."""
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
         raise PushRejected(415, f"Content-Encoding {encoding!r} is not supported (gzip is)")
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        decoded = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise PushRejected(400, "the body is not valid gzip") from None
-    if len(decoded) > limit or inflater.unconsumed_tail:
-        raise PushRejected(413, f"the body is over {limit} bytes once decompressed")
-    return decoded
+    decoded = bytearray()
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            # never 0 (zlib's "no limit"): the loop ends once decoded passes the limit
+            decoded += inflater.decompress(rest, limit + 1 - len(decoded))
+        except zlib.error:
+            raise PushRejected(400, "the body is not valid gzip") from None
+        if len(decoded) > limit or inflater.unconsumed_tail:
+            raise PushRejected(413, f"the body is over {limit} bytes once decompressed")
+        if not inflater.eof:
+            raise PushRejected(400, "the body is not valid gzip (it ends inside a member)")
+        rest = inflater.unused_data
+        if not rest.strip(b"\0"):
+            return bytes(decoded)
 
 
 def _integer(digits: str) -> int | str:

@@ -373,7 +373,14 @@ class _Pass:
         for part in self.plan.parts[table].get(day, []):
             path = self.b.download(part, self.work)
             source = f"read_parquet({_quote(path)})"
-            ids.update(row[0] for row in self.con.execute(f"SELECT id FROM {source}").fetchall())
+            try:
+                found = self.con.execute(f"SELECT id FROM {source}").fetchall()
+            except duckdb.Error as exc:
+                raise FatalError(
+                    f"tables: the part {part.key} cannot be read ({exc}); delete every part of"
+                    " that day and table, and poller tables builds the day again from the archive"
+                ) from exc
+            ids.update(row[0] for row in found)
             if keep_dismissed:
                 self.con.execute(
                     f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"

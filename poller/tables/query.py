@@ -27,7 +27,7 @@ import duckdb
 
 from poller.archive.records import Layout
 from poller.archive.store import ListedObject, ObjectStore
-from poller.errors import FatalError, QueryError
+from poller.errors import ConfigError, FatalError, QueryError
 from poller.tables.keys import TableKeys
 from poller.tables.schema import ALERT_COLUMNS, COLUMNS, TABLES, select_list
 
@@ -105,11 +105,20 @@ class PartCache:
         stored = self._store.get(item.key)
         if stored is None:
             raise FatalError(f"the table part {item.key} vanished while being fetched")
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(stored.body)
-        partial.replace(path)  # never a half-written part under the real name
-        tag.write_text(stored.etag, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(stored.body)
+            partial.replace(path)  # never a half-written part under the real name
+            tag.write_text(stored.etag, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                [
+                    f"tables.cache_dir: the cache folder {self.folder} cannot hold the parts"
+                    f" ({exc.strerror or exc}); set tables.cache_dir"
+                    " (POLLER_TABLES__CACHE_DIR) to a writable folder"
+                ]
+            ) from exc
         fetched.downloaded += 1
         return path
 
@@ -127,15 +136,35 @@ def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
         columns = COLUMNS[table]
         paths = files.get(table, [])
         if paths:
-            con.execute(
-                f'CREATE VIEW {table} AS SELECT {select_list(columns)}, CAST("date" AS DATE)'
-                f' AS "date" FROM read_parquet({_quoted_list(paths)}, hive_partitioning=true)'
-            )
+            try:
+                con.execute(
+                    f'CREATE VIEW {table} AS SELECT {select_list(columns)}, CAST("date" AS DATE)'
+                    f' AS "date" FROM read_parquet({_quoted_list(paths)}, hive_partitioning=true)'
+                )
+            except duckdb.Error as exc:  # a damaged part (in the bucket or in the cache)
+                con.close()
+                raise FatalError(
+                    f"a {table} part cannot be read: {exc} (if the cached copy is damaged,"
+                    " delete it from the cache folder; if the bucket's is, delete every part of"
+                    " that day and table, and poller tables builds the day again)"
+                ) from exc
         else:
             body = ", ".join(f'"{name}" {kind}' for name, kind in columns)
             con.execute(f'CREATE TABLE {table} ({body}, "date" DATE)')
     con.execute(f"CREATE VIEW alerts_latest AS {ALERTS_LATEST}")
+    confine(con, [p for table in TABLES for p in files.get(table, [])])
     return con
+
+
+def confine(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> None:
+    """Read-only and confined: the SQL may read the cached parts and nothing else on this
+    machine or the network (no ``COPY ... TO``, ``ATTACH``, ``read_csv('/etc/passwd')``,
+    ``INSTALL``/``LOAD``), and cannot undo this (the configuration is locked)."""
+    con.execute(f"SET allowed_paths = {_quoted_list(paths)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
 
 
 @dataclass

@@ -12,6 +12,7 @@ plus the fields an analyst filters on. Field names are the v2 API's (threatstack
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -61,6 +62,23 @@ def _moment(value: Any) -> datetime | None:
     return moment if 1970 < moment.year < 10_000 else None
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: Any) -> str | None:
+    """A VARCHAR cell: as_text, with a lone UTF-16 surrogate (a legal ``"\\ud83d"`` escape in
+    the archived JSON, which UTF-8 cannot carry) as U+FFFD; ``record`` keeps the escape."""
+    text = as_text(value)
+    return None if text is None else _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _severity(value: Any) -> int | None:
+    """An INTEGER column: a number beyond its range is None (the record keeps it), never a
+    row that makes DuckDB refuse the whole batch."""
+    number = as_integer(value)
+    return number if number is not None and -(2**31) <= number < 2**31 else None
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
@@ -94,17 +112,17 @@ def alert_row(body: bytes, key: str) -> dict[str, Any] | None:
     return {
         "id": raw["id"],
         "created_at": _stamp(created),
-        "title": as_text(raw.get("title")),
-        "severity": as_integer(raw.get("severity")),
+        "title": _text(raw.get("title")),
+        "severity": _severity(raw.get("severity")),
         "is_dismissed": _flag(raw.get("isDismissed")) or dismissed_at is not None,
         "dismissed_at": _stamp(dismissed_at),
-        "dismiss_reason": as_text(raw.get("dismissReason")),
-        "dismiss_reason_text": as_text(reason_text),
-        "dismissed_by": as_text(raw.get("dismissedBy")),
-        "data_source": as_text(raw.get("dataSource")),
-        "agent_id": as_text(raw.get("agentId")),
-        "rule_id": as_text(raw.get("ruleId")),
-        "ruleset_id": as_text(raw.get("rulesetId")),
+        "dismiss_reason": _text(raw.get("dismissReason")),
+        "dismiss_reason_text": _text(reason_text),
+        "dismissed_by": _text(raw.get("dismissedBy")),
+        "data_source": _text(raw.get("dataSource")),
+        "agent_id": _text(raw.get("agentId")),
+        "rule_id": _text(raw.get("ruleId")),
+        "ruleset_id": _text(raw.get("rulesetId")),
         "record": text,
         "key": key,
         # Staging only (not a Parquet column): the partition of the row.

@@ -45,6 +45,7 @@ ALREADY = "already_archived"  # its dismissal record was there (a 412)
 FIRST_DISMISSED = "first_dismissed"  # its full record is the dismissed version: none needed
 NOT_ARCHIVED = "not_archived"  # the archive has no full record (verify reports it)
 UNENCODABLE_ALERT = "unencodable"  # no faithful JSON form (logged)
+API_KEEPS = timedelta(days=366)  # the API's year of alerts (config caps revisit_days there)
 RESULTS = (ARCHIVED, ALREADY, FIRST_DISMISSED, NOT_ARCHIVED, UNENCODABLE_ALERT)
 
 
@@ -73,6 +74,20 @@ def _last_started(state: RevisitState) -> str | None:
     """When the last finished revisit started: every dismissal before it, of an alert
     created in its range, is archived (the metrics' revisit lag counts from it)."""
     return None if state.last is None else state.last.get("started_at")
+
+
+def reach(state: RevisitState, now: datetime, days: int) -> datetime:
+    """Where a new revisit's range starts: ``days`` before the last finished revisit started
+    (before now, if none did). An alert dismissed since that start, at most ``days`` after
+    its creation, was created at or after that start minus ``days``. With ``now - days``
+    alone, an alert dismissed in the last ``revisit_interval_seconds`` before it turned
+    ``days`` old was already out of range when the next revisit came, and never archived
+    (SPEC "Dismissals": covered within ``revisit_interval_seconds`` plus one cycle). A gap
+    longer than the API's year of alerts (a long outage, say) adds a year at most."""
+    start = now
+    if state.last is not None:  # its started_at is checked when the state is read
+        start = min(now, parse_instant(str(state.last["started_at"]), now))
+    return max(start, now - API_KEEPS) - timedelta(days=days)
 
 
 def _remember(state: RevisitState, first_dismissed: dict[str, int] | None) -> bool:
@@ -130,7 +145,7 @@ class Revisit:
             return
         current = state.current
         if current is None:
-            since = floor_second(now - timedelta(days=self.settings.days))
+            since = floor_second(reach(state, now, self.settings.days))
             if since >= until:
                 # The live window reaches back further than the revisit would.
                 summary.revisit = {"due": False, "last_started_at": _last_started(state)}
@@ -226,6 +241,7 @@ class Revisit:
             if since < until:
                 for page in self.source.list_alerts("dismissed", since, until):
                     pages += 1
+                    guard.progress(summary)
                     if guard.stopping():
                         raise Stopped()
                     for raw in page:

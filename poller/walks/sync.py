@@ -89,6 +89,10 @@ class CycleGuard(Protocol):
     def stopping(self) -> bool:
         """True once the daemon was asked to stop."""
 
+    def progress(self, summary: Summary) -> None:
+        """A page was read: progress, for the daemon's liveness (a long revisit at a low
+        budget must not look like a hung cycle)."""
+
 
 class Revisitor(Protocol):
     """The revisit (see ``poller.walks.revisit``), run by a cycle after its live window."""
@@ -405,6 +409,9 @@ class Cycle:
 
     def stopping(self) -> bool:
         return self.hooks.should_stop()
+
+    def progress(self, summary: Summary) -> None:
+        self.hooks.observer.page(summary)
 
     def walk(
         self,

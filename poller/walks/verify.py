@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from poller.archive.manifests import Manifests, sha256_hex
-from poller.archive.records import Alert, Layout, classify
+from poller.archive.manifests import MANIFEST_VERSION, Manifests, sha256_hex
+from poller.archive.records import UNENCODABLE, Alert, Layout, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
 from poller.timeutil import Clock, iso_z
@@ -323,7 +323,16 @@ class Verifier:
         if not repair:
             return
         for alert_id in missing:
-            written = self.archive.store_dismissal(dismissed[alert_id])
+            try:
+                written = self.archive.store_dismissal(dismissed[alert_id])
+            except UNENCODABLE as exc:
+                # No faithful JSON form (NaN, say): left missing, as the revisit leaves it,
+                # rather than ending the repair of every other alert.
+                log.warning(
+                    "dismissal.unencodable",
+                    extra={"fields": {"id": alert_id, "error": type(exc).__name__}},
+                )
+                continue
             findings.dismissals_repaired += 1
             if written:
                 summary.dismissals_archived += 1
@@ -333,15 +342,29 @@ class Verifier:
         the manifest before it is still what this one recorded."""
         manifests = Manifests(self.store, self.layout)
         loaded = manifests.load(day)
+
+        def broken(which: str) -> None:
+            if which not in findings.manifest_chain_broken:
+                findings.manifest_chain_broken.append(which)
+                log.error("verify.manifest_changed", extra={"fields": {"day": which}})
+
+        # The next day's manifest recorded this one's SHA-256: a manifest deleted, garbled or
+        # rewritten is found even when only this day is verified.
+        after = manifests.load(day + timedelta(days=1))
+        link = after[0].get("previous") if after is not None else None
+        link = link if isinstance(link, dict) and link.get("day") == day.isoformat() else None
+        if link is not None and (loaded is None or sha256_hex(loaded[1]) != link.get("sha256")):
+            broken(day.isoformat())
         if loaded is None:
             return None
         document, _ = loaded
+        if document.get("version") != MANIFEST_VERSION or document.get("day") != day.isoformat():
+            broken(day.isoformat())  # not what poller wrote: not JSON, or another day's
         previous = document.get("previous")
         if isinstance(previous, dict) and previous.get("day"):
             before = manifests.load(date.fromisoformat(str(previous["day"])))
             if before is None or sha256_hex(before[1]) != previous.get("sha256"):
-                findings.manifest_chain_broken.append(str(previous["day"]))
-                log.error("verify.manifest_changed", extra={"fields": {"day": previous["day"]}})
+                broken(str(previous["day"]))
         records = document.get("records")
         return {str(k): str(v) for k, v in records.items()} if isinstance(records, dict) else {}
 
