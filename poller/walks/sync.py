@@ -659,8 +659,13 @@ class Cycle:
         (carrying what was taken) when a ``splittable`` chunk's listing needs more than
         ``pages_per_listing`` pages."""
         seen_now: dict[str, int] = {}
-        writer: BoundedWriter[Outcome] = BoundedWriter(self.settings.max_concurrency)
-        try:
+
+        def tally(outcomes: Counter[Outcome]) -> None:
+            summary.archived += outcomes[Outcome.ARCHIVED]
+            summary.already_archived += outcomes[Outcome.ALREADY_ARCHIVED]
+            summary.quarantined += outcomes[Outcome.QUARANTINED]
+
+        with writing(self.settings.max_concurrency, tally) as writer:
             for status in poll_order(self.settings.statuses):
                 for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
                     if self.hooks.should_stop():
@@ -684,14 +689,6 @@ class Cycle:
                             }
                         },
                     )
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            summary.archived += writer.outcomes[Outcome.ARCHIVED]
-            summary.already_archived += writer.outcomes[Outcome.ALREADY_ARCHIVED]
-            summary.quarantined += writer.outcomes[Outcome.QUARANTINED]
         return seen_now
 
     def _take(
