@@ -442,8 +442,8 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
     world.now += timedelta(minutes=5)
     world.source.add("pushed00old", ago(180))  # three hours old: in no window from now on
     pending = PendingRecords(world.store, LAYOUT)
-    pending.add("pushed00old")
-    pending.add("invisible01")  # accepted, but the API does not show it yet (404)
+    pending.add("pushed00old", "")
+    pending.add("invisible01", "")  # accepted, but the API does not show it yet (404)
     world.lease.acquire()
     try:
         summary = world.make_cycle(pending=pending).run()
@@ -474,7 +474,7 @@ def test_owed_ids_the_api_has_not_are_given_up_and_do_not_block_a_real_one(world
     pending = PendingRecords(world.store, LAYOUT)
     others = [f"other{n:02d}" for n in range(30)]
     for alert_id in [*others, "broken500", "pushed00old"]:
-        pending.add(alert_id)
+        pending.add(alert_id, "")
     world.source.broken_ids.add("broken500")
     world.source.add("pushed00old", ago(180))
     world.now += OWED_NOT_FOUND_GRACE  # the 404s are answers now, not "not visible yet"
@@ -503,7 +503,7 @@ def test_a_failing_owed_fetch_ends_the_owed_fetches_of_the_cycle(world: World):
     world.cycle()
     pending = PendingRecords(world.store, LAYOUT)
     for n in range(5):
-        pending.add(f"broken{n}")
+        pending.add(f"broken{n}", "")
         world.source.broken_ids.add(f"broken{n}")
     before = world.source.requests_sent
     run_with_pending(world, pending)

@@ -253,13 +253,16 @@ class Owed:
     since: datetime
     attempts: int = 0
     last_error: str = ""
+    webhook_key: str = ""  # the key the push wrote ("" when unknown)
 
 
 class PendingRecords:
     """Ids whose full record is owed, one object each under ``P/_poller/pending/``.
 
-    The object is ``{}`` when the push path marks it (owed since its Last-Modified), and
-    ``{"owed_since": ..., "attempts": n, "last_error": ...}`` once a fetch failed. An id
+    The object is ``{"webhook_key": K}`` when the push path marks it (owed since its
+    Last-Modified; K is the webhook key the push wrote, so a re-send in another minute names
+    no second key), and ``{"owed_since": ..., "attempts": n, "last_error": ..., "webhook_key":
+    K}`` once a fetch failed. Marks of older versions are ``{}``. An id
     given up on moves to ``P/_poller/unfetchable/<id>`` with the reason (``status`` shows
     those): a 404 past the grace period is an answer, and so are too many failed fetches."""
 
@@ -268,9 +271,30 @@ class PendingRecords:
         self._prefix = layout.key("_poller", "pending") + "/"
         self._gone = layout.key("_poller", "unfetchable") + "/"
 
-    def add(self, alert_id: str) -> None:
-        with contextlib.suppress(PreconditionFailed):
-            self._store.put(self._prefix + alert_id, b"{}", if_none_match=True)
+    def add(self, alert_id: str, webhook_key: str) -> str | None:
+        """Mark ``alert_id`` owed, naming the webhook key its push writes. Returns None when
+        the mark is new, else the key an earlier push named ("" when the mark names none:
+        written by an older version)."""
+        marker = json.dumps({"webhook_key": webhook_key}).encode()
+        try:
+            self._store.put(self._prefix + alert_id, marker, if_none_match=True)
+        except PreconditionFailed:
+            return self._webhook_key(alert_id)
+        return None
+
+    def name_webhook_key(self, alert_id: str, webhook_key: str) -> None:
+        """Point an existing mark at the webhook key actually written (its attempts kept)."""
+        found = self._store.get(self._prefix + alert_id)
+        document = _object_or_empty(found.body if found is not None else b"{}")
+        document["webhook_key"] = webhook_key
+        self._store.put(self._prefix + alert_id, json.dumps(document).encode())
+
+    def _webhook_key(self, alert_id: str) -> str:
+        found = self._store.get(self._prefix + alert_id)
+        if found is None:  # dropped in between: its full record is written
+            return ""
+        key = _object_or_empty(found.body).get("webhook_key")
+        return key if isinstance(key, str) else ""
 
     def done(self, alert_id: str) -> None:
         self._store.delete(self._prefix + alert_id)
@@ -282,11 +306,7 @@ class PendingRecords:
         found = self._store.get(self._prefix + alert_id)
         if found is None:
             return None
-        try:
-            document = json.loads(found.body)
-        except ValueError:
-            document = {}
-        document = document if isinstance(document, dict) else {}
+        document = _object_or_empty(found.body)
         since = found.last_modified
         with contextlib.suppress(KeyError, TypeError, ValueError):
             since = datetime.fromisoformat(str(document["owed_since"]))
@@ -295,6 +315,7 @@ class PendingRecords:
             since,
             int(document.get("attempts", 0) or 0),
             str(document.get("last_error", "")),
+            str(document.get("webhook_key", "") or ""),
         )
 
     def failed(self, owed: Owed, error: str) -> None:
@@ -304,6 +325,8 @@ class PendingRecords:
             "attempts": owed.attempts + 1,
             "last_error": error[:300],
         }
+        if owed.webhook_key:
+            document["webhook_key"] = owed.webhook_key
         self._store.put(self._prefix + owed.alert_id, json.dumps(document).encode())
 
     def give_up(self, owed: Owed, reason: str, now: datetime) -> None:
@@ -523,3 +546,12 @@ class LeaseKeeper:
                 return
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next tick
                 log.warning("lease.renew_failed", extra={"fields": {"error": str(exc)}})
+
+
+def _object_or_empty(body: bytes) -> dict[str, Any]:
+    """A marker's JSON object; {} for anything else (a damaged mark is still a mark)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
