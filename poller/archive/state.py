@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -177,36 +177,72 @@ class CheckpointStore:
         return Checkpoint(watermark, seen, etag, document)
 
 
+# What a record written before records named their statuses covered. Such a record
+# (``<from>_<until>``, no statuses in the key or the body) says only that backfill finished
+# the span with the statuses it was configured for, and those are not known now; it is read
+# as covering what the default covered then, ``active`` and ``dismissed``, the one reading
+# that does not make every old range be listed again. A run of an older version made with
+# ``threatstack.statuses: [active]`` is therefore not re-read by itself: run that range's
+# backfill once more after deleting its old records (README, *Catch up and audit*).
+LEGACY_CHUNK_STATUSES = frozenset({"active", "dismissed"})
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    since: datetime
+    until: datetime
+    statuses: frozenset[str]
+
+
 class ChunkRecords:
     """Finished backfill chunks, one small object each under ``P/_poller/backfill/``. The key
-    names the span (``20261101T000000Z_20261102T000000Z``), so one listing tells what is done;
-    the body says who finished it and with what counts. Records only ever widen coverage."""
+    names the span and the alert lists read over it
+    (``20261101T000000Z_20261102T000000Z_active_dismissed``), so one listing tells what is
+    done; the body says who finished it, what it read itself and with what counts. Records
+    only ever widen coverage: a span is covered for a status when one record's span holds
+    it and names the status."""
 
     def __init__(self, store: ObjectStore, layout: Layout) -> None:
         self._store = store
         self._layout = layout
-        self._spans: list[tuple[datetime, datetime]] = []
+        self._records: list[ChunkRecord] = []
 
     def load(self) -> ChunkRecords:
-        self._spans = []
+        self._records = []
         prefix = self._layout.backfill_prefix
         for key in self._store.list_keys(prefix):
-            since_text, _, until_text = key[len(prefix) :].partition("_")
+            since_text, _, rest = key[len(prefix) :].partition("_")
+            until_text, _, named = rest.partition("_")
+            statuses = [status for status in named.split("_") if status]
             try:
-                self._spans.append((parse_compact(since_text), parse_compact(until_text)))
+                since, until = parse_compact(since_text), parse_compact(until_text)
             except ValueError:
                 log.warning("backfill.record_ignored", extra={"fields": {"key": key}})
+                continue
+            covered = frozenset(statuses) if statuses else LEGACY_CHUNK_STATUSES
+            self._records.append(ChunkRecord(since, until, covered))
         return self
 
-    def covers(self, since: datetime, until: datetime) -> bool:
-        return any(start <= since and until <= end for start, end in self._spans)
+    def covered(self, since: datetime, until: datetime) -> frozenset[str]:
+        """The statuses some finished chunk read over the whole of [since, until)."""
+        found: set[str] = set()
+        for record in self._records:
+            if record.since <= since and until <= record.until:
+                found |= record.statuses
+        return frozenset(found)
 
-    def record(self, since: datetime, until: datetime, document: dict[str, Any]) -> None:
+    def record(
+        self, since: datetime, until: datetime, statuses: Iterable[str], document: dict[str, Any]
+    ) -> None:
+        """[since, until) is finished for ``statuses``: what earlier records covered and
+        what this run read."""
+        covered = frozenset(statuses)
         body = json.dumps(
-            {"from": iso_z(since), "until": iso_z(until), **document}, sort_keys=True
+            {"from": iso_z(since), "until": iso_z(until), "statuses": sorted(covered), **document},
+            sort_keys=True,
         ).encode("utf-8")
-        self._store.put(self._layout.backfill_key(since, until), body)
-        self._spans.append((since, until))
+        self._store.put(self._layout.backfill_key(since, until, covered), body)
+        self._records.append(ChunkRecord(since, until, covered))
 
 
 @dataclass(frozen=True)
