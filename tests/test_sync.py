@@ -292,6 +292,26 @@ def test_a_run_polling_fewer_lists_than_the_checkpoint_covers_is_refused(world: 
     assert caught.value.exit_code == 2
 
 
+def test_a_run_adding_a_list_says_its_older_alerts_are_a_backfills_work(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """Widening is allowed (the added list is read from now on) but never silent: the log
+    names the added list and the watermark behind which it was not read."""
+    world.settings = CycleSettings(
+        ("active",), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    world.source.add("alert00001", ago(5))
+    world.cycle()
+    world.settings = CycleSettings(
+        ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    with caplog.at_level("WARNING"):
+        world.cycle()
+    widened = [r for r in caplog.records if r.getMessage() == "checkpoint.statuses_widened"]
+    assert [r.fields["added"] for r in widened] == [["dismissed"]]  # type: ignore[attr-defined]
+    assert world.checkpoint()["statuses"] == ["active", "dismissed"]
+
+
 class FailNthPut(FlakyStore):
     """Fails the puts whose sequence numbers are in ``fail_at`` (a transient S3 error)."""
 

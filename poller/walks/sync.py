@@ -615,6 +615,21 @@ class Cycle:
                     " their alerts for good (poll them all, or use another prefix)"
                 ]
             )
+        added = sorted(set(self.settings.statuses) - set(map(str, covered)))
+        if added:
+            # The watermark says nothing of a list it never covered: from here on it is read,
+            # what lies behind the watermark is a backfill's work (README, Configuration).
+            log.warning(
+                "checkpoint.statuses_widened",
+                extra={
+                    "fields": {
+                        "added": added,
+                        "watermark": checkpoint.document.get("watermark"),
+                        "hint": "run `poller backfill --until WATERMARK` to read the added"
+                        " lists behind the watermark",
+                    }
+                },
+            )
 
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that
