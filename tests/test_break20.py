@@ -26,7 +26,7 @@ def _query(world: World, sql: str) -> list[tuple[Any, ...]]:
     fetched = PartCache(world.store, world.layout, world.tmp / "cache").fetch(
         date(2026, 1, 1), date(2027, 1, 1)
     )
-    return run_sql(connect(fetched.files), sql).rows
+    return run_sql(connect(fetched.files, fetched.parts), sql, fetched.parts).rows
 
 
 @pytest.mark.parametrize(
@@ -102,18 +102,25 @@ def test_a_lone_surrogate_in_a_field_never_breaks_a_pass(tmp_path: Path) -> None
     assert len(rows) == 1 and json.loads(rows[0][0]) == doc
 
 
-def test_a_corrupt_part_in_the_bucket_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
-    from poller.errors import PollerError
+@pytest.mark.parametrize("day", ["2026-11-01", "2026-11-02"])  # first part, or a later one
+def test_a_corrupt_part_in_the_bucket_is_named_as_damaged_data_not_bad_sql(
+    tmp_path: Path, day: str
+) -> None:
+    from poller.errors import FatalError
 
     world = World(tmp_path)
     world.build()
-    key = next(k for k in world.part_keys("alerts") if "2026-11-01" in k)
+    key = next(k for k in world.part_keys("alerts") if day in k)
     body = world.store.get(key)
     assert body is not None
     world.store.delete(key)
     world.store.put(key, body.body[: len(body.body) // 2])  # truncated
-    with pytest.raises(PollerError):  # QueryError or FatalError: a message, not a traceback
+    with pytest.raises(FatalError) as raised:  # exit 1, as for other unreadable archive data
         _query(world, "SELECT count(*) FROM alerts")
+    assert not isinstance(raised.value, QueryError) and raised.value.exit_code == 1
+    message = str(raised.value)
+    assert f"the table part {key} is damaged" in message and "SQL" not in message
+    assert "poller tables builds that day again" in message
 
 
 def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
