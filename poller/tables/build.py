@@ -13,10 +13,13 @@ One *pass*:
    the day keeps a due marker until it has it.
 3. **Dismissals**: rows come from full records that are already the dismissed version
    (read in step 2, or from the day's existing parts when it is built again) and from
-   dismissal records (``P/dismissals/...``), which are listed each pass and read only when
-   written since the last pass (by their Last-Modified, less a margin). Each goes to the
-   part of its ``dismissedAt`` day once that day is closed, unless that day's parts have it;
-   until then it waits (its creation day stays due, or the mark stays before it).
+   dismissal records (``P/dismissals/...``), found through their time-keyed index
+   (``P/_poller/index/dismissals/YYYY/MM/DD/HH/ID``, listed from the mark on, a page at a
+   time; an archive from before the index is scanned once) and read only when written since
+   the last pass (by their Last-Modified, less a margin). Each goes to the part of its
+   ``dismissedAt`` day once that day is closed, unless that day's parts have it; until then
+   it waits (its creation day stays due, or the mark stays before it). A ``dismissedAt``
+   that cannot be true (later than the record's archiving) never waits (FUTURE_SLACK).
 4. **Bookkeeping**: due markers of finished days are deleted under their ETag (a marker a
    backfill rewrote meanwhile stays), the dismissal mark moves.
 
