@@ -296,7 +296,7 @@ class TablesBuilder:
                 yield item.key, item.last_modified
             return
         prefix = layout.dismissal_index_prefix
-        start = mark.at - MARK_MARGIN - INDEX_CLOCK_SLACK
+        start = (mark.at - MARK_MARGIN - INDEX_CLOCK_SLACK).astimezone(UTC)
         for item in self._store.iter_objects(prefix, prefix + start.strftime("%Y/%m/%d/%H")):
             alert_id = item.key.rsplit("/", 1)[-1]
             if SAFE_ID.fullmatch(alert_id):
