@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,9 +67,12 @@ class Layout:
     def backfill_prefix(self) -> str:
         return self.key("_poller", "backfill") + "/"
 
-    def backfill_key(self, since: datetime, until: datetime) -> str:
-        """One finished backfill chunk; the key itself says the span it covers."""
-        return self.key("_poller", "backfill", f"{_compact(since)}_{_compact(until)}")
+    def backfill_key(self, since: datetime, until: datetime, statuses: Iterable[str]) -> str:
+        """One finished backfill chunk; the key itself says the span and the alert lists it
+        covers (``20261101T000000Z_20261102T000000Z_active_dismissed``), so one listing
+        tells what is done."""
+        name = "_".join([_compact(since), _compact(until), *sorted(statuses)])
+        return self.key("_poller", "backfill", name)
 
     @property
     def probe_key(self) -> str:

@@ -104,14 +104,11 @@ class Archive:
     def _store_alert(
         self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
     ) -> tuple[Outcome, bool]:
-        try:
-            full_body = json_body(alert.raw)
-            webhook_body = json_body(webhook_record(alert, self._organization_id))
-        except UNENCODABLE as exc:
-            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
-            log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
-            rejected = Rejected("unencodable", detail, alert.raw)
-            return self.quarantine(rejected, status, seen_at), False
+        bodies = self._bodies(alert)
+        if isinstance(bodies, Rejected):
+            log.warning("alert.quarantined", extra={"fields": {"reason": bodies.reason}})
+            return self.quarantine(bodies, status, seen_at), False
+        full_body, webhook_body = bodies
         full = self._create(self.layout.alert_key(alert.id), full_body)
         wrote_webhook = webhook and self._create(
             self.layout.webhook_key(alert.id, alert.created), webhook_body
@@ -120,6 +117,21 @@ class Archive:
             self.touched.add(alert.created.date())
         outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
         return outcome, full
+
+    def _bodies(self, alert: Alert) -> tuple[bytes, bytes] | Rejected:
+        """The full record's and the webhook record's bodies, or why the alert has none."""
+        try:
+            return json_body(alert.raw), json_body(webhook_record(alert, self._organization_id))
+        except UNENCODABLE as exc:
+            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+            return Rejected("unencodable", detail, alert.raw)
+
+    def quarantine_key_of(self, alert: Alert) -> str:
+        """Where ``take`` keeps ``alert`` when it quarantines it: under ``unencodable`` when
+        it has no faithful JSON form, else (a bug met while archiving) ``internal_error``."""
+        bodies = self._bodies(alert)
+        reason = bodies.reason if isinstance(bodies, Rejected) else "internal_error"
+        return self.layout.quarantine_key(reason, Rejected(reason, "", alert.raw).digest)
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when
