@@ -300,3 +300,38 @@ def test_a_dismissal_dated_in_the_far_future_never_keeps_a_day_due(
     latest = {r["id"]: r for r in world.rows("alerts_latest")}
     assert latest[whole["id"]]["is_dismissed"] and latest[target]["is_dismissed"]
     assert latest[whole["id"]]["dismissed_at"] == future.replace(tzinfo=None)
+
+
+def test_a_stop_between_the_record_and_its_index_entry_is_healed_by_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revisit retries an alert whose dismissal record landed but whose run stopped
+    before the index entry: the record's 412 still writes the entry, and the tables find it."""
+    from poller.errors import ArchiveUnavailable
+
+    world = World(tmp_path, count=10, dismissed=0)
+    clock = Clock(world, monkeypatch, datetime(2026, 11, 10, tzinfo=UTC))
+    world.build(clock=clock)
+    alert_id = sorted(world.docs)[0]
+    real_put = world.store.put
+
+    def dropped(key: str, body: bytes, **kwargs: Any) -> str:
+        if "/_poller/index/" in key:
+            raise ArchiveUnavailable("connection dropped")
+        return real_put(key, body, **kwargs)
+
+    monkeypatch.setattr(world.store, "put", dropped)
+    with pytest.raises(ArchiveUnavailable):
+        _dismiss(world, alert_id, DAY1 + timedelta(hours=20))
+    monkeypatch.setattr(world.store, "put", real_put)
+    doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt="2026-11-01T20:00:00+00:00")
+    alert = classify(doc)
+    assert isinstance(alert, Alert)
+    clock.now += timedelta(minutes=1)
+    assert world.archive.store_dismissal(alert) is False  # the record was there: a 412
+    assert [k for k in world.store.snapshot() if "/_poller/index/dismissals/" in k] == [
+        f"p/_poller/index/dismissals/2026/11/10/00/{alert_id}"
+    ]
+    clock.now += timedelta(hours=1)
+    assert world.build(clock=clock).dismissal_rows == 1
+    assert [r["id"] for r in world.rows("dismissals")] == [alert_id]
