@@ -35,6 +35,16 @@ class Layout:
         """The alert as the dismissed list returned it, for an alert archived while active."""
         return self.key("dismissals", alert_id[0:2], alert_id[2:4], alert_id)
 
+    @property
+    def dismissal_index_prefix(self) -> str:
+        return self.key("_poller", "index", "dismissals") + "/"
+
+    def dismissal_index_key(self, alert_id: str, written: datetime) -> str:
+        """The entry of a dismissal record in the time-keyed index (by the UTC hour it was
+        written): the query tables find new dismissal records there without listing them all."""
+        hour = written.astimezone(UTC).strftime("%Y/%m/%d/%H")
+        return self.dismissal_index_prefix + hour + "/" + alert_id
+
     def webhook_key(self, alert_id: str, created: datetime) -> str:
         return self.key("webhooks", created.strftime("%Y/%m/%d/%H/%M"), alert_id)
 

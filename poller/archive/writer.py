@@ -8,6 +8,7 @@ bug met by one alert quarantines that alert (``internal_error``) instead of stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from datetime import date, datetime
@@ -25,6 +26,7 @@ from poller.archive.records import (
 )
 from poller.archive.store import ObjectStore, PreconditionFailed
 from poller.errors import FatalError, PollerError
+from poller.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +142,20 @@ class Archive:
         """The dismissal record (SPEC "Dismissals"): the alert as the dismissed list returned
         it, written once, create-only and under retention like the first record. True when
         written now, False when it was there. Raises UNENCODABLE for an object JSON cannot
-        carry faithfully."""
-        return self._create(self.layout.dismissal_key(alert.id), json_body(alert.raw))
+        carry faithfully.
+
+        Then its entry in the time-keyed index ``P/_poller/index/dismissals/YYYY/MM/DD/HH/ID``
+        (README, *Query the archive*), also when the record was there already: a run stopped
+        between the two writes leaves a record the retry's 412 brings here again."""
+        key = self.layout.dismissal_key(alert.id)
+        written = self._create(key, json_body(alert.raw))
+        with contextlib.suppress(PreconditionFailed):  # this hour's entry is there already
+            self._store.put(
+                self.layout.dismissal_index_key(alert.id, utc_now()),
+                json_body({"key": key}),
+                if_none_match=True,
+            )
+        return written
 
     def archived_full(self, alert_id: str) -> Any:
         """The full record as archived (parsed JSON), or None when there is none."""
