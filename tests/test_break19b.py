@@ -3,12 +3,77 @@ behaviour. Unit-sized: an in-memory store and a fake source, no servers."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
 import pytest
 
 from poller.archive.records import Layout
 from poller.archive.revisits import RevisitStore
 from poller.archive.store import MemoryObjectStore
+from poller.archive.writer import Archive
 from poller.errors import UnreadableState
+from poller.timeutil import iso_z, utc_now
+from poller.walks.sync import Summary
+from poller.walks.verify import Verifier
+
+
+class StaleChecksums(MemoryObjectStore):
+    """Keeps the checksum of the first body written; a later rewrite keeps it too (a body
+    changed at rest, or by someone who did not send a new checksum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[str, str] = {}
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        self.sums.setdefault(key, base64.b64encode(hashlib.sha256(body).digest()).decode())
+        return super().put(key, body, **conditions)
+
+    def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
+        found = self.get(key)
+        return None if found is None else (found.body, self.sums.get(key))
+
+
+class OneAlert:
+    """The API with one alert, in the list ``status`` names."""
+
+    requests_sent = 0
+
+    def __init__(self, doc: dict[str, Any], status: str = "active") -> None:
+        self.doc, self.status = doc, status
+
+    def list_alerts(self, status: str, since: Any, until: Any) -> Iterator[list[Any]]:
+        yield [self.doc] if status == self.status else []
+
+
+def test_verify_checksums_reads_dismissal_records_too():
+    """README: ``--checksums`` "reads every archived record of the range" and reports a body
+    that no longer hashes to the checksum S3 stored. The dismissal record is the one an
+    auditor asks about (who closed it, why): a changed one must be reported like a changed
+    full record."""
+    now = utc_now().replace(microsecond=0)
+    created = now - timedelta(hours=1)
+    doc = {"id": f"{int(created.timestamp()):08x}" + "b" * 16, "createdAt": iso_z(created)}
+    store = StaleChecksums()
+    archive = Archive(store, Layout(), "org")
+    source = OneAlert(doc)
+    verifier = Verifier(source, store, archive, ("active", "dismissed"), lambda: now)
+    since, until = now - timedelta(hours=2), now
+    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # archived active
+    source.doc = {**doc, "isDismissed": True, "dismissedBy": "eve", "dismissReason": "OTHER"}
+    source.status = "dismissed"
+    repaired = verifier.run(since, until, True, Summary("verify", "r"))
+    assert repaired.dismissals_repaired == 1
+    key = Layout().dismissal_key(doc["id"])
+    assert verifier.run(since, until, False, Summary("verify", "r"), True).complete
+    store.put(key, json.dumps({**source.doc, "dismissedBy": "mallory"}).encode())
+    findings = verifier.run(since, until, False, Summary("verify", "r"), True)
+    assert findings.checksum_mismatch == [key] and not findings.complete
 
 
 @pytest.mark.parametrize(
