@@ -18,6 +18,7 @@ from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
 from poller.errors import UnreadableState
 from poller.timeutil import iso_z, utc_now
+from poller.walks.revisit import Revisit, RevisitSettings
 from poller.walks.sync import Summary
 from poller.walks.verify import Verifier
 
@@ -94,3 +95,58 @@ def test_an_unreadable_revisit_state_says_what_does_not_read(document: bytes, de
         RevisitStore(store, Layout()).load()
     assert detail in str(caught.value)
     assert "_poller/revisit.json" in str(caught.value)
+
+
+class Dismissed:
+    """The API's dismissed list holding ``docs``; the active list empty."""
+
+    requests_sent = 0
+
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.docs = docs
+
+    def list_alerts(self, status: str, since: Any, until: Any) -> Iterator[list[Any]]:
+        yield list(self.docs) if status == "dismissed" else []
+
+
+class Guard:
+    def fence(self) -> None:
+        pass
+
+    def stopping(self) -> bool:
+        return False
+
+    def progress(self, summary: Summary) -> None:
+        pass
+
+
+def test_a_last_revisit_dated_in_the_future_does_not_switch_the_revisit_off():
+    """A ``last.started_at`` far ahead of the clock (a hand edit, a host whose clock was once
+    a month ahead) made ``now - started`` negative: no revisit was due until that date, and
+    every dismissal in between was left to ``verify``. An instant later than now by more
+    than clocks can disagree is not believed: the revisit is due."""
+    now = utc_now().replace(microsecond=0)
+    created = now - timedelta(days=2)
+    active = {"id": f"{int(created.timestamp()):08x}" + "c" * 16, "createdAt": iso_z(created)}
+    dismissed = {**active, "isDismissed": True, "dismissedBy": "eve"}
+    store = MemoryObjectStore()
+    layout = Layout()
+    archive = Archive(store, layout, "org")
+    store.put(layout.alert_key(active["id"]), json.dumps(active).encode())
+    future = iso_z(now + timedelta(days=30))
+    last = {"from": future, "until": future, "started_at": future, "run_id": "r"}
+    body = json.dumps({"version": 1, "handled": {}, "current": None, "last": last})
+    store.put(layout.revisit_key, body.encode())
+    states = RevisitStore(store, layout)
+    revisit = Revisit(
+        Dismissed([dismissed]),
+        archive,
+        states,
+        RevisitSettings(14, timedelta(hours=1)),
+        lambda: now,
+        "run",
+    )
+    summary = Summary("sync", "run")
+    revisit.run(now, now - timedelta(minutes=15), summary, Guard())
+    assert summary.revisit is not None and summary.revisit["due"] is True
+    assert json.loads(store.get(layout.dismissal_key(active["id"])).body) == dismissed
