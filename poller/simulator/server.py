@@ -66,6 +66,8 @@ class Faults:
     # The Nth listing request (1-based) is held before it is answered until
     # ``Simulator.release_hold()``: a test does something (takes a lease over) mid-walk.
     hold_listing: int = 0
+    # Alert ids whose detail (``GET /v2/alerts/<id>``) answers 500, every time.
+    broken_ids: set[str] = field(default_factory=set)
 
     @classmethod
     def spread(cls, share: float, **extra: Any) -> Faults:
@@ -393,6 +395,8 @@ class Simulator:
             self._maybe_hold()
             return self._list(query)
         if len(parts) >= 3 and parts[:2] == ["v2", "alerts"]:
+            if parts[2] in self.faults.broken_ids:
+                return 500, {"errors": ["internal error"]}
             alert = self._by_id.get(parts[2])
             if alert is None or alert.visible_at > self.clock():
                 return 404, {"errors": ["alert not found"]}
