@@ -507,53 +507,53 @@ class Lease:
         read fails, the renewal's error is raised and the lease is still held: the caller
         retries (see ``confirm``)."""
         with self._lock:
-            if self._etag is None:
-                raise LeaseLost("this run does not hold the lease")
-            sent = self._monotonic()
-            body = self._body()
-            try:
-                self._etag = self._store.put(self._key, body, if_match=self._etag)
-            except PreconditionFailed as exc:
-                # botocore's retry of a write that landed, or another run's write.
-                if not self._still_ours(body, sent):
-                    self._etag = None
-                    raise LeaseLost(
-                        "this run's lease was taken over by another run; it stops without"
-                        " writing the checkpoint"
-                    ) from exc
-                return
-            except ArchiveUnavailable as exc:
+            # Twice at most: a 412 that meets our own earlier write (one that landed
+            # unanswered) is renewed again on that write's ETag.
+            for _ in range(2):
+                if self._etag is None:
+                    raise LeaseLost("this run does not hold the lease")
+                sent = self._monotonic()
+                body = self._body()
                 try:
-                    ours = self._still_ours(body, sent)
-                except ArchiveUnavailable:
-                    raise exc from None
-                if not ours:
-                    self._etag = None
-                    raise LeaseLost(
-                        "this run's lease was taken over by another run while a renewal"
-                        " failed; it stops without writing the checkpoint"
-                    ) from exc
-                log.info("lease.renewal_settled", extra={"fields": {"error": str(exc)}})
+                    self._etag = self._store.put(self._key, body, if_match=self._etag)
+                except PreconditionFailed as exc:
+                    # botocore's retry of a write that landed, or another run's write.
+                    landed = self._still_ours(body, sent, exc)
+                    if landed:
+                        return
+                    continue
+                except ArchiveUnavailable as exc:
+                    try:
+                        self._still_ours(body, sent, exc)
+                    except ArchiveUnavailable:
+                        raise exc from None
+                    log.info("lease.renewal_settled", extra={"fields": {"error": str(exc)}})
+                    return
+                self._confirmed_at = sent
                 return
-            self._confirmed_at = sent
 
-    def _still_ours(self, body: bytes, sent: float) -> bool:
-        """Read the lease back after a renewal whose outcome is unknown: True (and its ETag
-        taken) when it carries this holding's token and is not released."""
+    def _still_ours(self, body: bytes, sent: float, failure: Exception) -> bool:
+        """Read the lease back after a renewal whose outcome is unknown (``failure``). Raise
+        LeaseLost unless it carries this holding's token and is not released; else take its
+        ETag and say whether it is this renewal (``body``, sent at ``sent``) that landed."""
         stored = self._store.get(self._key)
-        if stored is None:
-            return False
-        document, _ = _document(stored.body, LEASE_VERSION)
+        document = None if stored is None else _document(stored.body, LEASE_VERSION)[0]
         if (
-            document is None
+            stored is None
+            or document is None
             or document.get("token") != self._token
             or document.get("run_id") != self._holder.get("run_id")
             or document.get("released") is True
         ):
-            return False
+            self._etag = None
+            raise LeaseLost(
+                "this run's lease was taken over by another run; it stops without writing"
+                " the checkpoint"
+            ) from failure
         self._etag = stored.etag
-        if stored.body == body:  # this renewal landed: the lease is fresh from ``sent``
-            self._confirmed_at = sent
+        if stored.body != body:
+            return False  # ours from an earlier write (landed unanswered), not this one
+        self._confirmed_at = sent  # this renewal landed: the lease is fresh from ``sent``
         return True
 
     def confirm(self) -> None:
