@@ -14,7 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import ROOT, MotoServer, poller_env
+from conftest import ROOT, MotoServer, poller_env, run_poller, summary_of
 from moto import mock_aws
 
 from poller.archive.allowance import (
@@ -273,6 +273,30 @@ def test_backfill_and_verify_together_stay_within_one_budget(
             for process in processes:
                 process.kill()
                 process.wait(timeout=10)
+
+
+@pytest.mark.integration
+def test_a_sync_that_exits_cleanly_leaves_counted_only_what_it_sent(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """A real `poller sync` over a few chunks: when it has exited, the ledger counts for its
+    run exactly the requests the simulator received, nothing it took and did not use."""
+    now = utc_now()
+    simulator.generate(30, now - timedelta(hours=5), now - timedelta(minutes=5))
+    env = poller_env(
+        simulator,
+        moto_server,
+        bucket,
+        POLLER_SYNC__FIRST_RUN_SINCE="6h",
+        POLLER_SYNC__MAX_WINDOW_SECONDS="3600",
+    )
+    result = run_poller(["sync"], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = summary_of(result)
+    ledger = json.loads(s3.get_object(Bucket=bucket, Key="_poller/budget.json")["Body"].read())
+    mine = [g for g in ledger["grants"] if g[2] == summary["run_id"]]
+    assert sum(g[1] for g in mine) == summary["api_requests"] == simulator.request_count()
+    assert "budget.given_back" in result.stderr
 
 
 def test_a_bucket_that_refuses_the_ledger_leaves_the_process_its_own_budget():
