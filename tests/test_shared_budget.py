@@ -135,6 +135,33 @@ def test_a_clean_exit_gives_back_its_unused_slots_a_killed_process_does_not():
     assert most_in_any_minute(killed_world.sent) <= 100
 
 
+def test_a_wall_clock_step_neither_stretches_a_grant_nor_dates_its_use_back():
+    """A grant is held 10 s by the monotonic clock; its last use is recorded as its start plus
+    the monotonic time since, whatever the wall clock did meanwhile (stepped back an hour)."""
+    wall, mono = [T0], [0.0]
+
+    def sleep(seconds: float) -> None:
+        wall[0] += seconds
+        mono[0] += seconds
+
+    store = MemoryObjectStore()
+    run = PrefixAllowance(
+        store, Layout("p"), 100, "run", lambda: wall[0], sleep, clock=lambda: mono[0]
+    )
+    run.take()  # a grant of 2 at T0
+    wall[0] -= 3600.0
+    mono[0] += 5.0
+    run.take()  # its second slot, 5 s in
+    run.take()  # a new grant, written at the stepped wall time; the first one settled
+    found = store.get(LEDGER)
+    assert found is not None
+    first = json.loads(found.body)["grants"][0]
+    assert first[:2] == [T0, 2] and first[3] == T0 + 5.0
+    mono[0] += GRANT_SECONDS + 1  # the wall clock stands still: the grant ran out anyway
+    run.take()
+    assert run.grants == 3
+
+
 def test_processes_coming_and_going_at_any_pace_never_exceed_the_budget_together():
     """Random processes at a budget of 30: bursts, slow senders, pauses, clean exits (they
     give back) and kills (they do not), for 20 virtual minutes. No 60-second window holds

@@ -29,8 +29,10 @@ about what it sends, and only a killed process leaves unused slots counted, for
 ``HORIZON_SECONDS`` at most. A process of the earlier version that rewrites the ledger drops
 the fourth field, which only makes a grant count longer.
 
-Times are wall-clock: hosts sharing a prefix must keep their clocks in step (Hawk already
-needs that to within a minute; ``SKEW_SECONDS`` absorbs small differences).
+Times in the ledger are wall-clock: hosts sharing a prefix must keep their clocks in step
+(Hawk already needs that to within a minute; ``SKEW_SECONDS`` absorbs small differences).
+How long a process has held its grant is measured on its monotonic clock, so a wall clock
+that steps neither stretches a grant's 10 s nor dates its last use before it.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class _Grant:
     at: float
     size: int
     until: float
+    started: float  # on the process's monotonic clock: a wall clock that steps moves no slot
     used: int = 0
-    last_use: float = 0.0
+    last_use: float = 0.0  # ``at`` plus the monotonic time to the last slot taken
     following: int | None = None  # the next grant's size, judged when this one ended
 
     def settled(self, taker: str) -> list[Any] | None:
@@ -114,6 +117,7 @@ class PrefixAllowance:
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         before_first_write: Callable[[], object] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         # The store proof (SPEC: prove the bucket before the first write): the ledger is a
         # write like any other, and must not land on a store that mangles or lacks conditions.
@@ -123,6 +127,9 @@ class PrefixAllowance:
         self.per_minute = per_minute
         self._taker = taker
         self._wall = wall
+        # How long a grant has been held is measured on the monotonic clock (``clock``; a
+        # wall clock given instead of time.time is a test's virtual clock, and serves both).
+        self._clock = clock or (time.monotonic if wall is time.time else wall)
         self._sleep = sleep
         self._lock = threading.Lock()
         self._current: _Grant | None = None  # not yet settled in the ledger
@@ -136,9 +143,10 @@ class PrefixAllowance:
             while self.unavailable is None:
                 now = self._wall()
                 grant = self._current
-                if grant is not None and grant.used < grant.size and now <= grant.until:
+                held = 0.0 if grant is None else max(self._clock() - grant.started, 0.0)
+                if grant is not None and grant.used < grant.size and held <= GRANT_SECONDS:
                     grant.used += 1
-                    grant.last_use = now
+                    grant.last_use = grant.at + held
                     return
                 if self._before_first_write is not None:
                     gate, self._before_first_write = self._before_first_write, None
@@ -179,7 +187,7 @@ class PrefixAllowance:
                 break
             else:
                 return 0
-            self._next = self._size_after(grant, self._wall())
+            self._next = self._size_after(grant)
             self._current = None
             self.given_back += unused
             log.info("budget.given_back", extra={"fields": {"slots": unused}})
@@ -213,14 +221,15 @@ class PrefixAllowance:
         settled = grant.settled(self._taker)
         return [e for e in entries if e is not mine[0]] + ([settled] if settled else [])
 
-    def _size_after(self, grant: _Grant, now: float) -> int:
+    def _size_after(self, grant: _Grant) -> int:
         """The size of the grant that follows ``grant``: what ``GRANT_SECONDS`` take at the
         pace it was used up (at most ``GROWTH`` times it), or what it used when its time ran
         out or it was given back."""
         cap = grant_size(self.per_minute)
         if grant.used >= grant.size:
             # This request included; a pause after the grant's time is no slower pace.
-            pace = (grant.used + 1) / max(min(now, grant.until) - grant.at, 0.001)
+            held = min(self._clock() - grant.started, GRANT_SECONDS)
+            pace = (grant.used + 1) / max(held, 0.001)
             return min(cap, grant.size * GROWTH, max(1, math.ceil(pace * GRANT_SECONDS)))
         return min(cap, max(1, grant.used))
 
@@ -233,7 +242,7 @@ class PrefixAllowance:
         grant = self._current
         if grant is not None:  # used up or run out: the next one is sized by it (once:
             if grant.following is None:  # not counting the time spent waiting for room)
-                grant.following = self._size_after(grant, now)
+                grant.following = self._size_after(grant)
             self._next = grant.following
         found = self._store.get(self._key)
         entries = self._settle(_grants(found.body) if found is not None else [])
@@ -262,7 +271,7 @@ class PrefixAllowance:
         if not self._write(etag, [*live, [at, size, self._taker, until]]):
             return 0.0  # another process wrote meanwhile: read again
         self.grants += 1
-        self._current = _Grant(at, size, until)
+        self._current = _Grant(at, size, until, self._clock())
         return 0.0
 
     def _write(self, etag: str | None, entries: list[list[Any]]) -> bool:
