@@ -353,9 +353,9 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         )
         if missing:
             console.print(f"[yellow]{missing}[/yellow]")
-    con = connect(fetched.files)
+    con = connect(fetched.files, fetched.parts)
     try:
-        answer = run_sql(con, args.sql)
+        answer = run_sql(con, args.sql, fetched.parts)
     finally:
         con.close()
     if wants_text(sys.stdout, args.output):

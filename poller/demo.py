@@ -339,8 +339,8 @@ def query_tour(runtime: Runtime, console: Console) -> None:
         if not fetched.days["alerts"]:
             console.print("no closed day yet: the tables are built once a day has closed")
             return
-        con = connect(fetched.files)
-        answer = run_sql(con, TOUR_SQL)
+        con = connect(fetched.files, fetched.parts)
+        answer = run_sql(con, TOUR_SQL, fetched.parts)
         con.close()
     console.print(
         Text(

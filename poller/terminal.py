@@ -363,6 +363,8 @@ def render_verify(report: dict[str, Any]) -> Group:
         )
     if report.get("repaired"):
         parts.append(Text(f"repaired {report['repaired']} alerts (create-only)", style="green"))
+    if report.get("quarantined_count"):
+        parts.append(_quarantined_lines(report))
     window = report.get("window", {})
     verdict = (
         Text(f"complete: {window.get('from')} → {window.get('until')}", style="bold green")
@@ -371,6 +373,22 @@ def render_verify(report: dict[str, Any]) -> Group:
     )
     parts.append(verdict)
     return Group(*parts)
+
+
+def _quarantined_lines(report: dict[str, Any]) -> Text:
+    """Alerts kept in the quarantine instead of the archive: not missing, each with why."""
+    count = report["quarantined_count"]
+    shown = report.get("quarantined_alerts", [])
+    now = report.get("quarantined_now", 0)
+    lines = [
+        f"quarantined, not archived ({count}"
+        + (f", {now} by this repair" if now else "")
+        + "; kept under _poller/quarantine/ with the reason, not missing):"
+    ]
+    lines += [f"  {q['id']}: {q['reason']}: {q['detail']}" for q in shown]
+    if count > len(shown):
+        lines.append(f"  … and {count - len(shown)} more")
+    return Text("\n".join(lines), style="yellow")
 
 
 def _dismissals_cell(day: dict[str, Any]) -> Text:
@@ -383,4 +401,5 @@ def _day_has_news(day: dict[str, Any]) -> bool:
         any(day["missing"].values())
         or any(day["unknown"].values())
         or bool(day.get("dismissals_missing"))
+        or bool(day.get("quarantined"))
     )

@@ -27,7 +27,7 @@ from conftest import (
 )
 
 from poller.simulator import Simulator
-from poller.timeutil import utc_now
+from poller.timeutil import iso_z, utc_now
 
 ALERTS_IN_THE_MONTH = 900
 
@@ -47,7 +47,7 @@ def finished_chunks(s3: Any, bucket: str) -> set[tuple[str, str]]:
     spans = set()
     for key in bucket_listing(s3, bucket):
         if key.startswith("_poller/backfill/"):
-            since, until = key.rsplit("/", 1)[1].split("_")
+            since, until = key.rsplit("/", 1)[1].split("_")[:2]  # then the statuses read
             spans.add(
                 tuple(
                     f"{t[0:4]}-{t[4:6]}-{t[6:8]}T{t[9:11]}:{t[11:13]}:{t[13:15]}"
@@ -199,3 +199,60 @@ def test_a_backfill_beside_the_running_daemon_never_moves_the_checkpoint_back(
             assert backfilled["watermark"] in watermarks
         assert "run" in {h["mode"] for h in history}
         assert_exact_archive(s3, bucket, sim)
+
+
+def list_requests_by_status(sim: Simulator, after: float) -> Counter[str]:
+    """status -> list requests that arrived after ``after`` (time.time())."""
+    found: Counter[str] = Counter()
+    for record in sim.requests:
+        if record.path == "/v2/alerts" and record.at > after:
+            found[parse_qs(record.query)["status"][0]] += 1
+    return found
+
+
+@pytest.mark.integration
+def test_a_backfill_of_both_statuses_reads_the_dismissed_list_of_days_read_for_active_only(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Three days, read first with ``threatstack.statuses: [active]``, then with both: the
+    second run lists only the dismissed list over them and archives every dismissed alert;
+    a third identical run lists nothing. Forty alerts: the point is the lists, not volume."""
+    with Simulator(seed=41) as sim:
+        now = utc_now()
+        alerts = sim.generate(40, now - timedelta(days=3), now - timedelta(days=1), 0.5)
+        dismissed = [a for a in alerts if a.status == "dismissed"]
+        assert dismissed and len(dismissed) < len(alerts)
+        both = poller_env(sim, moto_server, bucket)
+        active_only = {**both, "POLLER_THREATSTACK__STATUSES": "active"}
+        # Fixed instants: a relative --until moves with the clock, and a chunk it ends
+        # differently is another chunk.
+        since, until = (now - timedelta(days=d) for d in (4, 0.5))
+        command = ["backfill", "--since", iso_z(since), "--until", iso_z(until)]
+
+        first = run_poller(command, active_only)
+        assert first.returncode == 0, first.stderr[-2000:]
+        keys = bucket_listing(s3, bucket)
+        assert not [a for a in dismissed if f"alerts/{a.id[:2]}/{a.id[2:4]}/{a.id}" in keys]
+        records = [k for k in keys if k.startswith("_poller/backfill/")]
+        assert records and all(k.endswith("Z_active") for k in records)
+
+        started = time.time()
+        second = run_poller(command, both)
+        assert second.returncode == 0, second.stderr[-2000:]
+        summary = summary_of(second)
+        assert summary["chunks_done"] == summary["chunks_total"] and summary["chunks_skipped"] == 0
+        reads = list_requests_by_status(sim, started)
+        assert reads["active"] == 0 and reads["dismissed"] > 0  # only what was not covered
+        assert summary["archived"] == len(dismissed)
+        assert_exact_archive(s3, bucket, sim)  # every alert of the range, key by key
+        records = [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/backfill/")]
+        assert len([k for k in records if k.endswith("Z_active_dismissed")]) == len(
+            [k for k in records if k.endswith("Z_active")]
+        )
+
+        started = time.time()
+        third = run_poller(command, both)
+        assert third.returncode == 0, third.stderr[-2000:]
+        summary = summary_of(third)
+        assert summary["chunks_skipped"] == summary["chunks_total"]
+        assert list_requests_by_status(sim, started) == Counter()  # not one list page

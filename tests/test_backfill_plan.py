@@ -4,6 +4,7 @@ checkpoint moved only forward, only over ground covered without a gap."""
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -95,6 +96,51 @@ def test_a_range_across_the_watermark_carries_it_forward():
     run_backfill(world, NOW - 2 * DAY, NOW - timedelta(minutes=1), to_now=True)
     assert world.checkpoint()["watermark"] == "2026-11-25T11:59:00Z"
     assert "early00001" in world.archived_ids()
+
+
+def with_statuses(world: World, *statuses: str) -> None:
+    world.settings = world.settings.__class__(**{**world.settings.__dict__, "statuses": statuses})
+
+
+def test_a_day_read_for_active_only_is_read_again_for_dismissed_and_then_never():
+    world = World()
+    world.source.add("act0000001", NOW - timedelta(days=3, hours=2))
+    world.source.add("dis0000001", NOW - timedelta(days=3, hours=4), "dismissed")
+    since, until = NOW - 4 * DAY, NOW - 2 * DAY
+    with_statuses(world, "active")
+    first = run_backfill(world, since, until, to_now=False)
+    assert world.archived_ids() == {"act0000001"} and first.chunks_done == first.chunks_total
+    records = sorted(k for k in world.store.snapshot() if k.startswith("_poller/backfill/"))
+    assert records and all(k.endswith("Z_active") for k in records)
+
+    with_statuses(world, "active", "dismissed")
+    before = world.source.requests_sent
+    second = run_backfill(world, since, until, to_now=False)
+    # Only the dismissed list was read over the recorded days: one request a chunk.
+    assert world.source.requests_sent - before == second.chunks_done == second.chunks_total
+    assert world.archived_ids() == {"act0000001", "dis0000001"}
+    widened = sorted(k for k in world.store.snapshot() if k.startswith("_poller/backfill/"))
+    assert [k for k in widened if k.endswith("Z_active_dismissed")]
+    body = json.loads(world.store.snapshot()[widened[-1]])
+    assert body["statuses"] == ["active", "dismissed"] and body["read"] == ["dismissed"]
+
+    before = world.source.requests_sent
+    third = run_backfill(world, since, until, to_now=False)
+    assert world.source.requests_sent == before  # everything covered: nothing listed
+    assert third.chunks_skipped == third.chunks_total
+
+
+def test_a_record_of_an_older_version_counts_as_read_for_both_default_statuses(world: World):
+    """Before records named their statuses the key was ``<from>_<until>``: such a record is
+    taken to cover the default lists (active and dismissed), so old ranges are not re-read."""
+    since, until = NOW - 4 * DAY, NOW - 3 * DAY
+    world.store.put(f"_poller/backfill/{since:%Y%m%dT%H%M%SZ}_{until:%Y%m%dT%H%M%SZ}", b"{}")
+    records = ChunkRecords(world.store, LAYOUT).load()
+    assert records.covered(since, until) == {"active", "dismissed"}
+    assert records.covered(since, until + DAY) == frozenset()
+    before = world.source.requests_sent
+    summary = run_backfill(world, since, until, to_now=False)
+    assert summary.chunks_skipped == summary.chunks_total and world.source.requests_sent == before
 
 
 moments = st.datetimes(

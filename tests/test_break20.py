@@ -4,13 +4,16 @@ tests/test_tables.py."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_tables import DAY1, World
 
+from poller.archive.records import Alert, classify
+from poller.archive.store import MemoryObjectStore
 from poller.errors import QueryError
 from poller.tables.query import connect, run_sql
 
@@ -23,7 +26,7 @@ def _query(world: World, sql: str) -> list[tuple[Any, ...]]:
     fetched = PartCache(world.store, world.layout, world.tmp / "cache").fetch(
         date(2026, 1, 1), date(2027, 1, 1)
     )
-    return run_sql(connect(fetched.files), sql).rows
+    return run_sql(connect(fetched.files, fetched.parts), sql, fetched.parts).rows
 
 
 @pytest.mark.parametrize(
@@ -99,18 +102,25 @@ def test_a_lone_surrogate_in_a_field_never_breaks_a_pass(tmp_path: Path) -> None
     assert len(rows) == 1 and json.loads(rows[0][0]) == doc
 
 
-def test_a_corrupt_part_in_the_bucket_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
-    from poller.errors import PollerError
+@pytest.mark.parametrize("day", ["2026-11-01", "2026-11-02"])  # first part, or a later one
+def test_a_corrupt_part_in_the_bucket_is_named_as_damaged_data_not_bad_sql(
+    tmp_path: Path, day: str
+) -> None:
+    from poller.errors import FatalError
 
     world = World(tmp_path)
     world.build()
-    key = next(k for k in world.part_keys("alerts") if "2026-11-01" in k)
+    key = next(k for k in world.part_keys("alerts") if day in k)
     body = world.store.get(key)
     assert body is not None
     world.store.delete(key)
     world.store.put(key, body.body[: len(body.body) // 2])  # truncated
-    with pytest.raises(PollerError):  # QueryError or FatalError: a message, not a traceback
+    with pytest.raises(FatalError) as raised:  # exit 1, as for other unreadable archive data
         _query(world, "SELECT count(*) FROM alerts")
+    assert not isinstance(raised.value, QueryError) and raised.value.exit_code == 1
+    message = str(raised.value)
+    assert f"the table part {key} is damaged" in message and "SQL" not in message
+    assert "poller tables builds that day again" in message
 
 
 def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
@@ -153,33 +163,175 @@ def test_a_stale_cache_is_fetched_again_when_the_etag_moves(tmp_path: Path) -> N
     assert _query(world, "SELECT count(*) FROM alerts WHERE title = 'swapped'")[0][0] > 0
 
 
-def test_every_pass_lists_every_dismissal_record_ever_archived(
+class Clock:
+    """One settable time for the store's Last-Modified, the dismissal writer's index key and
+    the builder (the index is keyed by hour: old records must be hours old)."""
+
+    def __init__(self, world: World, monkeypatch: pytest.MonkeyPatch, now: datetime) -> None:
+        self.now = now
+        world.store._clock = self
+        monkeypatch.setattr("poller.archive.writer.utc_now", self)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _dismiss(world: World, alert_id: str, at: datetime) -> None:
+    """A dismissal record through the one writer (the revisit's and verify --repair's)."""
+    doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt=at.isoformat())
+    alert = classify(doc)
+    assert isinstance(alert, Alert)
+    assert world.archive.store_dismissal(alert)
+
+
+class Listings:
+    """Per pass: the prefixes listed and the entries each listing returned."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entries: Counter[str] = Counter()
+        original = MemoryObjectStore.iter_objects
+        listings = self
+
+        def counting(self: MemoryObjectStore, prefix: str, start_after: str | None = None) -> Any:
+            for item in original(self, prefix, start_after):
+                listings.entries[prefix] += 1
+                yield item
+
+        monkeypatch.setattr(MemoryObjectStore, "iter_objects", counting)
+
+
+def test_a_pass_lists_the_dismissal_index_since_its_mark_not_every_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Not fixed: the dismissal records are keyed by id, so each pass (every daemon cycle)
-    lists all of them and holds the listing in memory: O(archive), not O(batch)."""
-    world = World(tmp_path, count=40, dismissed=0)
-    world.build()
-    from poller.archive.store import MemoryObjectStore
+    """Dismissal records are keyed by id; each is also entered in a time-keyed index, so a
+    pass lists only the index since its mark: its requests do not grow with the archive."""
+    listings = Listings(monkeypatch)
+    costs = []
+    for old in (5, 60):
+        (tmp_path / str(old)).mkdir()
+        world = World(tmp_path / str(old), count=70, dismissed=0)
+        world.store.list_page = 10  # S3 lists 1,000 keys a request: 10 here, to see pages
+        start = datetime(2026, 11, 10, tzinfo=UTC)
+        clock = Clock(world, monkeypatch, start)
+        world.build(clock=clock)
+        ids = sorted(world.docs)
+        for n in range(old):  # an old archive's dismissals, all of day 1
+            clock.now = start + timedelta(seconds=n)
+            _dismiss(world, ids[n], DAY1 + timedelta(hours=20))
+        clock.now = start + timedelta(hours=1)
+        assert world.build(clock=clock).dismissal_rows == old
+        clock.now = start + timedelta(hours=3)  # idle: the mark moves past the old records
+        world.build(clock=clock)
+        listings.entries.clear()
+        clock.now = start + timedelta(days=2)
+        before = world.store.requests
+        idle = world.build(clock=clock)
+        idle_requests = world.store.requests - before
+        for n in (old, old + 1):  # two new dismissals, of day 2
+            _dismiss(world, ids[n], DAY1 + timedelta(days=1, hours=3))
+        clock.now += timedelta(minutes=10)
+        before = world.store.requests
+        fresh = world.build(clock=clock)
+        costs.append((idle_requests, world.store.requests - before, dict(listings.entries)))
+        assert (idle.records_read, fresh.records_read, fresh.dismissal_rows) == (0, 2, 2)
+        assert len(world.rows("dismissals")) == old + 2
+    # The same requests, and the same entries listed, for 5 old dismissals as for 60; and
+    # P/dismissals/ itself was listed by no pass but the first (the one-time scan).
+    assert costs[0] == costs[1], costs
+    assert costs[0][2] == {"p/_poller/index/dismissals/": 2}, costs
 
-    listed: list[int] = []
-    original = MemoryObjectStore.list_objects
 
-    def counting(self: MemoryObjectStore, prefix: str) -> Any:
-        found = original(self, prefix)
-        if prefix == world.layout.key("dismissals") + "/":
-            listed.append(len(list(found)))
-        return found
+def test_an_archive_from_before_the_index_is_scanned_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dismissal records written before the index existed (no entry, a version-1 state):
+    the first pass lists P/dismissals/ once; a record it leaves waiting (its day is not
+    closed) gets an index entry, so the passes after it, which read only the index, meet it."""
+    world = World(tmp_path, count=20, dismissed=0)
+    clock = Clock(world, monkeypatch, datetime(2026, 11, 10, tzinfo=UTC))
+    world.build(clock=clock)
+    state = world.layout.key("_poller", "tables", "state.json")
+    world.store.delete(state)
+    world.store.put(state, b'{"version": 1, "dismissals_read_until": "2026-11-09T00:00:00Z"}')
+    ids = sorted(world.docs)
+    for alert_id, at in ((ids[0], DAY1 + timedelta(hours=20)), (ids[1], DAY1 + timedelta(days=2))):
+        doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt=at.isoformat())
+        world.store.put(world.layout.dismissal_key(alert_id), json.dumps(doc).encode())
+    listings = Listings(monkeypatch)
+    clock.now += timedelta(hours=2)
+    first = world.build(clock=clock)
+    assert (first.dismissal_rows, first.waiting_dismissals) == (1, 1)
+    assert listings.entries["p/dismissals/"] == 2
+    listings.entries.clear()
+    world.set_watermark(DAY1 + timedelta(days=4))  # day 3 closes
+    clock.now += timedelta(hours=2)
+    second = world.build(clock=clock)
+    assert second.dismissal_rows == 1 and "p/dismissals/" not in listings.entries
+    assert {r["id"]: r["date"].isoformat() for r in world.rows("dismissals")} == {
+        ids[0]: "2026-11-01",
+        ids[1]: "2026-11-03",
+    }
 
-    for n in range(5):  # dismissal records, as the revisit writes them
-        doc = dict(world.docs[sorted(world.docs)[n]])
-        doc.update(isDismissed=True, dismissedAt=(DAY1 + timedelta(hours=20)).isoformat())
-        world.store.put(
-            world.layout.key("dismissals", doc["id"][:2], doc["id"][2:4], doc["id"]),
-            json.dumps(doc).encode(),
-            if_none_match=True,
-        )
-    monkeypatch.setattr(MemoryObjectStore, "list_objects", counting)
-    world.build()
-    world.build()  # nothing new: still the whole listing
-    assert listed == [5, 5]
+
+def test_a_dismissal_dated_in_the_far_future_never_keeps_a_day_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dismissedAt later than its record's archiving cannot be true: a dismissal record
+    goes to the day it was archived; a full record's own dismissal is left to its alerts
+    row. Neither keeps a day due nor holds the mark back."""
+    world = World(tmp_path, count=10, dismissed=0)
+    clock = Clock(world, monkeypatch, DAY1 + timedelta(days=1, hours=12))  # in day 2
+    future = datetime(2099, 1, 1, tzinfo=UTC)
+    whole = world.factory.alert(DAY1 + timedelta(hours=2), "dismissed")
+    whole["dismissedAt"] = future.isoformat()
+    world.put(whole)  # its full record is already the dismissed version
+    world.build(clock=clock)
+    target = sorted(i for i in world.docs if i != whole["id"])[0]
+    _dismiss(world, target, future)
+    for _ in range(2):
+        clock.now += timedelta(hours=2)
+        report = world.build(clock=clock)
+        assert report.waiting_dismissals == 0 and report.ok
+    assert not [k for k in world.store.snapshot() if "/_poller/tables/due/" in k]
+    rows = {r["id"]: r for r in world.rows("dismissals")}
+    assert set(rows) == {target}
+    assert rows[target]["date"].isoformat() == "2026-11-02"  # the day it was archived
+    assert rows[target]["dismissed_at"] == future.replace(tzinfo=None)  # as recorded
+    latest = {r["id"]: r for r in world.rows("alerts_latest")}
+    assert latest[whole["id"]]["is_dismissed"] and latest[target]["is_dismissed"]
+    assert latest[whole["id"]]["dismissed_at"] == future.replace(tzinfo=None)
+
+
+def test_a_stop_between_the_record_and_its_index_entry_is_healed_by_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revisit retries an alert whose dismissal record landed but whose run stopped
+    before the index entry: the record's 412 still writes the entry, and the tables find it."""
+    from poller.errors import ArchiveUnavailable
+
+    world = World(tmp_path, count=10, dismissed=0)
+    clock = Clock(world, monkeypatch, datetime(2026, 11, 10, tzinfo=UTC))
+    world.build(clock=clock)
+    alert_id = sorted(world.docs)[0]
+    real_put = world.store.put
+
+    def dropped(key: str, body: bytes, **kwargs: Any) -> str:
+        if "/_poller/index/" in key:
+            raise ArchiveUnavailable("connection dropped")
+        return real_put(key, body, **kwargs)
+
+    monkeypatch.setattr(world.store, "put", dropped)
+    with pytest.raises(ArchiveUnavailable):
+        _dismiss(world, alert_id, DAY1 + timedelta(hours=20))
+    monkeypatch.setattr(world.store, "put", real_put)
+    doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt="2026-11-01T20:00:00+00:00")
+    alert = classify(doc)
+    assert isinstance(alert, Alert)
+    clock.now += timedelta(minutes=1)
+    assert world.archive.store_dismissal(alert) is False  # the record was there: a 412
+    assert [k for k in world.store.snapshot() if "/_poller/index/dismissals/" in k] == [
+        f"p/_poller/index/dismissals/2026/11/10/00/{alert_id}"
+    ]
+    clock.now += timedelta(hours=1)
+    assert world.build(clock=clock).dismissal_rows == 1
+    assert [r["id"] for r in world.rows("dismissals")] == [alert_id]

@@ -111,3 +111,21 @@ def test_two_tables_processes_at_once_write_no_row_twice(
         summary_of(subprocess.CompletedProcess([], 0, o[0], o[1]))["alert_rows"] for o in outs
     )
     assert json.loads(total.stdout)["n"] == rows
+
+
+def test_a_damaged_part_is_named_with_exit_1_not_blamed_on_the_sql(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    env = _synced(simulator, moto_server, bucket, tmp_path)
+    assert run_poller(["tables"], env).returncode == 0
+    keys = sorted(
+        item["Key"]
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix="tables/alerts/")["Contents"]
+    )
+    damaged = keys[-1]  # not the first file DuckDB opens: it fails while answering
+    s3.put_object(Bucket=bucket, Key=damaged, Body=b"PAR1 truncated")
+    result = run_poller(["query", "SELECT count(*) AS n FROM alerts", "--since", "5d"], env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"the table part {damaged} is damaged" in result.stderr, result.stderr[-2000:]
+    assert "refused the SQL" not in result.stderr and result.stdout == ""
+    assert "bucket's copy is the one damaged" in result.stderr  # moto's ETag is the MD5

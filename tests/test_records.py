@@ -200,3 +200,36 @@ def test_classify_never_raises():
             raise RuntimeError("boom")
 
     assert classify(Hostile()).reason == "internal_error"  # type: ignore[union-attr]
+
+
+def test_the_quarantine_index_finds_an_alert_by_its_raw_object_whatever_the_reason():
+    """An alert ``take`` quarantines is found again from the object the API lists, with the
+    reason and detail it was kept with; another object is not."""
+    from poller.archive.quarantines import QuarantineIndex
+    from poller.archive.store import MemoryObjectStore
+    from poller.archive.writer import Archive, Outcome
+
+    moment = datetime(2026, 11, 25, tzinfo=UTC)
+    store = MemoryObjectStore(lambda: moment)
+    layout = Layout("p")
+    archive = Archive(store, layout, "org")
+    raw = {"id": "abcd1234", "createdAt": "2026-11-25T00:00:00Z", "severity": float("nan")}
+    alert = classify(raw)
+    assert isinstance(alert, Alert)
+    assert archive.take(alert, "dismissed", moment) is Outcome.QUARANTINED
+    assert archive.quarantine_key_of(alert).startswith("p/_poller/quarantine/unencodable/")
+    fine = classify({"id": "efgh5678", "createdAt": "2026-11-25T00:00:00Z"})
+    assert isinstance(fine, Alert)
+    assert archive.quarantine_key_of(fine).startswith("p/_poller/quarantine/internal_error/")
+
+    index = QuarantineIndex(store, layout)
+    found = index.find(dict(raw))
+    assert found is not None and found.key == archive.quarantine_key_of(alert)
+    assert (found.reason, found.status, found.seen_at) == (
+        "unencodable",
+        "dismissed",
+        "2026-11-25T00:00:00Z",
+    )
+    assert found.detail.startswith("no faithful JSON form (ValueError")
+    assert index.find(fine.raw) is None
+    assert index.find({**raw, "title": "changed"}) is None  # another object, another digest

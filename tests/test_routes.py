@@ -217,6 +217,36 @@ def test_one_id_twice_in_a_batch_names_one_webhook_key():
     assert list(store.list_keys("webhooks/")) == ["webhooks/2025/11/30/12/20/dupalert"]
 
 
+def test_one_id_in_two_batches_minutes_apart_names_one_webhook_key():
+    """A sender re-sends an alert with another created_at (a relay that re-stamps it) while
+    its full record is still owed: the marker names the first push's key, so no second key."""
+    app, store = _app_and_store()
+    first = {"id": "resentalert", "created_at": 1764505224000}
+    again = {"id": "resentalert", "created_at": 1764505224000 + 120_000}
+    for alert, expected in (
+        (first, "archived"),
+        (again, "already_archived"),
+        (first, "already_archived"),
+    ):
+        answer = app.post(f"/api/v1/s3/alert/{PUSH}", json={"alerts": [alert]})
+        assert [r["result"] for r in answer.get_json()["results"]] == [expected]
+    assert list(store.list_keys("webhooks/")) == ["webhooks/2025/11/30/12/20/resentalert"]
+    assert list(store.list_keys("_poller/pending/")) == ["_poller/pending/resentalert"]
+
+
+def test_a_marker_without_its_webhook_record_gets_it_from_the_re_send():
+    """A push that died between its pending marker and its webhook record (the sender got a
+    5xx): the re-send, in whatever minute, writes the record; nothing is left without one."""
+    app, store = _app_and_store()
+    store.put(
+        "_poller/pending/halfpushed", b'{"webhook_key": "webhooks/2025/11/30/12/20/halfpushed"}'
+    )
+    resent = {"id": "halfpushed", "created_at": 1764505224000 + 120_000}
+    answer = app.post(f"/api/v1/s3/alert/{PUSH}", json={"alerts": [resent]})
+    assert [r["result"] for r in answer.get_json()["results"]] == ["archived"]
+    assert list(store.list_keys("webhooks/")) == ["webhooks/2025/11/30/12/22/halfpushed"]
+
+
 @pytest.mark.parametrize(
     ("start", "end"),
     [("9999-12-31T00:00Z", "9999-12-31T23:00Z"), ("999999999d", "999999998d")],

@@ -112,3 +112,50 @@ def test_without_a_way_to_renew_the_error_is_classified_at_once():
     with pytest.raises(ArchiveAccessError, match="ExpiredToken"):
         S3ObjectStore(client, "bkt").put("k", b"{}")
     assert client.calls == 1
+
+
+@mock_aws
+def test_iter_objects_starts_after_a_key_and_matches_the_memory_store():
+    from poller.archive.store import MemoryObjectStore
+
+    client: Any = boto3.client("s3", region_name="us-east-1")
+    client.create_bucket(Bucket="bkt")
+    real, memory = S3ObjectStore(client, "bkt"), MemoryObjectStore()
+    keys = ["i/2026/11/01/23/a1b2", "i/2026/11/02/00/c3d4", "i/2026/11/02/01/e5f6", "j/x"]
+    for store in (real, memory):
+        for key in keys:
+            store.put(key, b"{}")
+    for store in (real, memory):
+        assert [o.key for o in store.iter_objects("i/")] == keys[:3]
+        assert [o.key for o in store.iter_objects("i/", "i/2026/11/02/00")] == keys[1:3]
+
+
+class PagingClient:
+    """list_objects_v2 in pages of two keys, as S3 pages a listing."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys, self.asked = keys, []
+
+    def list_objects_v2(self, **arguments: Any) -> Any:
+        from datetime import UTC, datetime
+
+        self.asked.append(arguments)
+        start = int(arguments.get("ContinuationToken", "0"))
+        page = self.keys[start : start + 2]
+        more = start + 2 < len(self.keys)
+        stamp = datetime(2026, 11, 1, tzinfo=UTC)
+        return {
+            "Contents": [{"Key": k, "ETag": '"e"', "LastModified": stamp} for k in page],
+            "IsTruncated": more,
+            **({"NextContinuationToken": str(start + 2)} if more else {}),
+        }
+
+
+def test_iter_objects_asks_for_the_next_page_only_when_the_caller_gets_there():
+    client = PagingClient([f"k{n}" for n in range(5)])
+    listing = S3ObjectStore(client, "bkt").iter_objects("k", "k")
+    assert [next(listing).key for _ in range(3)] == ["k0", "k1", "k2"]
+    assert len(client.asked) == 2  # a page at a time: memory holds one page
+    assert [o.key for o in listing] == ["k3", "k4"]
+    assert [a.get("ContinuationToken") for a in client.asked] == [None, "2", "4"]
+    assert all(a["StartAfter"] == "k" and a["Prefix"] == "k" for a in client.asked)

@@ -292,6 +292,26 @@ def test_a_run_polling_fewer_lists_than_the_checkpoint_covers_is_refused(world: 
     assert caught.value.exit_code == 2
 
 
+def test_a_run_adding_a_list_says_its_older_alerts_are_a_backfills_work(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    """Widening is allowed (the added list is read from now on) but never silent: the log
+    names the added list and the watermark behind which it was not read."""
+    world.settings = CycleSettings(
+        ("active",), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    world.source.add("alert00001", ago(5))
+    world.cycle()
+    world.settings = CycleSettings(
+        ("active", "dismissed"), timedelta(seconds=900), timedelta(seconds=60), "24h", 4
+    )
+    with caplog.at_level("WARNING"):
+        world.cycle()
+    widened = [r for r in caplog.records if r.getMessage() == "checkpoint.statuses_widened"]
+    assert [r.fields["added"] for r in widened] == [["dismissed"]]  # type: ignore[attr-defined]
+    assert world.checkpoint()["statuses"] == ["active", "dismissed"]
+
+
 class FailNthPut(FlakyStore):
     """Fails the puts whose sequence numbers are in ``fail_at`` (a transient S3 error)."""
 
@@ -442,8 +462,8 @@ def test_a_pushed_alert_older_than_the_window_is_fetched_by_the_next_cycle(world
     world.now += timedelta(minutes=5)
     world.source.add("pushed00old", ago(180))  # three hours old: in no window from now on
     pending = PendingRecords(world.store, LAYOUT)
-    pending.add("pushed00old")
-    pending.add("invisible01")  # accepted, but the API does not show it yet (404)
+    pending.add("pushed00old", "")
+    pending.add("invisible01", "")  # accepted, but the API does not show it yet (404)
     world.lease.acquire()
     try:
         summary = world.make_cycle(pending=pending).run()
@@ -474,7 +494,7 @@ def test_owed_ids_the_api_has_not_are_given_up_and_do_not_block_a_real_one(world
     pending = PendingRecords(world.store, LAYOUT)
     others = [f"other{n:02d}" for n in range(30)]
     for alert_id in [*others, "broken500", "pushed00old"]:
-        pending.add(alert_id)
+        pending.add(alert_id, "")
     world.source.broken_ids.add("broken500")
     world.source.add("pushed00old", ago(180))
     world.now += OWED_NOT_FOUND_GRACE  # the 404s are answers now, not "not visible yet"
@@ -503,7 +523,7 @@ def test_a_failing_owed_fetch_ends_the_owed_fetches_of_the_cycle(world: World):
     world.cycle()
     pending = PendingRecords(world.store, LAYOUT)
     for n in range(5):
-        pending.add(f"broken{n}")
+        pending.add(f"broken{n}", "")
         world.source.broken_ids.add(f"broken{n}")
     before = world.source.requests_sent
     run_with_pending(world, pending)

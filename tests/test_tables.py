@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 from poller.app import build, local_s3_client
-from poller.archive.records import Alert, Layout, classify, json_body
+from poller.archive.records import Alert, Layout, classify
 from poller.archive.state import CheckpointStore
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
@@ -180,11 +180,9 @@ def test_dismissals_from_full_records_and_dismissal_records_by_their_day(
         target = [d for d in world.docs.values() if _created(d).date() == DAY1.date()][1]
     record = dict(target, isDismissed=True, dismissedAt="2026-11-03T10:00:00.000Z")
     record |= {"dismissReason": "OTHER", "dismissReasonText": "ticket 7", "dismissedBy": "ann"}
-    world.store.put(
-        world.layout.key("dismissals", target["id"][0:2], target["id"][2:4], target["id"]),
-        json_body(record),
-        if_none_match=True,
-    )
+    dismissal = classify(record)
+    assert isinstance(dismissal, Alert)
+    assert world.archive.store_dismissal(dismissal)  # as the revisit and verify --repair do
     waiting = world.build()
     assert waiting.waiting_dismissals == 1  # its day is not closed yet
     world.set_watermark(DAY1 + timedelta(days=4, hours=1))

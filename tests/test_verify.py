@@ -14,7 +14,9 @@ from conftest import (
     bucket_listing,
     poller_env,
     run_poller,
+    tls_env,
 )
+from s3proxy import S3Proxy
 
 from poller.archive.records import Layout
 from poller.simulator import Simulator
@@ -118,3 +120,65 @@ def test_an_alert_visible_later_than_the_lookback_is_restored_by_verify_repair(
     code, report = verify(env, "--repair")
     assert code == 0 and report["missing"]["alerts"] == [late.id] and report["repaired"] == 1
     assert_exact_archive(s3, bucket, simulator)
+
+
+def test_an_alert_the_sync_quarantined_is_reported_as_quarantined_and_never_repaired_again(
+    simulator: Simulator, tls_s3: S3Proxy, bucket: str
+):
+    """An alert with no JSON form (NaN, which the API's JSON parser accepts) is quarantined
+    by the sync; verify names it as quarantined with its reason, not as missing, and exits 0
+    (README, *An audit*); --repair writes nothing for it, run after run (PUTs counted at the
+    S3 endpoint). A second such alert the sync never saw is quarantined by the first
+    --repair, which counts it as handled."""
+    now = utc_now()
+    simulator.generate(10, now - timedelta(days=2), now - timedelta(hours=1), 0.3)
+    not_json = simulator.factory.alert(now - timedelta(days=1))
+    not_json["severity"] = float("nan")
+    simulator.add(not_json, now - timedelta(days=1))
+    env = tls_env(simulator, tls_s3, bucket, POLLER_SYNC__FIRST_RUN_SINCE="4d")
+    synced = run_poller(["sync"], env)
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert json.loads(synced.stdout.strip().splitlines()[-1])["quarantined"] == 1
+    late = simulator.factory.alert(now - timedelta(days=1, hours=2))
+    late["score"] = float("inf")  # no JSON form either; added after the sync
+    simulator.add(late, now - timedelta(days=1, hours=2))
+
+    def writes() -> list[str]:
+        """The archive's writes: not the prefix's request budget, not the store proof."""
+        return [w for w in tls_s3.writes() if bucket in w and "/_poller/budget.json" not in w]
+
+    code, report = verify(env)
+    assert code == 1 and report["complete"] is False  # `late` is missing: nothing holds it
+    assert report["missing"] == {"alerts": [late["id"]], "webhooks": [late["id"]]}
+    assert report["quarantined_count"] == 1
+    (kept,) = report["quarantined_alerts"]
+    assert kept["id"] == not_json["id"] and kept["reason"] == "unencodable"
+    assert "no faithful JSON form" in kept["detail"] and kept["status"] == "active"
+    assert kept["key"].startswith("_poller/quarantine/unencodable/")
+
+    before = len(writes())
+    code, report = verify(env, "--repair")
+    assert code == 0 and report["complete"] is True
+    assert (report["repaired"], report["quarantined_now"], report["quarantined_count"]) == (
+        0,
+        1,
+        2,
+    )
+    assert {q["id"]: q["reason"] for q in report["quarantined_alerts"]} == {
+        not_json["id"]: "unencodable",
+        late["id"]: "unencodable",
+    }
+    assert len(writes()) - before == 1  # `late`'s quarantine record, nothing else
+
+    before = len(writes())
+    code, report = verify(env, "--repair")
+    assert code == 0 and report["complete"] is True, report
+    assert report["missing_count"] == {"alerts": 0, "webhooks": 0}
+    assert (report["quarantined_count"], report["quarantined_now"]) == (2, 0)
+    assert report["quarantined"] == 2  # the summary's count: alerts, kept aside
+    assert writes()[before:] == []  # not one PUT, not even a create-only one
+
+    text = run_poller(["verify", "--since", "4d", "--text"], {**env, "COLUMNS": "200"})
+    assert text.returncode == 0, text.stdout[-2000:]
+    assert "quarantined, not archived (2" in text.stdout
+    assert f"{not_json['id']}: unencodable: no faithful JSON form" in text.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +35,16 @@ class Layout:
         """The alert as the dismissed list returned it, for an alert archived while active."""
         return self.key("dismissals", alert_id[0:2], alert_id[2:4], alert_id)
 
+    @property
+    def dismissal_index_prefix(self) -> str:
+        return self.key("_poller", "index", "dismissals") + "/"
+
+    def dismissal_index_key(self, alert_id: str, written: datetime) -> str:
+        """The entry of a dismissal record in the time-keyed index (by the UTC hour it was
+        written): the query tables find new dismissal records there without listing them all."""
+        hour = written.astimezone(UTC).strftime("%Y/%m/%d/%H")
+        return self.dismissal_index_prefix + hour + "/" + alert_id
+
     def webhook_key(self, alert_id: str, created: datetime) -> str:
         return self.key("webhooks", created.strftime("%Y/%m/%d/%H/%M"), alert_id)
 
@@ -56,9 +67,12 @@ class Layout:
     def backfill_prefix(self) -> str:
         return self.key("_poller", "backfill") + "/"
 
-    def backfill_key(self, since: datetime, until: datetime) -> str:
-        """One finished backfill chunk; the key itself says the span it covers."""
-        return self.key("_poller", "backfill", f"{_compact(since)}_{_compact(until)}")
+    def backfill_key(self, since: datetime, until: datetime, statuses: Iterable[str]) -> str:
+        """One finished backfill chunk; the key itself says the span and the alert lists it
+        covers (``20261101T000000Z_20261102T000000Z_active_dismissed``), so one listing
+        tells what is done."""
+        name = "_".join([_compact(since), _compact(until), *sorted(statuses)])
+        return self.key("_poller", "backfill", name)
 
     @property
     def probe_key(self) -> str:

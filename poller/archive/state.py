@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -177,36 +177,72 @@ class CheckpointStore:
         return Checkpoint(watermark, seen, etag, document)
 
 
+# What a record written before records named their statuses covered. Such a record
+# (``<from>_<until>``, no statuses in the key or the body) says only that backfill finished
+# the span with the statuses it was configured for, and those are not known now; it is read
+# as covering what the default covered then, ``active`` and ``dismissed``, the one reading
+# that does not make every old range be listed again. A run of an older version made with
+# ``threatstack.statuses: [active]`` is therefore not re-read by itself: run that range's
+# backfill once more after deleting its old records (README, *Catch up and audit*).
+LEGACY_CHUNK_STATUSES = frozenset({"active", "dismissed"})
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    since: datetime
+    until: datetime
+    statuses: frozenset[str]
+
+
 class ChunkRecords:
     """Finished backfill chunks, one small object each under ``P/_poller/backfill/``. The key
-    names the span (``20261101T000000Z_20261102T000000Z``), so one listing tells what is done;
-    the body says who finished it and with what counts. Records only ever widen coverage."""
+    names the span and the alert lists read over it
+    (``20261101T000000Z_20261102T000000Z_active_dismissed``), so one listing tells what is
+    done; the body says who finished it, what it read itself and with what counts. Records
+    only ever widen coverage: a span is covered for a status when one record's span holds
+    it and names the status."""
 
     def __init__(self, store: ObjectStore, layout: Layout) -> None:
         self._store = store
         self._layout = layout
-        self._spans: list[tuple[datetime, datetime]] = []
+        self._records: list[ChunkRecord] = []
 
     def load(self) -> ChunkRecords:
-        self._spans = []
+        self._records = []
         prefix = self._layout.backfill_prefix
         for key in self._store.list_keys(prefix):
-            since_text, _, until_text = key[len(prefix) :].partition("_")
+            since_text, _, rest = key[len(prefix) :].partition("_")
+            until_text, _, named = rest.partition("_")
+            statuses = [status for status in named.split("_") if status]
             try:
-                self._spans.append((parse_compact(since_text), parse_compact(until_text)))
+                since, until = parse_compact(since_text), parse_compact(until_text)
             except ValueError:
                 log.warning("backfill.record_ignored", extra={"fields": {"key": key}})
+                continue
+            covered = frozenset(statuses) if statuses else LEGACY_CHUNK_STATUSES
+            self._records.append(ChunkRecord(since, until, covered))
         return self
 
-    def covers(self, since: datetime, until: datetime) -> bool:
-        return any(start <= since and until <= end for start, end in self._spans)
+    def covered(self, since: datetime, until: datetime) -> frozenset[str]:
+        """The statuses some finished chunk read over the whole of [since, until)."""
+        found: set[str] = set()
+        for record in self._records:
+            if record.since <= since and until <= record.until:
+                found |= record.statuses
+        return frozenset(found)
 
-    def record(self, since: datetime, until: datetime, document: dict[str, Any]) -> None:
+    def record(
+        self, since: datetime, until: datetime, statuses: Iterable[str], document: dict[str, Any]
+    ) -> None:
+        """[since, until) is finished for ``statuses``: what earlier records covered and
+        what this run read."""
+        covered = frozenset(statuses)
         body = json.dumps(
-            {"from": iso_z(since), "until": iso_z(until), **document}, sort_keys=True
+            {"from": iso_z(since), "until": iso_z(until), "statuses": sorted(covered), **document},
+            sort_keys=True,
         ).encode("utf-8")
-        self._store.put(self._layout.backfill_key(since, until), body)
-        self._spans.append((since, until))
+        self._store.put(self._layout.backfill_key(since, until, covered), body)
+        self._records.append(ChunkRecord(since, until, covered))
 
 
 @dataclass(frozen=True)
@@ -217,13 +253,16 @@ class Owed:
     since: datetime
     attempts: int = 0
     last_error: str = ""
+    webhook_key: str = ""  # the key the push wrote ("" when unknown)
 
 
 class PendingRecords:
     """Ids whose full record is owed, one object each under ``P/_poller/pending/``.
 
-    The object is ``{}`` when the push path marks it (owed since its Last-Modified), and
-    ``{"owed_since": ..., "attempts": n, "last_error": ...}`` once a fetch failed. An id
+    The object is ``{"webhook_key": K}`` when the push path marks it (owed since its
+    Last-Modified; K is the webhook key the push wrote, so a re-send in another minute names
+    no second key), and ``{"owed_since": ..., "attempts": n, "last_error": ..., "webhook_key":
+    K}`` once a fetch failed. Marks of older versions are ``{}``. An id
     given up on moves to ``P/_poller/unfetchable/<id>`` with the reason (``status`` shows
     those): a 404 past the grace period is an answer, and so are too many failed fetches."""
 
@@ -232,9 +271,30 @@ class PendingRecords:
         self._prefix = layout.key("_poller", "pending") + "/"
         self._gone = layout.key("_poller", "unfetchable") + "/"
 
-    def add(self, alert_id: str) -> None:
-        with contextlib.suppress(PreconditionFailed):
-            self._store.put(self._prefix + alert_id, b"{}", if_none_match=True)
+    def add(self, alert_id: str, webhook_key: str) -> str | None:
+        """Mark ``alert_id`` owed, naming the webhook key its push writes. Returns None when
+        the mark is new, else the key an earlier push named ("" when the mark names none:
+        written by an older version)."""
+        marker = json.dumps({"webhook_key": webhook_key}).encode()
+        try:
+            self._store.put(self._prefix + alert_id, marker, if_none_match=True)
+        except PreconditionFailed:
+            return self._webhook_key(alert_id)
+        return None
+
+    def name_webhook_key(self, alert_id: str, webhook_key: str) -> None:
+        """Point an existing mark at the webhook key actually written (its attempts kept)."""
+        found = self._store.get(self._prefix + alert_id)
+        document = _object_or_empty(found.body if found is not None else b"{}")
+        document["webhook_key"] = webhook_key
+        self._store.put(self._prefix + alert_id, json.dumps(document).encode())
+
+    def _webhook_key(self, alert_id: str) -> str:
+        found = self._store.get(self._prefix + alert_id)
+        if found is None:  # dropped in between: its full record is written
+            return ""
+        key = _object_or_empty(found.body).get("webhook_key")
+        return key if isinstance(key, str) else ""
 
     def done(self, alert_id: str) -> None:
         self._store.delete(self._prefix + alert_id)
@@ -246,11 +306,7 @@ class PendingRecords:
         found = self._store.get(self._prefix + alert_id)
         if found is None:
             return None
-        try:
-            document = json.loads(found.body)
-        except ValueError:
-            document = {}
-        document = document if isinstance(document, dict) else {}
+        document = _object_or_empty(found.body)
         since = found.last_modified
         with contextlib.suppress(KeyError, TypeError, ValueError):
             since = datetime.fromisoformat(str(document["owed_since"]))
@@ -259,6 +315,7 @@ class PendingRecords:
             since,
             int(document.get("attempts", 0) or 0),
             str(document.get("last_error", "")),
+            str(document.get("webhook_key", "") or ""),
         )
 
     def failed(self, owed: Owed, error: str) -> None:
@@ -268,6 +325,8 @@ class PendingRecords:
             "attempts": owed.attempts + 1,
             "last_error": error[:300],
         }
+        if owed.webhook_key:
+            document["webhook_key"] = owed.webhook_key
         self._store.put(self._prefix + owed.alert_id, json.dumps(document).encode())
 
     def give_up(self, owed: Owed, reason: str, now: datetime) -> None:
@@ -487,3 +546,12 @@ class LeaseKeeper:
                 return
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next tick
                 log.warning("lease.renew_failed", extra={"fields": {"error": str(exc)}})
+
+
+def _object_or_empty(body: bytes) -> dict[str, Any]:
+    """A marker's JSON object; {} for anything else (a damaged mark is still a mark)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}

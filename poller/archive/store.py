@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -90,6 +90,10 @@ class ObjectStore(Protocol):
     def list_objects(self, prefix: str) -> list[ListedObject]:
         """Every object under ``prefix``, with its ETag and Last-Modified (same requests as
         ``list_keys``: one LIST per 1,000 keys)."""
+
+    def iter_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ListedObject]:
+        """``list_objects`` a page (1,000 keys, one LIST) at a time, so memory holds a page;
+        with ``start_after``, only the keys after it in S3's order (S3's ``StartAfter``)."""
 
     def first_key(self, prefix: str) -> str | None:
         """The lowest key under ``prefix`` in S3's (UTF-8 byte) order, in one request."""
@@ -427,6 +431,23 @@ class S3ObjectStore:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise classify_s3_error(exc, f"listing {prefix}") from exc
 
+    def iter_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ListedObject]:
+        arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if start_after:
+            arguments["StartAfter"] = start_after
+        while True:
+            try:
+                asked = dict(arguments)
+                page = self._call(lambda c: c.list_objects_v2(**asked))  # noqa: B023
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                raise classify_s3_error(exc, f"listing {prefix}") from exc
+            for item in page.get("Contents", []):
+                yield ListedObject(item["Key"], item["ETag"], item["LastModified"].astimezone(UTC))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            arguments["ContinuationToken"] = token
+
     def first_key(self, prefix: str) -> str | None:
         try:
             page = self._call(
@@ -514,6 +535,7 @@ class MemoryObjectStore:
         self._version = 0
         self.ignore_conditions = False  # behave like a store that drops the headers
         self.lacks_if_match = False  # behave like a store that answers If-Match with 501
+        self.list_page = 1000  # keys per counted request of iter_objects, as S3's LIST
 
     def get(self, key: str) -> StoredObject | None:
         with self._lock:
@@ -575,6 +597,14 @@ class MemoryObjectStore:
                 for key, found in sorted(self._objects.items())
                 if key.startswith(prefix)
             ]
+
+    def iter_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ListedObject]:
+        found = [
+            item for item in self.list_objects(prefix) if not start_after or item.key > start_after
+        ]  # list_objects counted the first page
+        with self._lock:
+            self.requests += max(0, -(-len(found) // self.list_page) - 1)
+        yield from found
 
     def first_key(self, prefix: str) -> str | None:
         with self._lock:

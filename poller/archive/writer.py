@@ -8,6 +8,7 @@ bug met by one alert quarantines that alert (``internal_error``) instead of stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from datetime import date, datetime
@@ -25,6 +26,7 @@ from poller.archive.records import (
 )
 from poller.archive.store import ObjectStore, PreconditionFailed
 from poller.errors import FatalError, PollerError
+from poller.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +104,11 @@ class Archive:
     def _store_alert(
         self, alert: Alert, status: str, seen_at: datetime, webhook: bool = True
     ) -> tuple[Outcome, bool]:
-        try:
-            full_body = json_body(alert.raw)
-            webhook_body = json_body(webhook_record(alert, self._organization_id))
-        except UNENCODABLE as exc:
-            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
-            log.warning("alert.quarantined", extra={"fields": {"reason": "unencodable"}})
-            rejected = Rejected("unencodable", detail, alert.raw)
-            return self.quarantine(rejected, status, seen_at), False
+        bodies = self._bodies(alert)
+        if isinstance(bodies, Rejected):
+            log.warning("alert.quarantined", extra={"fields": {"reason": bodies.reason}})
+            return self.quarantine(bodies, status, seen_at), False
+        full_body, webhook_body = bodies
         full = self._create(self.layout.alert_key(alert.id), full_body)
         wrote_webhook = webhook and self._create(
             self.layout.webhook_key(alert.id, alert.created), webhook_body
@@ -118,6 +117,21 @@ class Archive:
             self.touched.add(alert.created.date())
         outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
         return outcome, full
+
+    def _bodies(self, alert: Alert) -> tuple[bytes, bytes] | Rejected:
+        """The full record's and the webhook record's bodies, or why the alert has none."""
+        try:
+            return json_body(alert.raw), json_body(webhook_record(alert, self._organization_id))
+        except UNENCODABLE as exc:
+            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+            return Rejected("unencodable", detail, alert.raw)
+
+    def quarantine_key_of(self, alert: Alert) -> str:
+        """Where ``take`` keeps ``alert`` when it quarantines it: under ``unencodable`` when
+        it has no faithful JSON form, else (a bug met while archiving) ``internal_error``."""
+        bodies = self._bodies(alert)
+        reason = bodies.reason if isinstance(bodies, Rejected) else "internal_error"
+        return self.layout.quarantine_key(reason, Rejected(reason, "", alert.raw).digest)
 
     def store_full(self, alert: Alert) -> bool:
         """Only the full record (the push path has written the webhook record); True when
@@ -128,8 +142,20 @@ class Archive:
         """The dismissal record (SPEC "Dismissals"): the alert as the dismissed list returned
         it, written once, create-only and under retention like the first record. True when
         written now, False when it was there. Raises UNENCODABLE for an object JSON cannot
-        carry faithfully."""
-        return self._create(self.layout.dismissal_key(alert.id), json_body(alert.raw))
+        carry faithfully.
+
+        Then its entry in the time-keyed index ``P/_poller/index/dismissals/YYYY/MM/DD/HH/ID``
+        (README, *Query the archive*), also when the record was there already: a run stopped
+        between the two writes leaves a record the retry's 412 brings here again."""
+        key = self.layout.dismissal_key(alert.id)
+        written = self._create(key, json_body(alert.raw))
+        with contextlib.suppress(PreconditionFailed):  # this hour's entry is there already
+            self._store.put(
+                self.layout.dismissal_index_key(alert.id, utc_now()),
+                json_body({"key": key}),
+                if_none_match=True,
+            )
+        return written
 
     def archived_full(self, alert_id: str) -> Any:
         """The full record as archived (parsed JSON), or None when there is none."""

@@ -190,8 +190,15 @@ class Receiver:
                 continue
             document = webhook_document(item.id, item.created, item.raw, self._org)
             key = self._layout.webhook_key(item.id, item.created)
-            self.pending.add(item.id)  # before the webhook record: never forgotten
-            written = self._create(key, json_body(document))
+            earlier = self.pending.add(item.id, key)  # before the record: never forgotten
+            if earlier and earlier != key and self._store.get(earlier) is not None:
+                # Pushed before, in another minute, full record still owed: that push's
+                # key stands (one webhook key per alert); this copy only re-offers the fetch.
+                written = False
+            else:
+                written = self._create(key, json_body(document))
+                if written and earlier:
+                    self.pending.name_webhook_key(item.id, key)  # the earlier push left none
             if self._fetcher is not None:
                 self._fetcher.offer(item.id, item.created)
             results.append({"id": item.id, "result": "archived" if written else "already_archived"})

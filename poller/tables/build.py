@@ -13,10 +13,13 @@ One *pass*:
    the day keeps a due marker until it has it.
 3. **Dismissals**: rows come from full records that are already the dismissed version
    (read in step 2, or from the day's existing parts when it is built again) and from
-   dismissal records (``P/dismissals/...``), which are listed each pass and read only when
-   written since the last pass (by their Last-Modified, less a margin). Each goes to the
-   part of its ``dismissedAt`` day once that day is closed, unless that day's parts have it;
-   until then it waits (its creation day stays due, or the mark stays before it).
+   dismissal records (``P/dismissals/...``), found through their time-keyed index
+   (``P/_poller/index/dismissals/YYYY/MM/DD/HH/ID``, listed from the mark on, a page at a
+   time; an archive from before the index is scanned once) and read only when written since
+   the last pass (by their Last-Modified, less a margin). Each goes to the part of its
+   ``dismissedAt`` day once that day is closed, unless that day's parts have it; until then
+   it waits (its creation day stays due, or the mark stays before it). A ``dismissedAt``
+   that cannot be true (later than the record's archiving) never waits (FUTURE_SLACK).
 4. **Bookkeeping**: due markers of finished days are deleted under their ETag (a marker a
    backfill rewrote meanwhile stays), the dismissal mark moves.
 
@@ -55,16 +58,36 @@ from poller.tables.schema import (
     duckdb_struct,
     select_list,
 )
-from poller.timeutil import iso_z
+from poller.timeutil import Clock, iso_z, utc_now
 
 log = logging.getLogger(__name__)
 
 PARQUET = "application/vnd.apache.parquet"
-STATE_VERSION = 1
+# 2: the dismissal records are found through the time-keyed index (1: by listing them all).
+STATE_VERSION = 2
 # Dismissal records written this close before the mark are read again (and found in the
 # parts): Last-Modified has whole seconds and S3's front ends do not share one clock.
 MARK_MARGIN = timedelta(minutes=5)
+# An index entry's key has its writer's clock, its Last-Modified the store's: the listing
+# starts this much earlier. (A writer's clock is within a minute: Hawk refuses more.)
+INDEX_CLOCK_SLACK = timedelta(hours=1)
+# A dismissedAt later than this after its record was archived cannot be true (README,
+# *Query the archive*): the row goes to the day its record was archived.
+FUTURE_SLACK = timedelta(hours=1)
 WRITE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Mark:
+    """How far the dismissal records have been read (their Last-Modified, or None), the
+    state object's ETag, and whether the index may be read instead of the records' listing."""
+
+    at: datetime | None
+    etag: str | None
+    indexed: bool
+    # The store's clock when the state was read: every record written this long (less
+    # MARK_MARGIN) before it is in this pass's listing, so the mark may move up to it.
+    read_at: datetime | None = None
 
 
 @dataclass
@@ -97,6 +120,7 @@ class TablesReport:
     owed_full_records: int = 0  # ids in webhooks/ whose full record is not archived yet
     unreadable: int = 0  # archived bodies that are not an alert with id and creation time
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
+    future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
     s3_requests: int = 0
     duration_s: float = 0.0
     ok: bool = True
@@ -144,8 +168,10 @@ class TablesBuilder:
         memory_limit: str = "96MB",
         workdir: Path | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        clock: Clock = utc_now,
     ) -> None:
         self._store = store
+        self.clock = clock
         self.keys = TableKeys(layout)
         self._lookback = lookback
         self._batch = max(1, batch_size)
@@ -231,22 +257,25 @@ class TablesBuilder:
         return report
 
     # ------------------------------------------------------------------ state
-    def load_mark(self) -> tuple[datetime | None, str | None]:
+    def load_mark(self) -> Mark:
         stored = self._store.get(self.keys.state_key)
         if stored is None:
-            return None, None
+            return Mark(None, None, indexed=False)
         try:
             document = json.loads(stored.body)
             text = document.get("dismissals_read_until")
             mark = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+            indexed = document.get("version") == STATE_VERSION and document.get("index") is True
         except (ValueError, AttributeError, TypeError):
             log.warning("tables.state_unreadable", extra={"fields": {"key": self.keys.state_key}})
-            return None, stored.etag  # read every dismissal record again: safe, just slower
-        return mark, stored.etag
+            # Read every dismissal record again: safe, just slower.
+            return Mark(None, stored.etag, indexed=False)
+        return Mark(mark, stored.etag, indexed, stored.server_time)
 
     def save_mark(self, mark: datetime, etag: str | None) -> None:
         body = json.dumps(
-            {"version": STATE_VERSION, "dismissals_read_until": iso_z(mark)}, sort_keys=True
+            {"version": STATE_VERSION, "dismissals_read_until": iso_z(mark), "index": True},
+            sort_keys=True,
         ).encode("utf-8")
         try:
             if etag is None:
@@ -256,6 +285,33 @@ class TablesBuilder:
         except PreconditionFailed:
             # Another builder moved it meanwhile; its mark is as good as ours.
             log.info("tables.mark_raced")
+
+    def dismissal_listing(self, mark: Mark) -> Iterator[tuple[str, datetime]]:
+        """(dismissal record key, when listed) of the records written since ``mark`` (less
+        MARK_MARGIN), a page at a time. From the time-keyed index once a pass has scanned
+        ``P/dismissals/`` itself (``mark.indexed``); before that, that one scan."""
+        layout = self.keys.layout
+        if not mark.indexed or mark.at is None:
+            for item in self._store.iter_objects(self.keys.dismissals_prefix):
+                yield item.key, item.last_modified
+            return
+        prefix = layout.dismissal_index_prefix
+        start = (mark.at - MARK_MARGIN - INDEX_CLOCK_SLACK).astimezone(UTC)
+        for item in self._store.iter_objects(prefix, prefix + start.strftime("%Y/%m/%d/%H")):
+            alert_id = item.key.rsplit("/", 1)[-1]
+            if SAFE_ID.fullmatch(alert_id):
+                yield layout.dismissal_key(alert_id), item.last_modified
+
+    def index(self, record_key: str, written: datetime) -> None:
+        """An index entry for a record the one-time scan leaves waiting, so the passes after
+        it, which read the index only, meet it again."""
+        alert_id = record_key.rsplit("/", 1)[-1]
+        with contextlib.suppress(PreconditionFailed):
+            self._store.put(
+                self.keys.layout.dismissal_index_key(alert_id, written),
+                json.dumps({"key": record_key}).encode("utf-8"),
+                if_none_match=True,
+            )
 
     def read(self, keys: list[str]) -> list[StoredObject | None]:
         with ThreadPoolExecutor(max_workers=min(self._concurrency, len(keys) or 1)) as pool:
@@ -312,7 +368,8 @@ class _Pass:
         self.built: list[date] = []
         self._files = 0
         self._kept_due: set[date] = set()
-        self.mark_state: tuple[datetime | None, str | None] = (None, None)
+        self.mark = Mark(None, None, indexed=False)
+        self.now = builder.clock()
 
     def _keep_due(self, day: date, reason: str) -> None:
         """Mark ``day`` due before anything makes it look finished (its dismissals part), so
@@ -462,37 +519,91 @@ class _Pass:
 
     # ------------------------------------------------------------------ dismissals
     def _dismissal_records(self) -> datetime | None:
-        """Stage the dismissal records written since the mark; return the new mark."""
-        self.mark_state = self.b.load_mark()
-        mark = self.mark_state[0]
-        listed = self.b._store.list_objects(self.b.keys.dismissals_prefix)
-        fresh = [o for o in listed if mark is None or o.last_modified >= mark - MARK_MARGIN]
-        for batch in _batches([o.key for o in fresh], self.b._batch):
-            self._check_stop()
-            rows: list[dict[str, Any]] = []
-            when = {o.key: o.last_modified for o in fresh}
-            for key, stored in zip(batch, self.b.read(batch), strict=True):
-                if stored is None:
-                    continue
-                self.report.records_read += 1
-                row = alert_row(stored.body, key)
-                if row is None or row["dismissed_at"] is None:
-                    self.report.unreadable += 1
-                    log.warning("tables.unreadable", extra={"fields": {"key": key}})
-                    continue
-                staged = {name: row[name] for name, _ in DISMISSAL_COLUMNS}
-                staged["date"] = row["dismissed_at"][:10]
-                staged["listed_at"] = (
-                    when[key].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
-                )
-                rows.append(staged)
-            self._stage("dismissal_rows", rows)
-        newest = max((o.last_modified for o in listed), default=mark)
+        """Stage the dismissal records written since the mark, a batch at a time; return the
+        newest Last-Modified listed (the next mark, before what waits)."""
+        self.mark = self.b.load_mark()
+        since = None if self.mark.at is None else self.mark.at - MARK_MARGIN
+        newest = self.mark.at
+        batch: dict[str, datetime] = {}
+        for key, listed_at in self.b.dismissal_listing(self.mark):
+            newest = listed_at if newest is None else max(newest, listed_at)
+            if since is not None and listed_at < since:
+                continue
+            batch[key] = max(listed_at, batch.get(key, listed_at))
+            if len(batch) >= self.b._batch:
+                self._stage_dismissal_records(batch)
+                batch = {}
+        self._stage_dismissal_records(batch)
         return newest
+
+    def _stage_dismissal_records(self, batch: dict[str, datetime]) -> None:
+        if not batch:
+            return
+        self._check_stop()
+        keys = list(batch)
+        rows: list[dict[str, Any]] = []
+        for key, stored in zip(keys, self.b.read(keys), strict=True):
+            if stored is None:
+                continue
+            self.report.records_read += 1
+            row = alert_row(stored.body, key)
+            if row is None or row["dismissed_at"] is None:
+                self.report.unreadable += 1
+                log.warning("tables.unreadable", extra={"fields": {"key": key}})
+                continue
+            staged = {name: row[name] for name, _ in DISMISSAL_COLUMNS}
+            staged["date"] = self._record_day(key, row["dismissed_at"], stored.last_modified)
+            staged["listed_at"] = batch[key].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+            rows.append(staged)
+        self._stage("dismissal_rows", rows)
+
+    def _record_day(self, key: str, dismissed_at: str, archived: datetime) -> str:
+        """A dismissal record's partition: the day of its ``dismissedAt``, unless that is
+        later than the record's own archiving (plus FUTURE_SLACK), which cannot be true;
+        then the day it was archived (its Last-Modified, which never changes)."""
+        claimed = datetime.fromisoformat(dismissed_at).replace(tzinfo=UTC)
+        if claimed <= archived + FUTURE_SLACK:
+            return dismissed_at[:10]
+        self.report.future_dismissals += 1
+        log.warning(
+            "tables.future_dismissal",
+            extra={
+                "fields": {
+                    "key": key,
+                    "dismissed_at": iso_z(claimed),
+                    "archived_at": iso_z(archived),
+                    "filed_under": "archived day",
+                }
+            },
+        )
+        return archived.astimezone(UTC).date().isoformat()
+
+    def _drop_future_full_records(self) -> None:
+        """A full record's dismissal dated after this pass (plus FUTURE_SLACK) cannot be
+        true: it is left out of ``dismissals`` (its ``alerts`` row shows it, as recorded)
+        instead of keeping its creation day due until that date."""
+        cutoff = (self.now + FUTURE_SLACK).astimezone(UTC).replace(tzinfo=None)
+        where = "source_day IS NOT NULL AND dismissed_at > ?"
+        for key, at in self.con.execute(
+            f"SELECT key, dismissed_at FROM dismissal_rows WHERE {where}", [cutoff]
+        ).fetchall():
+            self.report.future_dismissals += 1
+            log.warning(
+                "tables.future_dismissal",
+                extra={
+                    "fields": {
+                        "key": key,
+                        "dismissed_at": iso_z(at.replace(tzinfo=UTC)),
+                        "filed_under": "none (the alerts row shows it)",
+                    }
+                },
+            )
+        self.con.execute(f"DELETE FROM dismissal_rows WHERE {where}", [cutoff])
 
     def _dismissals(self) -> set[date]:
         """Write the dismissals parts; return the creation days whose dismissals wait."""
         newest = self._dismissal_records()
+        self._drop_future_full_records()
         last_closed = self.plan.last_closed
         assert last_closed is not None
         target = {
@@ -519,11 +630,24 @@ class _Pass:
         ).fetchone()
         assert waiting is not None
         self.report.waiting_dismissals = int(waiting[0])
-        if newest is not None:
-            mark = newest
-            if waiting[1] is not None:  # a record whose day is not closed: read it again
-                mark = min(mark, waiting[1].replace(tzinfo=UTC))
-            self.b.save_mark(mark, self.mark_state[1])
+        if not self.mark.indexed:
+            # The one-time scan: what waits must be in the index the next passes read.
+            for key, listed_at in self.con.execute(
+                f"SELECT DISTINCT key, listed_at FROM dismissal_rows"
+                f" WHERE date > {closed} AND source_day IS NULL"
+            ).fetchall():
+                self.b.index(key, listed_at.replace(tzinfo=UTC))
+        # With no state and no record yet: this pass's start. Once the last record is an
+        # hour behind when the state was read: that moment, so the next listing starts
+        # there (at most one state write an hour for it), not at the last record.
+        mark = newest if newest is not None else self.now - MARK_MARGIN
+        read_at = self.mark.read_at
+        if read_at is not None and read_at - mark >= INDEX_CLOCK_SLACK:
+            mark = read_at
+        if waiting[1] is not None:  # a record whose day is not closed: read it again
+            mark = min(mark, waiting[1].replace(tzinfo=UTC))
+        if mark != self.mark.at or not self.mark.indexed:
+            self.b.save_mark(mark, self.mark.etag)
         return waiting_sources
 
     def _dismissals_day(self, day: date) -> None:

@@ -5,7 +5,10 @@
   archived into it, its alerts are owed full records, or a dismissal found in it belongs to
   a day not closed yet); deleted, under its ETag, once the day is complete;
 - ``P/_poller/tables/state.json``: how far the dismissal records have been read (their
-  Last-Modified), compare-and-swap on its ETag.
+  Last-Modified), and whether their index may be read instead of their listing (version 2),
+  compare-and-swap on its ETag;
+- ``P/_poller/index/dismissals/YYYY/MM/DD/HH/ID``: the dismissal records' time-keyed index,
+  written beside each record by ``Archive.store_dismissal`` (``Layout.dismissal_index_key``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ Defined for the SQL:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -63,6 +65,7 @@ class Fetched:
     downloaded: int = 0
     reused: int = 0
     days: dict[str, list[str]] = field(default_factory=dict)  # table -> days with parts
+    parts: dict[str, ListedObject] = field(default_factory=dict)  # local path -> its part
 
 
 class PartCache:
@@ -90,7 +93,9 @@ class PartCache:
                 if part is None or part.day < since or (last is not None and part.day > last):
                     continue
                 seen_days.add(part.day.isoformat())
-                paths.append(self._get(table, item, fetched))
+                path = self._get(table, item, fetched)
+                fetched.parts[str(path)] = item
+                paths.append(path)
             fetched.files[table] = paths
             fetched.days[table] = sorted(seen_days)
         return fetched
@@ -127,8 +132,42 @@ def _quoted_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with ``alerts``, ``dismissals`` and ``alerts_latest`` defined."""
+def damaged(exc: duckdb.Error, parts: Mapping[str, ListedObject]) -> FatalError | None:
+    """A FatalError (exit 1: unreadable archive data, not bad SQL) naming the part DuckDB
+    could not read, when its message names one of ``parts`` (local path -> listed part)."""
+    message = str(exc)
+    for path, item in parts.items():
+        if path in message:
+            return FatalError(
+                f"the table part {item.key} is damaged: {message}; {_remedy(path, item)}"
+            )
+    return None
+
+
+def _remedy(path: str, item: ListedObject) -> str:
+    """Which copy to delete: a single-part upload's ETag is its body's MD5 (not so under
+    SSE-KMS, so a mismatch proves nothing)."""
+    try:
+        local = hashlib.md5(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
+    except OSError:
+        local = None
+    etag = item.etag.strip('"')
+    rebuild = (
+        f"delete the parts under {item.key.rsplit('/', 1)[0]}/ and poller tables builds"
+        " that day again from the archive"
+    )
+    if local == etag:
+        return (
+            f"the bucket's copy is the one damaged (its ETag is the cached copy's MD5): {rebuild}"
+        )
+    return f"delete the cached copy {path} and query again; if the part stays damaged, {rebuild}"
+
+
+def connect(
+    files: dict[str, list[Path]], parts: Mapping[str, ListedObject] | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with ``alerts``, ``dismissals`` and ``alerts_latest`` defined.
+    ``parts`` (``Fetched.parts``) names a damaged part in the error; FatalError (exit 1)."""
     con = duckdb.connect(":memory:")
     # The tables hold UTC without a zone: now(), casts and comparisons in UTC as well.
     con.execute("SET TimeZone = 'UTC'")
@@ -143,6 +182,9 @@ def connect(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
                 )
             except duckdb.Error as exc:  # a damaged part (in the bucket or in the cache)
                 con.close()
+                named = damaged(exc, parts or {})
+                if named is not None:
+                    raise named from exc
                 raise FatalError(
                     f"a {table} part cannot be read: {exc} (if the cached copy is damaged,"
                     " delete it from the cache folder; if the bucket's is, delete every part of"
@@ -173,8 +215,11 @@ class Answer:
     rows: list[tuple[Any, ...]]
 
 
-def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> Answer:
-    """Run one statement; QueryError (exit 2) with DuckDB's own message when it refuses."""
+def run_sql(
+    con: duckdb.DuckDBPyConnection, sql: str, parts: Mapping[str, ListedObject] | None = None
+) -> Answer:
+    """Run one statement; QueryError (exit 2) with DuckDB's own message when it refuses the
+    SQL; FatalError (exit 1) naming the part when one of ``parts`` cannot be read."""
     try:
         cursor = con.execute(sql)
         if cursor.description is None:
@@ -182,6 +227,9 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> Answer:
         columns = [column[0] for column in cursor.description]
         return Answer(columns, cursor.fetchall())
     except duckdb.Error as exc:
+        named = damaged(exc, parts or {})
+        if named is not None:
+            raise named from exc
         raise QueryError(f"DuckDB refused the SQL: {exc}") from exc
 
 

@@ -1,9 +1,13 @@
 """``poller backfill``: catch up a past range with the same walk as ``sync``, resumably.
 
 The range is cut at whole multiples of ``sync.max_window_seconds`` (UTC days by default),
-oldest first, and each finished chunk is recorded under ``P/_poller/backfill/``: a rerun
-after a kill skips the recorded chunks and re-reads only the unfinished one, whose archived
-alerts cost a 412 each and are never rewritten.
+oldest first, and each finished chunk is recorded under ``P/_poller/backfill/`` with the
+alert lists (statuses) it was read for: a rerun after a kill skips the recorded chunks and
+re-reads only the unfinished one, whose archived alerts cost a 412 each and are never
+rewritten. A chunk recorded for fewer statuses than this run polls (an earlier backfill with
+``threatstack.statuses: [active]``) is not finished for this run: the lists no record covers
+are read over it, and only then is it recorded for all of them and may the live checkpoint
+pass it.
 
 Oldest first, because then what is done is always a prefix of the range: the live checkpoint
 can be moved forward over it as soon as the walk passes the watermark (a newest-first walk
@@ -40,7 +44,8 @@ class BackfillRange:
 
 
 class BackfillPlan:
-    """A ChunkPlan: skip recorded chunks, record finished ones, carry the live checkpoint."""
+    """A ChunkPlan: read what no record covers, record finished chunks with the statuses
+    they are covered for, carry the live checkpoint."""
 
     def __init__(
         self,
@@ -60,8 +65,9 @@ class BackfillPlan:
     def known(self) -> dict[str, int]:
         return self._live.seen
 
-    def skip(self, since: datetime, until: datetime) -> bool:
-        return self._records.covers(since, until)
+    def unread(self, since: datetime, until: datetime) -> tuple[str, ...]:
+        covered = self._records.covered(since, until)
+        return tuple(s for s in self._cycle.settings.statuses if s not in covered)
 
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
@@ -69,10 +75,17 @@ class BackfillPlan:
         if self._cycle.revisit is not None and since < until:
             fresh = self._cycle.first_dismissed
             self._cycle.revisit.sweep(since, until, self._now, summary, self._cycle, fresh)
+        earlier = self._records.covered(since, until)
+        read = sorted(set(self._cycle.settings.statuses) - earlier)
         self._records.record(
             since,
             until,
-            {"run_id": self._cycle.run_id, "finished_at": iso_z(self._cycle.clock())}
+            earlier | set(self._cycle.settings.statuses),
+            {
+                "run_id": self._cycle.run_id,
+                "finished_at": iso_z(self._cycle.clock()),
+                "read": read,  # the statuses this run listed; the rest earlier records had
+            }
             | summary.counts(),
         )
         if self._may_advance(until):

@@ -132,8 +132,9 @@ class ChunkPlan(Protocol):
     def known(self) -> dict[str, int]:
         """Ids archived already (id -> creation second): their re-reads cost no S3 request."""
 
-    def skip(self, since: datetime, until: datetime) -> bool:
-        """True when an earlier run finished this chunk."""
+    def unread(self, since: datetime, until: datetime) -> tuple[str, ...]:
+        """The statuses still to read over this chunk: all of the cycle's, or fewer when an
+        earlier run read some of them over it; none when it finished the chunk."""
 
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
@@ -447,7 +448,8 @@ class Cycle:
         done = 0
         while todo:
             chunk_since, chunk_until = todo.popleft()
-            if plan.skip(chunk_since, chunk_until):
+            unread = plan.unread(chunk_since, chunk_until)
+            if not unread:
                 done += 1
                 summary.chunks_skipped += 1
                 self.hooks.observer.committed(summary, done)
@@ -462,7 +464,15 @@ class Cycle:
                 splittable = chunk_until - chunk_since >= MIN_SPLIT
                 try:
                     seen_now = self._archive_window(
-                        known, chunk_since, chunk_until, now, summary, deadline, owed, splittable
+                        known,
+                        chunk_since,
+                        chunk_until,
+                        now,
+                        summary,
+                        deadline,
+                        owed,
+                        splittable,
+                        unread,
                     )
                 except ChunkTooLong as too_long:
                     halves = self._split(chunk_since, chunk_until, summary, deadline)
@@ -605,6 +615,21 @@ class Cycle:
                     " their alerts for good (poll them all, or use another prefix)"
                 ]
             )
+        added = sorted(set(self.settings.statuses) - set(map(str, covered)))
+        if added:
+            # The watermark says nothing of a list it never covered: from here on it is read,
+            # what lies behind the watermark is a backfill's work (README, Configuration).
+            log.warning(
+                "checkpoint.statuses_widened",
+                extra={
+                    "fields": {
+                        "added": added,
+                        "watermark": checkpoint.document.get("watermark"),
+                        "hint": "run `poller backfill --until WATERMARK` to read the added"
+                        " lists behind the watermark",
+                    }
+                },
+            )
 
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that
@@ -624,15 +649,16 @@ class Cycle:
         deadline: Deadline,
         pushed: set[str],
         splittable: bool = False,
+        statuses: tuple[str, ...] | None = None,
     ) -> dict[str, int]:
         """Read and archive one chunk; ``pushed``: ids with a pending marker, whose webhook
         record the push path wrote (only their full record is written here). ChunkTooLong
         (carrying what was taken) when a ``splittable`` chunk's listing needs more than
-        ``pages_per_listing`` pages."""
+        ``pages_per_listing`` pages. ``statuses``: the lists to read (default: the cycle's)."""
         seen_now: dict[str, int] = {}
         writer: BoundedWriter[Outcome] = BoundedWriter(self.settings.max_concurrency)
         try:
-            for status in poll_order(self.settings.statuses):
+            for status in poll_order(statuses or self.settings.statuses):
                 for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
                     if self.hooks.should_stop():
                         raise Stopped()
@@ -721,8 +747,8 @@ class LiveCheckpoint:
     def known(self) -> dict[str, int]:
         return self._checkpoint.seen
 
-    def skip(self, since: datetime, until: datetime) -> bool:
-        return False
+    def unread(self, since: datetime, until: datetime) -> tuple[str, ...]:
+        return self._cycle.settings.statuses
 
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary

@@ -20,8 +20,15 @@ is archived, the ``dismissals/ID[0:2]/ID[2:4]/`` folders are listed like the ``a
 ones; an alert with no dismissal record costs one GET of its full record, and is reported
 when that record is the active version (the archive then shows the alert as never handled).
 
+An alert whose records are absent but which the sync quarantined (no faithful JSON form, a
+bug met while archiving it: ``P/_poller/quarantine/REASON/SHA256`` of its raw object) is not
+missing: the SPEC's guarantee is "archived (or quarantined)". It is reported as quarantined,
+with the reason and detail its record holds, and does not fail the run.
+
 ``--repair`` archives exactly what is missing, dismissal records included, through the same
-create-only writes as every run: a record that is there is never rewritten. ``--checksums``
+create-only writes as every run: a record that is there is never rewritten. An alert it can
+only quarantine is quarantined, reported as such, and counts as repaired; the next
+``--repair`` finds it there and writes nothing. ``--checksums``
 also reads every archived record of the range (one GET each) and compares its body's
 SHA-256 with the checksum S3 stored when it was written: a mismatch means the object is not
 what poller wrote.
@@ -39,6 +46,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from poller.archive.manifests import MANIFEST_VERSION, Manifests, sha256_hex
+from poller.archive.quarantines import Quarantined, QuarantineIndex
 from poller.archive.records import UNENCODABLE, Alert, Layout, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
@@ -71,6 +79,7 @@ class DayRow:
     unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     dismissed: int = 0  # alerts the API lists as dismissed
     dismissals_missing: int = 0  # of those, archived active with no dismissal record
+    quarantined: int = 0  # alerts kept in the quarantine, not archived (not missing either)
 
 
 @dataclass
@@ -95,6 +104,11 @@ class Findings:
     dismissals_repaired: int = 0
     repair_asked: bool = False
     malformed: int = 0
+    # Alerts the API lists that the quarantine holds instead of the archive: the first
+    # IDS_SHOWN as {"id", "key", "reason", "detail", "status", "seen_at"}; the count is exact.
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    quarantined_count: int = 0
+    quarantined_now: int = 0  # of the missing, quarantined by this --repair
     days: list[DayRow] = field(default_factory=list)
 
     def note(self, table: str, kind: str, ids: list[str]) -> None:
@@ -104,10 +118,17 @@ class Findings:
         room = IDS_SHOWN - len(shown[kind])
         shown[kind].extend(sorted(ids)[: max(room, 0)])
 
+    def note_quarantined(self, alert_id: str, record: Quarantined) -> None:
+        self.quarantined_count += 1
+        if len(self.quarantined) < IDS_SHOWN:
+            self.quarantined.append(record.report(alert_id))
+
     @property
     def complete(self) -> bool:
-        """Nothing is missing (or everything missing was repaired), nothing was altered."""
-        restored = self.to_repair == 0 or (self.repair_asked and self.repaired == self.to_repair)
+        """Nothing is missing (or everything missing was repaired, or quarantined: SPEC
+        "archived (or quarantined)"), nothing was altered."""
+        handled = self.repaired + self.quarantined_now
+        restored = self.to_repair == 0 or (self.repair_asked and handled == self.to_repair)
         dismissals = self.dismissals_missing_count == 0 or (
             self.repair_asked and self.dismissals_repaired == self.dismissals_missing_count
         )
@@ -136,6 +157,9 @@ class Findings:
             "manifest_chain_broken": self.manifest_chain_broken,
             "not_in_manifest": self.not_in_manifest,
             "malformed_in_api": self.malformed,
+            "quarantined_alerts": self.quarantined,
+            "quarantined_count": self.quarantined_count,
+            "quarantined_now": self.quarantined_now,
             "days": [row.__dict__ for row in self.days],
         }
 
@@ -195,6 +219,7 @@ class Verifier:
         self.clock = clock
         self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
+        self._quarantine = QuarantineIndex(store, self.layout)
 
     def run(
         self,
@@ -207,6 +232,7 @@ class Verifier:
         findings = Findings(repair_asked=repair)
         folders = PrefixListings(self.store, self.layout)
         self._dismissal_folders = PrefixListings(self.store, self.layout, kind="dismissals")
+        self._quarantine = QuarantineIndex(self.store, self.layout)
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         pieces = list(chunks(since, until, DAY, aligned=True))
         summary.chunks_total = len(pieces)
@@ -253,8 +279,14 @@ class Verifier:
             held = folders.ids(folder)
             archived_alerts |= (held & set(found)) | self._in_day(held, nominal, end, webhook_ids)
 
-        missing_alerts = [i for i in found if i not in archived_alerts]
-        missing_webhooks = [i for i in found if i not in webhook_ids]
+        absent = [i for i in found if i not in archived_alerts or i not in webhook_ids]
+        kept = self._quarantined(absent, found)
+        row.quarantined = len(kept)
+        for alert_id in sorted(kept):
+            findings.note_quarantined(alert_id, kept[alert_id])
+        summary.quarantined += len(kept)
+        missing_alerts = [i for i in found if i not in archived_alerts and i not in kept]
+        missing_webhooks = [i for i in found if i not in webhook_ids and i not in kept]
         unknown_alerts = [i for i in archived_alerts if i not in found]
         unknown_webhooks = [i for i in judged_webhooks if i not in found]
         for kind, missing, unknown in (
@@ -263,7 +295,8 @@ class Verifier:
         ):
             row.missing[kind] = len(missing)
             row.unknown[kind] = len(unknown)
-            row.archived[kind] = len(found) - len(missing)
+            present = archived_alerts if kind == "alerts" else set(webhook_ids)
+            row.archived[kind] = len(set(found) & present)
             findings.note("missing", kind, missing)
             findings.note("unknown", kind, unknown)
         findings.days.append(row)
@@ -288,8 +321,27 @@ class Verifier:
                     findings.repaired += 1
                     summary.archived += 1
                 elif outcome is Outcome.QUARANTINED:
+                    # Kept with its reason, as the sync keeps it: handled, not missing.
+                    findings.quarantined_now += 1
                     summary.quarantined += 1
-        summary.already_archived += len(found) - len(to_repair)
+                    row.quarantined += 1
+                    record = self._quarantine.read(self.archive.quarantine_key_of(alert))
+                    if record is not None:
+                        findings.note_quarantined(alert_id, record)
+        summary.already_archived += len(found) - len(to_repair) - len(kept)
+
+    def _quarantined(
+        self, absent: list[str], found: dict[str, tuple[Alert, str]]
+    ) -> dict[str, Quarantined]:
+        """Of the alerts with a record absent, those the quarantine holds (by the digest of
+        the raw object as listed now: an alert that changed since it was quarantined, a
+        dismissal, is quarantined again by ``--repair`` in its new form)."""
+        kept = {}
+        for alert_id in absent:
+            record = self._quarantine.find(found[alert_id][0].raw)
+            if record is not None:
+                kept[alert_id] = record
+        return kept
 
     def _dismissals(
         self,
