@@ -391,7 +391,6 @@ class Runtime:
             RevisitSettings(
                 days=sync.revisit_days,
                 interval=timedelta(seconds=sync.revisit_interval_seconds),
-                chunk=timedelta(seconds=sync.max_window_seconds),
                 max_concurrency=self.settings.s3.max_concurrency,
                 pages_per_cycle=self.settings.threatstack.requests_per_minute,
             ),

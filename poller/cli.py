@@ -17,7 +17,7 @@ from typing import Any
 from poller import __version__
 from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle
 from poller.archive.probe import FINDINGS, recorded_proof
-from poller.archive.revisits import RevisitState, RevisitStore
+from poller.archive.revisits import RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import CREDENTIAL_CODES, BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
@@ -452,7 +452,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "unfetchable": _pending(runtime.pending().unfetchable()),
             "store": _store_status(runtime),
             "tables": _tables_status(runtime, watermark),
-            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
+            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout), now),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -489,9 +489,14 @@ def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, An
     }
 
 
-def _revisit(state: RevisitState, now: datetime) -> dict[str, Any]:
+def _revisit(states: RevisitStore, now: datetime) -> dict[str, Any]:
     """The last finished revisit (when, its range, dismissals archived), the one under way,
-    and how many dismissed alerts it remembers as handled."""
+    and how many dismissed alerts it remembers as handled; ``{"unreadable": why}`` when its
+    state is not what poller writes (status still shows the rest, as for the checkpoint)."""
+    try:
+        state = states.load()
+    except UnreadableState as exc:
+        return {"unreadable": str(exc)}
     last = state.last
     started = last.get("started_at") if last else None
     lag = None
