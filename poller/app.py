@@ -167,6 +167,8 @@ class Runtime:
     # says: the probe asks the store itself what it does.
     native_store: ObjectStore | None = None
     proof: StoreProof | None = None
+    # The prefix's request ledger (None: not shared, e.g. a test's runtime).
+    allowance: PrefixAllowance | None = None
     manifested_through: date | None = None
 
     def probe(self, fresh: bool = False) -> StoreProof:
@@ -228,6 +230,12 @@ class Runtime:
 
     def archive(self) -> Archive:
         return Archive(self.store, self.layout, self.settings.threatstack.org_id, self.touched_days)
+
+    def give_back(self) -> None:
+        """At a clean exit and a cycle's end: the slots of the prefix's budget this process
+        took and did not use count for the others again (see poller.archive.allowance)."""
+        if self.allowance is not None:
+            self.allowance.give_back()
 
     def lease(self) -> Lease:
         holder = {
@@ -488,6 +496,7 @@ def build(
         layout=layout,
         stop=stop,
         native_store=store.natively(),
+        allowance=allowance,
     )
     built.append(runtime)
     return runtime
@@ -527,5 +536,8 @@ def run_cycle(
                 else:
                     walk(runtime, cycle, summary)
         finally:
-            lease.release()
+            try:
+                lease.release()
+            finally:
+                runtime.give_back()
     return summary

@@ -199,6 +199,7 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         if progress is not None:
             progress.close()
         _mark_tables_due(runtime)
+        runtime.give_back()
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -554,6 +555,8 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         report["threatstack"] = f"failed: {exc}"
         fixes["threatstack"] = fix_for(exc)
         code = 1
+    finally:
+        runtime.give_back()
     try:
         proof = runtime.probe(fresh=True)  # check always asks the store afresh
         report["bucket"] = "ok"
@@ -641,6 +644,7 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     stop.wait()
     for listener in listeners:
         listener.stop()
+    runtime.give_back()
     log.info("serve.stopped")
     return 0
 
