@@ -16,6 +16,7 @@ from typing import Any
 
 from poller import __version__
 from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle
+from poller.archive.failures import FailureRecord
 from poller.archive.probe import FINDINGS, recorded_proof
 from poller.archive.revisits import RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
@@ -453,6 +454,8 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "store": _store_status(runtime),
             "tables": _tables_status(runtime, watermark),
             "revisit": _revisit(RevisitStore(runtime.store, runtime.layout), now),
+            # Why a daemon's cycles fail, as it last said (None: no daemon ever failed here).
+            "daemon": FailureRecord(runtime.store, runtime.layout).read(),
         },
         args.output,
         lambda document: render_status(document, now),

@@ -257,6 +257,7 @@ def test_check_and_status(simulator: Simulator, moto_server: MotoServer, bucket:
     assert status["checkpoint"]["watermark"] is not None
     assert status["lease"]["released"] is True and status["lease"]["free"] is True
     assert 55 <= status["lag_s"] < 120
+    assert status["daemon"] is None  # no daemon ever failed on this prefix
 
 
 def test_check_reports_bad_credentials(simulator: Simulator, moto_server: MotoServer, bucket: str):

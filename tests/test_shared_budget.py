@@ -338,3 +338,70 @@ def test_a_bucket_that_refuses_the_ledger_leaves_the_process_its_own_budget():
     allowance.take()
     allowance.take()
     assert allowance.unavailable is not None and "AccessDenied" in allowance.unavailable
+
+
+@pytest.mark.faults
+def test_backfill_verify_and_serve_detail_fetches_stay_within_one_budget(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    """``poller serve`` with 30 webhooks pushed to it (each owed a detail fetch), a
+    ``backfill`` and a ``verify`` with far more than 20 pages each, all on one prefix at a
+    budget of 20: over 75 s, by the simulator's clock, never more than 20 requests in any
+    60 s, and each kind of work took part (listings and detail fetches). A minute and a
+    quarter is the least that proves a sliding minute beyond the first: hence ``faults``."""
+    from test_push import TOKEN, Served, free_port
+
+    with Simulator(seed=13, page_size=2) as sim:
+        now = utc_now()
+        sim.generate(120, now - timedelta(days=2), now - timedelta(hours=1))
+        pushed = sim.generate(30, now - timedelta(minutes=50), now - timedelta(minutes=10), 0.0)
+        env = poller_env(sim, moto_server, bucket, POLLER_THREATSTACK__REQUESTS_PER_MINUTE="20")
+        port = free_port()
+        server = Served(
+            {
+                **env,
+                "POLLER_RECEIVER__TOKEN": TOKEN,
+                "POLLER_HTTP__HOST": "127.0.0.1",
+                "POLLER_HTTP__PORT": str(port),
+            },
+            port,
+        )
+        processes = []
+        try:
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "poller", *args],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for args in (["backfill", "--since", "3d"], ["verify", "--since", "3d"])
+            ]
+            started = time.monotonic()
+            for start in range(0, len(pushed), 5):
+                batch = [
+                    {
+                        "id": alert.id,
+                        "title": alert.doc["title"],
+                        "created_at": int(alert.created.timestamp() * 1000),
+                        "severity": alert.doc["severity"],
+                        "organization_id": sim.credentials.org_id,
+                    }
+                    for alert in pushed[start : start + 5]
+                ]
+                assert server.push({"alerts": batch}).status_code == 200
+            while time.monotonic() - started < 75:
+                time.sleep(0.5)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait(timeout=10)
+            server.stop()
+        assert sim.max_requests_in_any_window(60.0) <= 20
+        listings = sim.request_count("/v2/alerts") - sim.request_count("/v2/alerts/")
+        details = sim.request_count("/v2/alerts/")
+        most = sim.max_requests_in_any_window(60.0)
+        print(f"{listings} listings, {details} detail fetches, at most {most} in any 60 s")
+        assert details >= 1 and listings >= 10, (listings, details)
+        assert sim.request_count() >= 21  # the budget was used past its first minute
