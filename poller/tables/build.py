@@ -36,6 +36,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class TablesReport:
     unreadable: int = 0  # archived bodies that are not an alert with id and creation time
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
     future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
+    undated_dismissals: int = 0  # dismissal records with no usable dismissedAt
     s3_requests: int = 0
     duration_s: float = 0.0
     ok: bool = True
@@ -339,9 +341,13 @@ class TablesBuilder:
         plan.parts[table][day] = sorted((p for p in listed if p), key=lambda p: p.number)
 
     def mark_due(self, day: date, reason: str) -> None:
-        body = json.dumps({"reason": reason}).encode("utf-8")
-        with contextlib.suppress(PreconditionFailed):
-            self._store.put(self.keys.due_key(day), body, if_none_match=True)
+        """(Re)write the day's due marker. Each body is new (a nonce), so its ETag is: a pass
+        that read the marker before this write (and listed the day before what was just
+        archived) fails its If-Match delete, and the marker stays for the next pass."""
+        body = json.dumps(
+            {"reason": reason, "at": iso_z(self.clock()), "nonce": uuid.uuid4().hex}
+        ).encode("utf-8")
+        self._store.put(self.keys.due_key(day), body)
 
     def clear_due(self, day: date, etag: str) -> None:
         with contextlib.suppress(PreconditionFailed):
@@ -547,7 +553,7 @@ class _Pass:
                 continue
             self.report.records_read += 1
             row = alert_row(stored.body, key)
-            if row is None or row["dismissed_at"] is None:
+            if row is None:
                 self.report.unreadable += 1
                 log.warning("tables.unreadable", extra={"fields": {"key": key}})
                 continue
@@ -557,10 +563,18 @@ class _Pass:
             rows.append(staged)
         self._stage("dismissal_rows", rows)
 
-    def _record_day(self, key: str, dismissed_at: str, archived: datetime) -> str:
+    def _record_day(self, key: str, dismissed_at: str | None, archived: datetime) -> str:
         """A dismissal record's partition: the day of its ``dismissedAt``, unless that is
-        later than the record's own archiving (plus FUTURE_SLACK), which cannot be true;
-        then the day it was archived (its Last-Modified, which never changes)."""
+        later than the record's own archiving (plus FUTURE_SLACK), which cannot be true, or
+        missing (``""``, null, 0: the record is still a dismissal the archive shows); then
+        the day it was archived (its Last-Modified, which never changes)."""
+        if dismissed_at is None:
+            self.report.undated_dismissals += 1
+            log.warning(
+                "tables.undated_dismissal",
+                extra={"fields": {"key": key, "filed_under": "archived day"}},
+            )
+            return archived.astimezone(UTC).date().isoformat()
         claimed = datetime.fromisoformat(dismissed_at).replace(tzinfo=UTC)
         if claimed <= archived + FUTURE_SLACK:
             return dismissed_at[:10]
