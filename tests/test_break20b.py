@@ -3,11 +3,13 @@ World of tests/test_tables.py."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from test_break20 import Clock
 from test_tables import DAY1, World
@@ -17,6 +19,7 @@ from poller.archive.records import Alert, classify
 from poller.archive.writer import Outcome
 from poller.cli import _days_without_tables
 from poller.config import Settings
+from poller.tables.query import json_value
 
 
 def _runtime(world: World, mode: str) -> Runtime:
@@ -129,3 +132,17 @@ def test_a_dismissal_record_without_a_usable_dismissed_at_still_shows_the_dismis
     assert rows[target]["dismissed_at"] is None and rows[target]["dismissed_by"] == "ann"
     latest = {r["id"]: r for r in world.rows("alerts_latest")}
     assert latest[target]["is_dismissed"] is True and latest[target]["dismissed_by"] == "ann"
+
+
+def test_query_json_lines_are_json_even_for_nan_and_infinity() -> None:
+    """SPEC: one JSON object per row. JSON has no NaN or Infinity (Python's json writes them,
+    jq and every strict parser refuse the line): they become null, as JavaScript's do."""
+    con = duckdb.connect()
+    row = con.execute(
+        "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b, '-inf'::FLOAT AS c,"
+        " [1.5, 'nan'::DOUBLE] AS d"
+    ).fetchone()
+    assert row is not None
+    cells = [json_value(v) for v in row]
+    assert cells == [None, None, None, [1.5, None]]
+    json.dumps(cells, allow_nan=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -234,7 +235,8 @@ def run_sql(
 
 
 def json_value(value: Any) -> Any:
-    """A cell as JSON: timestamps (UTC, stored without a zone) as ISO 8601 with ``Z``."""
+    """A cell as JSON: timestamps (UTC, stored without a zone) as ISO 8601 with ``Z``; NaN
+    and infinities as null."""
     if isinstance(value, datetime):
         text = value.isoformat()
         return text + "Z" if value.tzinfo is None else text.replace("+00:00", "Z")
@@ -244,6 +246,8 @@ def json_value(value: Any) -> Any:
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity (JavaScript writes null too)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
