@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
@@ -352,11 +353,13 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         )
         if missing:
             console.print(f"[yellow]{missing}[/yellow]")
-    con = connect(fetched.files, fetched.parts)
-    try:
-        answer = run_sql(con, args.sql, fetched.parts)
-    finally:
-        con.close()
+    # DuckDB's spill folder: a private one, gone with the query (see connect).
+    with tempfile.TemporaryDirectory(prefix="poller-query-") as spill:
+        con = connect(fetched.files, fetched.parts, Path(spill))
+        try:
+            answer = run_sql(con, args.sql, fetched.parts)
+        finally:
+            con.close()
     if wants_text(sys.stdout, args.output):
         console_for(sys.stdout).print(render_rows(answer.columns, answer.rows))
     else:

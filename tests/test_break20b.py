@@ -19,6 +19,7 @@ from poller.archive.records import Alert, classify
 from poller.archive.writer import Outcome
 from poller.cli import _days_without_tables
 from poller.config import Settings
+from poller.errors import QueryError
 from poller.tables.query import PartCache, connect, json_value, run_sql
 
 
@@ -175,3 +176,29 @@ def test_a_dismissal_dated_just_before_its_alert_is_found_by_alerts_latest(
         connect(fetched.files), f"SELECT is_dismissed FROM alerts_latest WHERE id = '{alert.id}'"
     )
     assert answer.rows == [(True,)]
+
+
+def test_query_cannot_read_or_write_the_spill_folder_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB adds its temp_directory (``.tmp`` under the working directory, by default) to
+    the directories the SQL may use even with external access off: a query could read and
+    write files there. The spill folder must be one only poller's DuckDB uses, or none."""
+    (tmp_path / "w").mkdir()
+    world = World(tmp_path / "w")
+    world.build()
+    here = tmp_path / "cwd"
+    (here / ".tmp").mkdir(parents=True)
+    (here / ".tmp" / "notes.csv").write_text("secret,1\n")
+    monkeypatch.chdir(here)
+    fetched = PartCache(world.store, world.layout, tmp_path / "q").fetch(
+        date(2026, 11, 1), date(2026, 11, 3)
+    )
+    for sql in (
+        f"COPY (SELECT 42 AS x) TO '{here}/.tmp/written.csv'",
+        "COPY (SELECT 42 AS x) TO '.tmp/written2.csv'",
+        f"SELECT * FROM read_csv('{here}/.tmp/notes.csv')",
+    ):
+        with pytest.raises(QueryError):
+            run_sql(connect(fetched.files), sql)
+    assert sorted(p.name for p in (here / ".tmp").iterdir()) == ["notes.csv"]

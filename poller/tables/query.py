@@ -129,8 +129,12 @@ class PartCache:
         return path
 
 
+def _quoted_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _quoted_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(_quoted_path(p) for p in paths) + "]"
 
 
 def damaged(exc: duckdb.Error, parts: Mapping[str, ListedObject]) -> FatalError | None:
@@ -165,11 +169,17 @@ def _remedy(path: str, item: ListedObject) -> str:
 
 
 def connect(
-    files: dict[str, list[Path]], parts: Mapping[str, ListedObject] | None = None
+    files: dict[str, list[Path]],
+    parts: Mapping[str, ListedObject] | None = None,
+    spill: Path | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with ``alerts``, ``dismissals`` and ``alerts_latest`` defined.
-    ``parts`` (``Fetched.parts``) names a damaged part in the error; FatalError (exit 1)."""
+    ``parts`` (``Fetched.parts``) names a damaged part in the error; FatalError (exit 1).
+    ``spill``: a folder of the caller's own for DuckDB to spill to (None: no spilling)."""
     con = duckdb.connect(":memory:")
+    # DuckDB lets the SQL read and write its temp_directory even with external access off;
+    # its default is ``.tmp`` under the working directory, which is the user's.
+    con.execute(f"SET temp_directory = {_quoted_path(spill) if spill else repr('')}")
     # The tables hold UTC without a zone: now(), casts and comparisons in UTC as well.
     con.execute("SET TimeZone = 'UTC'")
     for table in TABLES:
