@@ -202,3 +202,17 @@ def test_query_cannot_read_or_write_the_spill_folder_in_the_working_directory(
         with pytest.raises(QueryError):
             run_sql(connect(fetched.files), sql)
     assert sorted(p.name for p in (here / ".tmp").iterdir()) == ["notes.csv"]
+
+
+@pytest.mark.parametrize("stray", ["webhooks/", "webhooks/.keep", "webhooks/2026/"])
+def test_a_folder_marker_under_webhooks_does_not_hide_the_archive(
+    tmp_path: Path, stray: str
+) -> None:
+    """The S3 console's "Create folder" writes a zero-byte ``webhooks/`` key, lower than every
+    dated key: taken as the archive's first key, it is no day, and no day was ever due."""
+    world = World(tmp_path)
+    world.store.put(
+        f"{world.layout.key(stray.rstrip('/'))}{'/' if stray.endswith('/') else ''}", b""
+    )
+    report = world.build()
+    assert report.days_built == ["2026-11-01", "2026-11-02"]

@@ -204,9 +204,21 @@ class TablesBuilder:
         return found
 
     def first_day(self) -> date | None:
-        """The archive's first creation day: its lowest ``webhooks/`` key, one request."""
+        """The archive's first creation day: its lowest dated ``webhooks/`` key, one request
+        (more when keys that are no day, like a console folder object, sort before it)."""
         key = self._store.first_key(self.keys.webhooks_prefix)
-        return None if key is None else day_of_webhook_key(self.keys, key)
+        if key is None:
+            return None
+        day = day_of_webhook_key(self.keys, key)
+        if day is not None:
+            return day
+        # Not a dated key (a console "folder" object such as ``webhooks/``, a ``.keep``):
+        # the first dated one, a page at a time. Dated keys sort right after such strays.
+        for item in self._store.iter_objects(self.keys.webhooks_prefix, key):
+            day = day_of_webhook_key(self.keys, item.key)
+            if day is not None:
+                return day
+        return None
 
     def plan(
         self, watermark: datetime | None, since: date | None = None, until: date | None = None
