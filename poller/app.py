@@ -167,6 +167,8 @@ class Runtime:
     # says: the probe asks the store itself what it does.
     native_store: ObjectStore | None = None
     proof: StoreProof | None = None
+    # The prefix's request ledger (None: not shared, e.g. a test's runtime).
+    allowance: PrefixAllowance | None = None
     manifested_through: date | None = None
 
     def probe(self, fresh: bool = False) -> StoreProof:
@@ -244,6 +246,12 @@ class Runtime:
             if day not in self.marked_ahead:
                 self.tables_builder().mark_due(day, f"being archived into by {self.mode}")
                 self.marked_ahead.add(day)
+
+    def give_back(self) -> None:
+        """At a clean exit and a cycle's end: the slots of the prefix's budget this process
+        took and did not use count for the others again (see poller.archive.allowance)."""
+        if self.allowance is not None:
+            self.allowance.give_back()
 
     def lease(self) -> Lease:
         holder = {
@@ -399,7 +407,6 @@ class Runtime:
             RevisitSettings(
                 days=sync.revisit_days,
                 interval=timedelta(seconds=sync.revisit_interval_seconds),
-                chunk=timedelta(seconds=sync.max_window_seconds),
                 max_concurrency=self.settings.s3.max_concurrency,
                 pages_per_cycle=self.settings.threatstack.requests_per_minute,
             ),
@@ -505,6 +512,7 @@ def build(
         layout=layout,
         stop=stop,
         native_store=store.natively(),
+        allowance=allowance,
     )
     built.append(runtime)
     return runtime
@@ -544,5 +552,8 @@ def run_cycle(
                 else:
                     walk(runtime, cycle, summary)
         finally:
-            lease.release()
+            try:
+                lease.release()
+            finally:
+                runtime.give_back()
     return summary

@@ -18,7 +18,7 @@ from typing import Any
 from poller import __version__
 from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle
 from poller.archive.probe import FINDINGS, recorded_proof
-from poller.archive.revisits import RevisitState, RevisitStore
+from poller.archive.revisits import RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
 from poller.archive.store import CREDENTIAL_CODES, BucketProtection
 from poller.config import REQUIRED_API, REQUIRED_S3, Settings, load_settings
@@ -199,6 +199,7 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         if progress is not None:
             progress.close()
         _mark_tables_due(runtime)
+        runtime.give_back()
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -463,7 +464,7 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "unfetchable": _pending(runtime.pending().unfetchable()),
             "store": _store_status(runtime),
             "tables": _tables_status(runtime, watermark),
-            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout).load(), now),
+            "revisit": _revisit(RevisitStore(runtime.store, runtime.layout), now),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -500,9 +501,14 @@ def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, An
     }
 
 
-def _revisit(state: RevisitState, now: datetime) -> dict[str, Any]:
+def _revisit(states: RevisitStore, now: datetime) -> dict[str, Any]:
     """The last finished revisit (when, its range, dismissals archived), the one under way,
-    and how many dismissed alerts it remembers as handled."""
+    and how many dismissed alerts it remembers as handled; ``{"unreadable": why}`` when its
+    state is not what poller writes (status still shows the rest, as for the checkpoint)."""
+    try:
+        state = states.load()
+    except UnreadableState as exc:
+        return {"unreadable": str(exc)}
     last = state.last
     started = last.get("started_at") if last else None
     lag = None
@@ -558,6 +564,8 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         report["threatstack"] = f"failed: {exc}"
         fixes["threatstack"] = fix_for(exc)
         code = 1
+    finally:
+        runtime.give_back()
     try:
         proof = runtime.probe(fresh=True)  # check always asks the store afresh
         report["bucket"] = "ok"
@@ -645,6 +653,7 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     stop.wait()
     for listener in listeners:
         listener.stop()
+    runtime.give_back()
     log.info("serve.stopped")
     return 0
 

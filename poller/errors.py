@@ -15,7 +15,7 @@
     │   ├── UnguardedStore           the store ignores or lacks conditional writes
     │   │   └── ConditionalWritesUnsupported   a conditional header answered 501
     │   ├── StoreUnfit               the store does not keep bodies byte for byte
-    │   └── UnreadableState          a lease or checkpoint that is not what poller wrote
+    │   └── UnreadableState          a lease, checkpoint or revisit state not what poller wrote
     └── RetriableError               transient; retried at the I/O edge, then fatal for the run
         ├── ApiUnavailable           Threat Stack 5xx, timeout, dropped connection
         ├── RateLimited              Threat Stack 429 (carries ``retry_after`` seconds)
@@ -110,7 +110,7 @@ class StoreUnfit(FatalError):
 
 
 class UnreadableState(FatalError):
-    """A lease or checkpoint object that is not what poller wrote (not JSON, another
+    """A lease, checkpoint or revisit state object that is not what poller wrote (not JSON, another
     version, framing): named with its key and what to do, never guessed around."""
 
 

@@ -142,7 +142,9 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
     else:
         row("store", Text(f"proved {store.get('proven_at')}: {store.get('unguarded')}", "yellow"))
     revisit = report.get("revisit") or {}
-    if revisit.get("last") or revisit.get("current"):
+    if "unreadable" in revisit:
+        row("revisit", Text(revisit["unreadable"], style="bold red"))
+    elif revisit.get("last") or revisit.get("current"):
         row("revisit", _revisit_line(revisit))
     pending = report.get("pending") or {}
     if pending.get("count"):
@@ -192,6 +194,8 @@ def _revisit_line(revisit: dict[str, Any]) -> Text:
         )
     if current:
         text += f"; one under way since {current.get('started_at')}, at {current.get('cursor')}"
+        if current.get("pieces"):
+            text += f" ({len(current['pieces'])} pieces of the next day left)"
     return Text(text + f"; {revisit.get('handled', 0)} handled ids kept")
 
 

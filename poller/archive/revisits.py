@@ -7,8 +7,10 @@
                                                    # archive shows (or that it does not hold
                                                    # at all), with their creation second
      "current": {"from": "...", "until": "...",    # a revisit under way: its range, how far
-                 "cursor": "...", "started_at": "...",  # it got (chunks end there), its
-                 "run_id": "...", "listed": 3, "archived": 1},  # counts so far
+                 "cursor": "...", "started_at": "...",  # it got (days end there), its
+                 "run_id": "...", "listed": 3, "archived": 1,  # counts so far, and the
+                 "pieces": [["...", "..."], ...]},  # pieces of the day after the cursor still
+                                                    # to read (absent: none; see walks.revisit)
      "last": {"from": "...", "until": "...", "started_at": "...", "finished_at": "...",
               "run_id": "...", "listed": 60, "archived": 60, "already_archived": 0,
               "first_dismissed": 0, "not_archived": 0},      # the last finished revisit
@@ -31,7 +33,7 @@ from typing import Any
 from poller.archive.records import Layout
 from poller.archive.state import our_write_landed
 from poller.archive.store import ObjectStore, PreconditionFailed
-from poller.errors import CheckpointConflict, FatalError
+from poller.errors import CheckpointConflict, UnreadableState
 from poller.timeutil import iso_z
 
 REVISIT_VERSION = 1
@@ -53,6 +55,26 @@ LAST_INSTANTS = ("from", "until", "started_at")
 RUN_TEXT = ("run_id", "finished_at")  # the other text fields; every other one is a count
 
 
+def _instant(text: Any, name: str) -> datetime:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} is not text")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{name} has no time zone")
+    return moment
+
+
+def _pieces(value: Any) -> None:
+    """``pieces``: a list of [from, until] pairs of instants, each from before until."""
+    if not isinstance(value, list):
+        raise TypeError("pieces is not a list")
+    for piece in value:
+        if not isinstance(piece, list) or len(piece) != 2:
+            raise TypeError("a piece is not a [from, until] pair")
+        if _instant(piece[0], "a piece's from") >= _instant(piece[1], "a piece's until"):
+            raise ValueError("a piece ends before it starts")
+
+
 def _run_record(
     value: Any, instants: tuple[str, ...], texts: tuple[str, ...] = ()
 ) -> dict[str, Any] | None:
@@ -66,14 +88,11 @@ def _run_record(
         if not isinstance(value[name], str):
             raise TypeError(f"{name} is not text")
     for name in instants:
-        text = value[name]
-        if not isinstance(text, str):
-            raise TypeError(f"{name} is not text")
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            raise ValueError(f"{name} has no time zone")
+        _instant(value[name], name)
     for name, item in value.items():
-        if name in instants or name in RUN_TEXT:
+        if name == "pieces":
+            _pieces(item)
+        elif name in instants or name in RUN_TEXT:
             if not isinstance(item, str):
                 raise TypeError(f"{name} is not text")
         elif type(item) is not int or item < 0:
@@ -87,6 +106,8 @@ class RevisitStore:
         self._key = layout.revisit_key
 
     def load(self) -> RevisitState:
+        """The stored state (empty when there is none). Raises UnreadableState (a
+        FatalError) naming the key when it is not what this poller writes."""
         stored = self._store.get(self._key)
         if stored is None:
             return RevisitState()
@@ -95,18 +116,18 @@ class RevisitStore:
             version = document["version"]
             if type(version) is not int or version != REVISIT_VERSION:
                 # Not only a newer one: 0, -1 or true were never written by any poller.
-                raise FatalError(
+                raise UnreadableState(
                     f"{self._key} has version {version!r}; this poller reads version"
                     f" {REVISIT_VERSION} (was it written by a newer poller?)"
                 )
             handled = {str(k): int(v) for k, v in (document.get("handled") or {}).items()}
             current = _run_record(document.get("current"), CURRENT_INSTANTS, ("run_id",))
             last = _run_record(document.get("last"), LAST_INSTANTS)
-        except FatalError:
+        except UnreadableState:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Deleting it is safe: the next revisit re-reads its range and writes nothing twice.
-            raise FatalError(
+            raise UnreadableState(
                 f"{self._key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
                 " (the next revisit rebuilds it, writing nothing twice)"
             ) from exc

@@ -262,6 +262,7 @@ class Daemon:
         self.loop()  # returns once stopped, after the running cycle has unwound
         for listener in servers:
             listener.stop()
+        self.runtime.give_back()  # what the detail fetches took since the last cycle
         log.info("daemon.stopped")
         return 0
 

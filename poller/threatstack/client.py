@@ -55,6 +55,16 @@ EMPTY_PAGE_LIMIT = 100
 READ_SIZE = 64 * 1024
 
 
+class Page(list[Any]):
+    """One page of a listing; ``last`` is True when no page follows, so a reader that must
+    stop at a page count (the revisit's share of the budget) knows whether the listing is
+    over without asking for the next page."""
+
+    def __init__(self, alerts: list[Any], last: bool) -> None:
+        super().__init__(alerts)
+        self.last = last
+
+
 def _identity(raw: Any) -> str:
     """What makes an object on a page "new": its id, else a hash of its content."""
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
@@ -139,7 +149,8 @@ class ThreatStackClient:
         return f"{self._settings.base_url}{path}" + (f"?{query}" if query else "")
 
     def list_alerts(self, status: str, since: datetime, until: datetime) -> Iterator[list[Any]]:
-        """Yield ``/v2/alerts`` page by page for one status and the window [since, until).
+        """Yield ``/v2/alerts`` page by page (each a ``Page``) for one status and the window
+        [since, until).
 
         Paging must make progress: a repeated token, STALE_PAGE_LIMIT pages in a row whose
         alerts all came before, or EMPTY_PAGE_LIMIT empty pages in a row, raise PagingLoop
@@ -157,9 +168,10 @@ class ThreatStackClient:
             page_number += 1
             before = len(seen_items)
             seen_items.update(_identity(raw) for raw in document["alerts"])
-            yield document["alerts"]
             next_token = document.get("token")
-            if next_token is None or next_token == "":
+            last = next_token is None or next_token == ""
+            yield Page(document["alerts"], last)
+            if last:
                 return
             window = f"window {api_format(since)}..{api_format(until)}"
             empty_pages = empty_pages + 1 if not document["alerts"] else 0

@@ -21,6 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
@@ -281,6 +282,19 @@ def chunks(
         start = end - OVERLAP
 
 
+def halves(
+    since: datetime, until: datetime, at: datetime | None = None
+) -> list[tuple[datetime, datetime]]:
+    """A chunk whose listing is too long, in two pieces cut at the whole second ``at`` (the
+    middle when None, or when ``at`` would leave a piece no shorter than the chunk), the
+    second starting OVERLAP before the first ends, as ``chunks`` cuts them. For chunks of at
+    least MIN_SPLIT."""
+    middle = floor_second(since + (until - since) / 2)
+    if at is not None and since + OVERLAP < floor_second(at) < until:
+        middle = floor_second(at)
+    return [(since, middle), (middle - OVERLAP, until)]
+
+
 def prune_seen(seen: dict[str, int], watermark: datetime, lookback: timedelta) -> dict[str, int]:
     """Keep the ids the next read can see again: created at or after the start of the next
     chunk or cycle (``watermark - reread(lookback)``)."""
@@ -354,6 +368,21 @@ class BoundedWriter(Generic[T]):
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def writing(concurrency: int, tally: Callable[[Counter[T]], None]) -> Iterator[BoundedWriter[T]]:
+    """A BoundedWriter for one listing: finished when the block ends (every task done, the
+    first error raised), aborted when it raises; ``tally`` gets the outcomes either way."""
+    writer: BoundedWriter[T] = BoundedWriter(concurrency)
+    try:
+        yield writer
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        tally(writer.outcomes)
 
 
 @dataclass(frozen=True)
@@ -493,8 +522,8 @@ class Cycle:
         """Two halves of a chunk whose listing is too long for the time it was given, each
         committed on its own: a long chunk makes progress that survives the deadline, which
         grows by the two new listings' time per status."""
-        middle = floor_second(since + (until - since) / 2)
-        halves = [(since, middle), (middle - OVERLAP, until)]
+        pieces = halves(since, until)
+        middle = pieces[0][1]
         summary.chunks_total += 1
         extra = 2 * len(self.settings.statuses) * self.settings.seconds_per_listing
         if self.settings.max_cycle is None:
@@ -503,7 +532,7 @@ class Cycle:
             "chunk.split",
             extra={"fields": {"from": iso_z(since), "until": iso_z(until), "at": iso_z(middle)}},
         )
-        return halves
+        return pieces
 
     def _fetch_owed(
         self, owed: set[str], now: datetime, summary: Summary, deadline: Deadline
@@ -656,8 +685,13 @@ class Cycle:
         (carrying what was taken) when a ``splittable`` chunk's listing needs more than
         ``pages_per_listing`` pages. ``statuses``: the lists to read (default: the cycle's)."""
         seen_now: dict[str, int] = {}
-        writer: BoundedWriter[Outcome] = BoundedWriter(self.settings.max_concurrency)
-        try:
+
+        def tally(outcomes: Counter[Outcome]) -> None:
+            summary.archived += outcomes[Outcome.ARCHIVED]
+            summary.already_archived += outcomes[Outcome.ALREADY_ARCHIVED]
+            summary.quarantined += outcomes[Outcome.QUARANTINED]
+
+        with writing(self.settings.max_concurrency, tally) as writer:
             for status in poll_order(statuses or self.settings.statuses):
                 for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
                     if self.hooks.should_stop():
@@ -681,14 +715,6 @@ class Cycle:
                             }
                         },
                     )
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            summary.archived += writer.outcomes[Outcome.ARCHIVED]
-            summary.already_archived += writer.outcomes[Outcome.ALREADY_ARCHIVED]
-            summary.quarantined += writer.outcomes[Outcome.QUARANTINED]
         return seen_now
 
     def _take(
