@@ -149,17 +149,11 @@ def test_query_json_lines_are_json_even_for_nan_and_infinity() -> None:
     json.dumps(cells, allow_nan=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design decision left open: a dismissedAt before its alert's creation (clock skew"
-    " at a UTC midnight) files the dismissal under an earlier day than the alert's, which"
-    " poller query (dismissals from --since on) never reads; Athena's view, which joins every"
-    " day, finds it. Filing it under the creation day (as a future dismissedAt is filed"
-    " under its archived day) or reading one day earlier are the options.",
-)
 def test_a_dismissal_dated_just_before_its_alert_is_found_by_alerts_latest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A dismissedAt before its alert's creation (clock skew at a UTC midnight) is filed
+    under the alert's day, which poller query --since that day reads, not the day before."""
     world = World(tmp_path, count=4, dismissed=0)
     clock = Clock(world, monkeypatch, DAY1 + timedelta(days=2, hours=3))  # in day 3
     alert = _alert(world, 24.01)  # 2026-11-02 00:00:36

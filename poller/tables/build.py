@@ -459,7 +459,8 @@ class _Pass:
             if keep_dismissed:
                 self.con.execute(
                     f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                    f" CAST(dismissed_at AS DATE), DATE '{day.isoformat()}', NULL"
+                    f" GREATEST(CAST(dismissed_at AS DATE), DATE '{day.isoformat()}'),"
+                    f" DATE '{day.isoformat()}', NULL"
                     f" FROM {source} WHERE dismissed_at IS NOT NULL"
                 )
             path.unlink()
@@ -500,7 +501,7 @@ class _Pass:
             self.report.alert_rows += staged
             self.con.execute(
                 f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                f" CAST(dismissed_at AS DATE), date, NULL FROM alert_rows"
+                f" GREATEST(CAST(dismissed_at AS DATE), date), date, NULL FROM alert_rows"
                 f" WHERE dismissed_at IS NOT NULL"
             )
             log.info(
@@ -570,7 +571,9 @@ class _Pass:
                 log.warning("tables.unreadable", extra={"fields": {"key": key}})
                 continue
             staged = {name: row[name] for name, _ in DISMISSAL_COLUMNS}
-            staged["date"] = self._record_day(key, row["dismissed_at"], stored.last_modified)
+            staged["date"] = max(
+                self._record_day(key, row["dismissed_at"], stored.last_modified), row["date"]
+            )  # never before its alert's day (a skewed clock): poller query reads from there
             staged["listed_at"] = batch[key].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
             rows.append(staged)
         self._stage("dismissal_rows", rows)
