@@ -167,6 +167,8 @@ class Runtime:
     # says: the probe asks the store itself what it does.
     native_store: ObjectStore | None = None
     proof: StoreProof | None = None
+    # The prefix's request ledger (None: not shared, e.g. a test's runtime).
+    allowance: PrefixAllowance | None = None
     manifested_through: date | None = None
 
     def probe(self, fresh: bool = False) -> StoreProof:
@@ -225,9 +227,31 @@ class Runtime:
 
     # Creation days this process archived into (see Archive.touched).
     touched_days: set[date] = field(default_factory=set)
+    # Days a backfill or a repair marked due before its first write into them.
+    marked_ahead: set[date] = field(default_factory=set)
+    _mark_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def archive(self) -> Archive:
-        return Archive(self.store, self.layout, self.settings.threatstack.org_id, self.touched_days)
+        ahead = self.mark_due_ahead if self.mode in ("backfill", "verify") else None
+        return Archive(
+            self.store, self.layout, self.settings.threatstack.org_id, self.touched_days, ahead
+        )
+
+    def mark_due_ahead(self, day: date) -> None:
+        """Before a backfill's or a repair's first write into ``day``: its due marker, so a
+        kill after the write (whose rerun meets a 412 and archives nothing) still leaves the
+        day to be tabled again. ``mark_tables_due`` marks it again at the end, after the
+        last write (a new ETag: a pass that listed the day meanwhile leaves it due)."""
+        with self._mark_lock:  # the writers are threads: one marker before any write
+            if day not in self.marked_ahead:
+                self.tables_builder().mark_due(day, f"being archived into by {self.mode}")
+                self.marked_ahead.add(day)
+
+    def give_back(self) -> None:
+        """At a clean exit and a cycle's end: the slots of the prefix's budget this process
+        took and did not use count for the others again (see poller.archive.allowance)."""
+        if self.allowance is not None:
+            self.allowance.give_back()
 
     def lease(self) -> Lease:
         holder = {
@@ -488,6 +512,7 @@ def build(
         layout=layout,
         stop=stop,
         native_store=store.natively(),
+        allowance=allowance,
     )
     built.append(runtime)
     return runtime
@@ -527,5 +552,8 @@ def run_cycle(
                 else:
                     walk(runtime, cycle, summary)
         finally:
-            lease.release()
+            try:
+                lease.release()
+            finally:
+                runtime.give_back()
     return summary

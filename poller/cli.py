@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 
 from poller import __version__
 from poller.app import UNGUARDED, Runtime, Walk, build, new_run_id, run_cycle
+from poller.archive.failures import FailureRecord
 from poller.archive.probe import FINDINGS, recorded_proof
 from poller.archive.revisits import RevisitStore
 from poller.archive.state import Checkpoint, CheckpointStore
@@ -198,6 +200,7 @@ def cmd_verify(settings: Settings, run_id: str, args: argparse.Namespace) -> int
         if progress is not None:
             progress.close()
         _mark_tables_due(runtime)
+        runtime.give_back()
     report = summary.as_dict() | findings.as_dict()
     summary.ok = findings.complete
     report["ok"] = summary.ok
@@ -352,11 +355,13 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         )
         if missing:
             console.print(f"[yellow]{missing}[/yellow]")
-    con = connect(fetched.files, fetched.parts)
-    try:
-        answer = run_sql(con, args.sql, fetched.parts)
-    finally:
-        con.close()
+    # DuckDB's spill folder: a private one, gone with the query (see connect).
+    with tempfile.TemporaryDirectory(prefix="poller-query-") as spill:
+        con = connect(fetched.files, fetched.parts, Path(spill))
+        try:
+            answer = run_sql(con, args.sql, fetched.parts)
+        finally:
+            con.close()
     if wants_text(sys.stdout, args.output):
         console_for(sys.stdout).print(render_rows(answer.columns, answer.rows))
     else:
@@ -369,7 +374,8 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
 
 def _days_without_tables(runtime: Runtime, since: date, until: date, built: list[str]) -> str:
     """When days of the range have no tables: which are not closed yet, which wait for
-    ``poller tables``. Empty when every day has them."""
+    ``poller tables``, which lie before the archive's first day (one LIST request to find
+    it). Empty when every day has them."""
     have = set(built)
     lacking = [d for d in days(since, until) if d.isoformat() not in have]
     if not lacking:
@@ -378,8 +384,16 @@ def _days_without_tables(runtime: Runtime, since: date, until: date, built: list
         runtime.watermark(), timedelta(seconds=runtime.settings.sync.lookback_seconds)
     )
     open_days = [d for d in lacking if last_closed is None or d > last_closed]
-    unbuilt = [d for d in lacking if d not in open_days]
+    # poller tables starts at the archive's first day: the days before it get no tables.
+    first = runtime.tables_builder().first_day()
+    before = [d for d in lacking if d not in open_days and (first is None or d < first)]
+    unbuilt = [d for d in lacking if d not in open_days and d not in before]
     parts = []
+    if before:
+        first_text = "none archived yet" if first is None else f"it starts on {first}"
+        parts.append(
+            f"before the archive's first day ({first_text}), nothing to table: {_day_span(before)}"
+        )
     if open_days:
         parts.append(
             f"not closed yet: {_day_span(open_days)} (a day is closed once the archive's"
@@ -452,6 +466,8 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             "store": _store_status(runtime),
             "tables": _tables_status(runtime, watermark),
             "revisit": _revisit(RevisitStore(runtime.store, runtime.layout), now),
+            # Why a daemon's cycles fail, as it last said (None: no daemon ever failed here).
+            "daemon": FailureRecord(runtime.store, runtime.layout).read(),
         },
         args.output,
         lambda document: render_status(document, now),
@@ -551,6 +567,8 @@ def cmd_check(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         report["threatstack"] = f"failed: {exc}"
         fixes["threatstack"] = fix_for(exc)
         code = 1
+    finally:
+        runtime.give_back()
     try:
         proof = runtime.probe(fresh=True)  # check always asks the store afresh
         report["bucket"] = "ok"
@@ -638,6 +656,7 @@ def cmd_serve(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
     stop.wait()
     for listener in listeners:
         listener.stop()
+    runtime.give_back()
     log.info("serve.stopped")
     return 0
 

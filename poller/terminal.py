@@ -134,6 +134,19 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         )
         row("seen ids", str(checkpoint.get("seen_ids", 0)))
     row("lease", _lease_line(report.get("lease")))
+    daemon = report.get("daemon")
+    if daemon and daemon.get("failed_cycles_in_a_row"):
+        failed, red = daemon["failed_cycles_in_a_row"], daemon.get("red_after")
+        style = "bold red" if isinstance(red, int) and failed >= red else "yellow"
+        row(
+            "daemon",
+            Text(
+                f"{failed} cycles in a row failed (as of {daemon.get('at')}, run"
+                f" {daemon.get('run_id')} on {daemon.get('host')}; /healthz is red from"
+                f" {red}); the last: {daemon.get('last_error')}",
+                style,
+            ),
+        )
     store = report.get("store")
     if store is None:
         row("store", "not proved today (the next writing run proves it; poller check now)")

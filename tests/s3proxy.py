@@ -15,6 +15,13 @@ and forwards each request to moto, so boto3's production defaults are exercised 
 - ``if_match_501``: a request carrying ``If-Match`` is answered ``501 NotImplemented``.
 - ``expired_keys``: requests signed with one of these access key ids are answered
   ``400 ExpiredToken``.
+- ``unanswered``: a PUT whose path contains this text reaches moto (the write lands) and
+  then the connection is closed without an answer, as when a response is lost on the way
+  back; ``answered_first`` such PUTs are answered normally before that starts. botocore
+  retries, each retry lands or meets 412 and goes unanswered too, so the caller sees an
+  error for a write that landed. ``unanswered_count`` counts them.
+- ``refuse_writes``: a PUT whose path contains this text is answered ``503 SlowDown`` and
+  never reaches moto (a store that cannot take writes for a while).
 
 ``requests`` records ``(method, path)`` of every request that reached the proxy, so a test
 counts what a command wrote.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import re
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -82,6 +90,9 @@ class Quirks:
     ignore_if_none_match: bool = False
     if_match_501: bool = False
     expired_keys: set[str] = field(default_factory=set)
+    unanswered: str | None = None
+    answered_first: int = 0
+    refuse_writes: str | None = None
 
 
 def _error(code: str, message: str) -> bytes:
@@ -101,6 +112,7 @@ class S3Proxy:
         self.requests: list[tuple[str, str]] = []
         self.ca_bundle = cert_file  # what clients trust (AWS_CA_BUNDLE)
         self.streamed = 0  # uploads that came aws-chunked (boto3's default over TLS)
+        self.unanswered_count = 0  # writes that landed and were never answered
         self._lock = threading.Lock()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
@@ -130,6 +142,19 @@ class S3Proxy:
             self.quirks = Quirks()
             self.requests.clear()
             self.streamed = 0
+            self.unanswered_count = 0
+
+    def leave_unanswered(self, method: str, path: str) -> bool:
+        """Whether this request lands without an answer (see ``Quirks.unanswered``)."""
+        with self._lock:
+            mark = self.quirks.unanswered
+            if method != "PUT" or mark is None or mark not in path:
+                return False
+            if self.quirks.answered_first > 0:
+                self.quirks.answered_first -= 1
+                return False
+            self.unanswered_count += 1
+            return True
 
     def record(self, method: str, path: str, streamed: bool) -> None:
         with self._lock:
@@ -210,6 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "A header you provided implies functionality that is not implemented",
             )
             return
+        refused = quirks.refuse_writes
+        if self.command == "PUT" and refused is not None and refused in self.path:
+            self._error(503, "SlowDown", "Please reduce your request rate.")
+            return
         if quirks.ignore_if_none_match:
             headers.pop("if-none-match", None)
         if streaming and quirks.keep_framing:
@@ -230,6 +259,11 @@ class _Handler(BaseHTTPRequestHandler):
             connection.request(self.command, self.path, body=body or None, headers=headers)
             answer = connection.getresponse()
             data = answer.read()
+            if owner.leave_unanswered(self.command, self.path):
+                # The write landed (or met 412); its answer is lost on the way back.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             out = [(k, v) for k, v in answer.getheaders() if k.lower() not in _HOP_BY_HOP]
             length = answer.getheader("Content-Length") if self.command == "HEAD" else None
             out.append(("Content-Length", length or str(len(data))))

@@ -1,18 +1,22 @@
 """The client against the API as it may really be (issue 17), each way switched on in the
 simulator: a gateway that compresses, listings with runs of empty pages or no end, 429s
-whose reset is tiny."""
+whose reset is tiny; and whole runs against it: owed ids that answer 404 and 500, a cycle
+whose listing never ends."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import requests
+from conftest import MotoServer, assert_exact_archive, poller_env, run_poller, summary_of
 from pydantic import SecretStr
 
+from poller.archive.records import Layout
 from poller.config import ThreatStackSettings
 from poller.errors import MalformedResponse, PagingLoop, RateLimited
 from poller.simulator import Faults, Simulator
@@ -21,7 +25,7 @@ from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
 from poller.threatstack.decoding import BodyDecoder
 from poller.threatstack.retrying import RATE_LIMIT_FLOOR, RetryPolicy
-from poller.timeutil import utc_now
+from poller.timeutil import iso_z, utc_now
 
 pytestmark = pytest.mark.integration
 
@@ -176,3 +180,110 @@ def test_a_429_storm_ends_at_the_requests_deadline():
             client.self_test()
         assert 30 <= sum(fake.sleeps) < 30 + 8 + 1
         assert sim.request_count() == len(fake.sleeps) + 1 < 10
+
+
+# ---------------------------------------------------------------- whole runs, real processes
+def world_env(sim: Simulator, moto: MotoServer, bucket: str, **extra: str) -> dict[str, str]:
+    """A ``poller`` process against ``sim``: one attempt per request (a 500 costs one), and
+    no revisit of the dismissed list (its listings would blur the counts)."""
+    return poller_env(
+        sim,
+        moto,
+        bucket,
+        POLLER_SYNC__FIRST_RUN_SINCE="2h",
+        POLLER_SYNC__REVISIT_DAYS="0",
+        POLLER_THREATSTACK__MAX_ATTEMPTS="1",
+        **extra,
+    )
+
+
+def test_owed_ids_answering_404_and_500_beside_real_ones(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Pushed ids owed a full record, fetched from the real simulator: twelve another
+    organisation's (404 for an hour: answers, past the grace period), one whose detail
+    answers 500 and has failed nine times before, and three real alerts five hours old (in
+    no window). Sync runs until nothing is owed: each cycle asks at most 2 listings + 10
+    owed ids; the real ones get their full record; each 404 id is asked once, recorded under
+    unfetchable/ with the reason, and never asked again; the 500 one is given up on its
+    tenth failure. An idle sync afterwards costs its usual two listings."""
+    with Simulator(seed=23) as sim:
+        now = utc_now()
+        sim.generate(20, now - timedelta(minutes=90), now - timedelta(minutes=5))
+        real = sim.generate(3, now - timedelta(hours=5), now - timedelta(hours=4, minutes=50))
+        others = [f"692c3b89{n:016x}" for n in range(12)]
+        broken = "692c3b8a00000000000000ff"
+        sim.faults.broken_ids.add(broken)
+        env = world_env(sim, moto_server, bucket)
+        assert run_poller(["sync"], env).returncode == 0
+        hour_ago = iso_z(now - timedelta(hours=1))
+        for alert_id in [*others, *(a.id for a in real)]:
+            marker = {"owed_since": hour_ago, "attempts": 0, "last_error": ""}
+            s3.put_object(Bucket=bucket, Key=f"_poller/pending/{alert_id}", Body=json.dumps(marker))
+        marker = {"owed_since": hour_ago, "attempts": 9, "last_error": "500"}
+        s3.put_object(Bucket=bucket, Key=f"_poller/pending/{broken}", Body=json.dumps(marker))
+
+        def owed() -> list[str]:
+            found = s3.list_objects_v2(Bucket=bucket, Prefix="_poller/pending/")
+            return [item["Key"] for item in found.get("Contents", [])]
+
+        cycles = 0
+        while owed():
+            assert cycles < 12, f"still owed after {cycles} cycles: {owed()}"
+            before = sim.request_count()
+            result = run_poller(["sync"], env)
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert sim.request_count() - before <= 2 + 10
+            cycles += 1
+        for alert in real:
+            body = s3.get_object(Bucket=bucket, Key=Layout().alert_key(alert.id))["Body"].read()
+            assert json.loads(body) == alert.doc
+        for alert_id in others:
+            assert sim.request_count(f"/v2/alerts/{alert_id}") == 1
+            gone = json.loads(
+                s3.get_object(Bucket=bucket, Key=f"_poller/unfetchable/{alert_id}")["Body"].read()
+            )
+            assert "404" in gone["reason"] and gone["attempts"] == 1
+        gone = json.loads(
+            s3.get_object(Bucket=bucket, Key=f"_poller/unfetchable/{broken}")["Body"].read()
+        )
+        assert gone["attempts"] == 10 and "500" in gone["reason"]
+        assert sim.request_count(f"/v2/alerts/{broken}") == 1
+        status = json.loads(run_poller(["status", "--json"], env).stdout)
+        assert status["unfetchable"]["count"] == 13
+        before = sim.request_count()
+        assert run_poller(["sync"], env).returncode == 0
+        assert sim.request_count() - before == 2  # idle: one listing per status
+
+
+def test_a_cycle_on_an_endless_listing_ends_at_its_deadline_and_keeps_its_checkpoint(
+    moto_server: MotoServer, s3: Any, bucket: str
+):
+    """After a good cycle, new alerts arrive and the listing turns endless (empty pages
+    with a next token, for ever), each request taking 0.5 s. With a cycle deadline of 4 s
+    the run ends with the deadline's error and exit 1 (SPEC) after at most 4 / 0.5 + 1
+    pages, far short of the client's own empty-page limit (100): the deadline ended it.
+    The checkpoint is the good cycle's, untouched. Once the listing ends again, the next
+    cycle archives everything."""
+    with Simulator(seed=29, page_size=10) as sim:
+        now = utc_now()
+        sim.generate(15, now - timedelta(minutes=90), now - timedelta(minutes=30), 0.0)
+        env = world_env(sim, moto_server, bucket)
+        assert run_poller(["sync"], env).returncode == 0
+        good = s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")
+        # Inside the look-back (15 min) of the next cycle's window.
+        sim.generate(25, now - timedelta(minutes=12), now - timedelta(minutes=2), 0.0)
+        sim.faults.endless = True
+        sim.faults.rate = {"slow": 1.0}
+        sim.faults.slow_seconds = 0.5
+        before = sim.request_count("/v2/alerts")
+        result = run_poller(["sync"], {**env, "POLLER_SYNC__MAX_CYCLE_SECONDS": "4"})
+        summary = summary_of(result)
+        assert result.returncode == 1, summary
+        assert "ran past its deadline of 4s" in summary["error"]
+        assert 3 <= sim.request_count("/v2/alerts") - before <= 4 / 0.5 + 1
+        after = s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")
+        assert after["ETag"] == good["ETag"]  # not advanced past the alerts it never read
+        sim.faults.endless, sim.faults.rate = False, {}
+        assert run_poller(["sync"], env).returncode == 0
+        assert_exact_archive(s3, bucket, sim)

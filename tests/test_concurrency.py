@@ -12,17 +12,36 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import ROOT, MotoServer, assert_exact_archive, lease_released, poller_env, summary_of
+from conftest import (
+    ROOT,
+    MotoServer,
+    assert_exact_archive,
+    bucket_listing,
+    lease_released,
+    poller_env,
+    run_poller,
+    summary_of,
+    tls_env,
+)
+from s3proxy import S3Proxy
 
-from poller.simulator import Simulator
+from poller.archive.records import Layout
+from poller.archive.state import Lease
+from poller.archive.store import S3ObjectStore
+from poller.errors import LeaseHeld
+from poller.simulator import Faults, Simulator
 from poller.timeutil import utc_now
 
 pytestmark = pytest.mark.integration
 
 
 def start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return start_command(["sync"], env)
+
+
+def start_command(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "poller", "sync"],
+        [sys.executable, "-m", "poller", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -169,3 +188,100 @@ def test_sigterm_releases_the_lease_and_loses_nothing(
     code, summary = finish(start(env))  # no wait for a ttl: the lease is free at once
     assert code == 0, summary
     assert_exact_archive(s3, bucket, simulator)
+
+
+# ------------------------------------------------------------------ lease edges (issue 17)
+LEASE_KEY = "_poller/lease.json"
+
+
+def test_a_renewal_whose_answer_was_lost_is_not_a_lost_lease(
+    simulator: Simulator, tls_s3: S3Proxy, s3: Any, bucket: str
+):
+    """Every write to the lease after the first lands and is never answered (the proxy
+    closes the connection once moto has the write): botocore retries, gives up, and the run
+    sees an error for a renewal that landed. The run reads the lease back, finds its own
+    token, and commits; its release landed too."""
+    now = utc_now()
+    simulator.generate(30, now - timedelta(hours=3), now - timedelta(minutes=5))
+    tls_s3.quirks.unanswered, tls_s3.quirks.answered_first = LEASE_KEY, 1
+    env = tls_env(
+        simulator,
+        tls_s3,
+        bucket,
+        POLLER_SYNC__FIRST_RUN_SINCE="1d",
+        POLLER_S3__MAX_ATTEMPTS="3",  # fewer backoffs before botocore gives up
+    )
+    result = run_poller(["sync"], env)
+    summary = summary_of(result)
+    assert result.returncode == 0, summary
+    assert tls_s3.unanswered_count >= 2  # the renewal before the commit, and the release
+    assert summary["archived"] == 30
+    checkpoint = json.loads(
+        s3.get_object(Bucket=bucket, Key="_poller/checkpoint.json")["Body"].read()
+    )
+    assert checkpoint["updated_by"] == summary["run_id"]
+    assert lease_released(s3, bucket)
+    assert_exact_archive(s3, bucket, simulator)
+
+
+def guarded(listing: dict[str, Any]) -> dict[str, Any]:
+    """What the lease guards: every key but the lease and the request-budget ledger, which
+    processes without the lease write too (a run gives its unused grant back as it exits)."""
+    return {k: v for k, v in listing.items() if k not in (LEASE_KEY, "_poller/budget.json")}
+
+
+def test_a_run_that_lost_its_lease_mid_chunk_stops_before_the_next_page(
+    tls_s3: S3Proxy, s3: Any, bucket: str
+):
+    """One chunk of 60 alerts in pages of 5. While the 4th page is held at the simulator,
+    the run's renewals fail (503) until its lease is stale by S3's clock, and another holder
+    takes it over. The held page is the last one the run asks for; it writes none of that
+    page's alerts and no checkpoint: key by key, the bucket holds what it held at the loss,
+    which is exactly the first three pages' records."""
+    with Simulator(seed=17, page_size=5, faults=Faults(hold_listing=4)) as sim:
+        now = utc_now()
+        sim.generate(60, now - timedelta(hours=6), now - timedelta(minutes=5), 0.0)
+        env = tls_env(
+            sim,
+            tls_s3,
+            bucket,
+            POLLER_SYNC__FIRST_RUN_SINCE="1d",
+            POLLER_SYNC__LEASE_TTL_SECONDS="3",
+        )
+        process = start_command(["sync"], env)
+        try:
+            assert sim.holding.wait(timeout=120), "the run never asked for the 4th page"
+            tls_s3.quirks.refuse_writes = LEASE_KEY  # its renewals fail from now on
+            taker = Lease(S3ObjectStore(s3, bucket), Layout(), 3, {"run_id": "taker"}, utc_now)
+            deadline = time.monotonic() + 60
+            while True:  # until the lease is stale by S3's clock (ttl 3 s)
+                try:
+                    taker.acquire()
+                    break
+                except LeaseHeld:
+                    assert time.monotonic() < deadline, "the lease never went stale"
+                    time.sleep(0.5)
+            at_loss = guarded(bucket_listing(s3, bucket))
+            tls_s3.quirks.refuse_writes = None
+        finally:
+            sim.release_hold()
+        code, summary = finish(process, timeout=120)
+        assert code == 1, summary
+        assert "lease" in summary["error"]
+        assert sim.request_count("/v2/alerts") == 4  # the held page, then nothing
+        after = guarded(bucket_listing(s3, bucket))
+        assert after == at_loss  # nothing written (or rewritten) after the loss
+        newest_first = sorted(sim.alerts, key=lambda a: (a.created, str(a.id)), reverse=True)
+        layout = Layout()
+        first_pages = {layout.alert_key(a.id) for a in newest_first[:15]}
+        assert {k for k in after if k.startswith("alerts/")} == first_pages
+        assert len([k for k in after if k.startswith("webhooks/")]) == 15
+        assert "_poller/checkpoint.json" not in after
+        assert (
+            json.loads(s3.get_object(Bucket=bucket, Key=LEASE_KEY)["Body"].read())["run_id"]
+            == "taker"
+        )
+        taker.release()
+        result = run_poller(["sync"], env)  # the next run archives the rest
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert_exact_archive(s3, bucket, sim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import threading
 from datetime import UTC, datetime, timedelta
@@ -9,11 +10,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from poller.archive.failures import FailureRecord
+from poller.archive.records import Layout
+from poller.archive.store import MemoryObjectStore
 from poller.config import Settings
 from poller.errors import ApiAuthError, LeaseHeld, Stopped
 from poller.serving import daemon as scheduler
 from poller.serving.daemon import FAILURES_BEFORE_RED, Daemon
+from poller.terminal import render_status
 from poller.threatstack.budget import RequestBudget
 from poller.walks.sync import Summary
 
@@ -38,6 +44,12 @@ class Clocks:
         self.pass_time(value - self.wall)
 
 
+def render_text(table: Any) -> str:
+    console = Console(file=io.StringIO(), width=400, highlight=False)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
 def make_daemon(
     monkeypatch: pytest.MonkeyPatch, outcome: BaseException | None
 ) -> tuple[Daemon, Clocks]:
@@ -47,7 +59,8 @@ def make_daemon(
         stop=threading.Event(),
         run_id="r",
         budget=RequestBudget(100),
-        store=SimpleNamespace(renewals=0),
+        store=MemoryObjectStore(),
+        layout=Layout(),
     )
 
     def fake_cycle(_runtime: Any, summary: Any, observer: Any) -> Any:
@@ -134,6 +147,30 @@ def test_healthz_turns_red_after_five_failed_cycles_in_a_row_and_says_why(
     assert ready is False and why["last_error"] == "Threat Stack rejected (401)"
     failures = daemon.metrics.registry.get_sample_value("poller_failed_cycles_in_a_row")
     assert failures == FAILURES_BEFORE_RED
+    # poller status (another process) reads why from the bucket.
+    record = FailureRecord(daemon.runtime.store, Layout()).read()
+    assert record is not None
+    assert record["failed_cycles_in_a_row"] == FAILURES_BEFORE_RED == record["red_after"]
+    assert record["last_error"] == "Threat Stack rejected (401)"
+    assert record["last_outcome"] == "failed" and record["run_id"] == "r"
+    text = render_text(render_status({"bucket": "b", "daemon": record}, now.wall))
+    assert "5 cycles in a row failed" in text and "Threat Stack rejected (401)" in text
+
+
+def test_a_good_cycle_after_failures_clears_the_record_and_a_healthy_daemon_writes_none(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    daemon, _ = make_daemon(monkeypatch, None)
+    for _ in range(3):
+        daemon.cycle()
+    assert FailureRecord(daemon.runtime.store, Layout()).read() is None  # nothing written
+    failing, _ = make_daemon(monkeypatch, ApiAuthError("Threat Stack rejected (401)"))
+    failing.cycle()
+    monkeypatch.setattr(scheduler, "run_cycle", lambda _r, summary, _o: summary)
+    failing.cycle()
+    record = FailureRecord(failing.runtime.store, Layout()).read()
+    assert record is not None
+    assert record["failed_cycles_in_a_row"] == 0 and record["last_outcome"] == "ok"
 
 
 @pytest.mark.parametrize("step", [timedelta(hours=-1), timedelta(hours=1)])

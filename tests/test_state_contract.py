@@ -16,6 +16,7 @@ from poller.archive.records import Layout
 from poller.archive.state import CheckpointStore, Lease
 from poller.archive.store import MemoryObjectStore, ObjectStore, PreconditionFailed, S3ObjectStore
 from poller.errors import (
+    ArchiveUnavailable,
     CheckpointConflict,
     ConditionalWritesUnsupported,
     LeaseHeld,
@@ -297,6 +298,137 @@ def test_a_lost_response_to_our_own_writes_is_not_a_conflict(under_test: StoreUn
     assert checkpoints.load().watermark == T0 + timedelta(minutes=5)
     lease.release()
     assert released(under_test.store)  # nothing orphaned
+
+
+class UnansweredWrites:
+    """Wraps a store: chosen writes land, then the caller sees S3 fail (what botocore raises
+    once every retry of a write whose first attempt landed went unanswered); ``down`` makes
+    every request fail without landing."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.unanswered = 0  # how many of the next writes land without an answer
+        self.down = False
+        self.fail_reads = 0  # how many of the next reads fail
+        self.puts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get(self, key: str) -> Any:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise ArchiveUnavailable(f"S3 unreachable for reading {key}: ReadTimeoutError")
+        if self.down:
+            raise ArchiveUnavailable(f"S3 unreachable for reading {key}: ReadTimeoutError")
+        return self.inner.get(key)
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        self.puts += 1
+        if self.down:
+            raise ArchiveUnavailable(f"S3 failed writing {key}: 503")
+        etag = self.inner.put(key, body, **conditions)
+        if self.unanswered:
+            self.unanswered -= 1
+            raise ArchiveUnavailable(f"S3 unreachable for writing {key}: ConnectionClosedError")
+        return etag
+
+
+def test_a_renewal_that_landed_unanswered_is_not_a_lost_lease(under_test: StoreUnderTest):
+    """The renewal landed but the run saw an error: the lease read back carries this
+    holding's token, so it is ours under its new ETag, and the next renewal and the release
+    work (before, the next renewal's If-Match on the old ETag failed: "lease lost")."""
+    store = UnansweredWrites(under_test.store)
+    lease = Lease(store, LAYOUT, 60, {"run_id": "mine"}, utc_now)  # type: ignore[arg-type]
+    lease.acquire()
+    store.unanswered = 1
+    lease.renew()  # neither LeaseLost nor the S3 error
+    lease.renew()
+    lease.confirm()
+    # Landed unanswered and the read-back failed too: the outcome is unknown for now; the
+    # next renewal meets our own write (412), takes its ETag and renews on it.
+    store.unanswered, store.fail_reads = 1, 1
+    with pytest.raises(ArchiveUnavailable):
+        lease.renew()
+    before = store.puts
+    lease.renew()
+    assert store.puts == before + 2  # the 412, then the renewal on the adopted ETag
+    lease.renew()
+    assert store.puts == before + 3
+    lease.release()
+    assert released(under_test.store)
+    taken = json.loads(under_test.store.get(LAYOUT.lease_key).body)  # type: ignore[union-attr]
+    assert taken["run_id"] == "mine" and len(taken["token"]) == 32
+
+
+def test_a_renewal_that_failed_while_another_run_took_over_is_a_lost_lease(
+    under_test: StoreUnderTest,
+):
+    store = under_test.store
+    holder = Lease(UnansweredWrites(store), LAYOUT, 1, {"run_id": "a"}, utc_now)  # type: ignore[arg-type]
+    holder.acquire()
+    under_test.advance(2.5)  # stale by the store's clock
+    Lease(store, LAYOUT, 1, {"run_id": "b"}, utc_now).acquire()
+    holder._store.down = True  # type: ignore[attr-defined]
+    with pytest.raises(ArchiveUnavailable):
+        holder.renew()  # the outcome cannot be known yet: the run's caller retries
+    holder._store.down = False  # type: ignore[attr-defined]
+    with pytest.raises(LeaseLost, match="taken over"):
+        holder.renew()
+    assert not holder.held
+    holder.release()  # must not touch b's lease
+    assert json.loads(store.get(LAYOUT.lease_key).body)["run_id"] == "b"  # type: ignore[union-attr]
+
+
+def test_the_between_page_check_is_free_until_the_last_renewal_is_old():
+    """``confirm`` sends nothing while the last renewal is younger than ttl/2; past it
+    (a paused process) it renews, and finds a lease taken over meanwhile; when renewals
+    keep failing for a whole ttl, another run may hold it: LeaseLost."""
+    mono = [100.0]
+    now = [utc_now()]
+    memory = MemoryObjectStore(clock=lambda: now[0])
+    store = UnansweredWrites(memory)
+    lease = Lease(
+        store,  # type: ignore[arg-type]
+        LAYOUT,
+        60,
+        {"run_id": "a"},
+        lambda: now[0],
+        monotonic=lambda: mono[0],
+    )
+    lease.acquire()
+    puts = store.puts
+    for _ in range(5):
+        mono[0] += 5
+        lease.confirm()
+    assert store.puts == puts  # 25 s < 30 s: nothing sent
+    mono[0] += 10
+    lease.confirm()
+    assert store.puts == puts + 1  # one renewal, and fresh again
+    lease.confirm()
+    assert store.puts == puts + 1
+    # Paused for two minutes; another run took the stale lease over.
+    mono[0] += 120
+    now[0] += timedelta(seconds=120)
+    Lease(memory, LAYOUT, 60, {"run_id": "b"}, lambda: now[0]).acquire()
+    with pytest.raises(LeaseLost, match="taken over"):
+        lease.confirm()
+    # Renewals failing: tolerated while the lease cannot be stale, LeaseLost after a ttl.
+    failing = Lease(
+        store,  # type: ignore[arg-type]
+        Layout("other"),
+        60,
+        {"run_id": "c"},
+        lambda: now[0],
+        monotonic=lambda: mono[0],
+    )
+    failing.acquire()
+    store.down = True
+    mono[0] += 40
+    failing.confirm()  # 40 s: not stale yet, the next page tries again
+    mono[0] += 25
+    with pytest.raises(LeaseLost, match="could not renew its lease for 65s"):
+        failing.confirm()
 
 
 def test_a_real_conflict_is_still_a_conflict(under_test: StoreUnderTest):

@@ -3,31 +3,47 @@
 ``P/_poller/budget.json`` (version 1)::
 
     {"version": 1, "per_minute": 100,
-     "grants": [[1764072000.123, 10, "<run id>"], ...]}   # wall time, slots, taker
+     "grants": [[1764072000.123, 10, "<run id>", 1764072010.123], ...]}
+     # written at (wall time), slots, taker, last moment a slot may start (optional)
 
 Every process that sends Threat Stack requests for this bucket and prefix (``run``,
 ``sync``, ``backfill``, ``verify``, ``serve`` and its detail fetches, a standby daemon)
 takes its requests from here in grants: a grant of ``n`` slots is written with a
-compare-and-swap on the object's ETag, and only when the grants of the last
-``HORIZON_SECONDS`` plus the new one come to at most ``per_minute``. A grant's slots are
-used within ``GRANT_SECONDS`` of it or not at all, so every request a grant allows starts
-within [t, t + GRANT_SECONDS], and the grants counted (t + 60 s + GRANT_SECONDS + margins)
-cover every 60-second window those requests can fall in: by construction, no 60-second
-window holds more than ``per_minute`` requests of all processes together.
+compare-and-swap on the object's ETag, and only when the grants still counted plus the new
+one come to at most ``per_minute``. A grant's slots start within ``GRANT_SECONDS`` of it or
+not at all; a grant counts until ``COUNTED_SECONDS`` after its last moment (the fourth
+field, ``GRANT_SECONDS`` after it was written when absent). Why that is enough: take any
+60-second window and, of the grants with a request in it, the last one written. Every
+other one was in the ledger when it was written (the compare-and-swap orders them), and
+had its last moment at or after the window's start, less than 60 s before that write:
+still counted. So the window holds at most ``per_minute`` requests of all processes.
 
-The cost: one GET and one PUT per grant (a grant is a tenth of the budget, at least 1);
-slots a process does not use in time are lost for a minute. Times are wall-clock: hosts
-sharing a prefix must keep their clocks in step (Hawk already needs that to within a
-minute; ``SKEW_SECONDS`` absorbs small differences).
+Grants are sized by use: the first is ``FIRST_GRANT``; a grant used up is followed by one
+of what ``GRANT_SECONDS`` take at the pace it was used (at most ``GROWTH`` times its size
+and a tenth of the budget, ``grant_size``), one that ran out of time by one of the size it
+used. The owner alone rewrites its grant, down to
+what it used and its last use (still a bound on its requests, so the argument above holds):
+in the write of its next grant (free), and on a clean exit or at a cycle's end
+(``give_back``: one GET and one PUT, only when slots are left). So a slow process books
+about what it sends, and only a killed process leaves unused slots counted, for
+``HORIZON_SECONDS`` at most. A process of the earlier version that rewrites the ledger drops
+the fourth field, which only makes a grant count longer.
+
+Times in the ledger are wall-clock: hosts sharing a prefix must keep their clocks in step
+(Hawk already needs that to within a minute; ``SKEW_SECONDS`` absorbs small differences).
+How long a process has held its grant is measured on its monotonic clock, so a wall clock
+that steps neither stretches a grant's 10 s nor dates its last use before it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from poller.archive.records import Layout
@@ -37,20 +53,60 @@ from poller.errors import ArchiveAccessError, PollerError
 log = logging.getLogger(__name__)
 
 VERSION = 1
-GRANT_SECONDS = 10.0  # a grant's slots are used within this long, or lost
+GRANT_SECONDS = 10.0  # a grant's slots start within this long, or never
 SKEW_SECONDS = 1.0  # clock differences between hosts absorbed
-# How long a grant counts: the window, the time its slots may be used, the client's margin
+# How long a grant counts after its last moment: the window, the client's margin
 # (budget.MARGIN_SECONDS) and the skew.
-HORIZON_SECONDS = 60.0 + GRANT_SECONDS + 0.5 + SKEW_SECONDS
-GRANT_SHARE = 0.1  # a grant is this share of the budget (at least one request)
+COUNTED_SECONDS = 60.0 + 0.5 + SKEW_SECONDS
+# The longest a grant counts (one never given back: a killed process's).
+HORIZON_SECONDS = GRANT_SECONDS + COUNTED_SECONDS
+GRANT_SHARE = 0.1  # the largest grant is this share of the budget (at least one request)
+FIRST_GRANT = 2  # a process's first grant: an idle sync's two lists
+GROWTH = 4  # a grant used up is followed by one this many times its size
+GIVE_BACK_TRIES = 5  # compare-and-swap conflicts tolerated when giving slots back
 
 
 def grant_size(per_minute: int) -> int:
+    """The largest grant at this budget."""
     return max(1, int(per_minute * GRANT_SHARE))
 
 
+def ledger_requests(api_requests: int, per_minute: int) -> int:
+    """S3 requests the ledger costs a process alone that sends ``api_requests`` in quick
+    succession at a budget of ``per_minute``, then exits cleanly: a GET and a PUT per grant
+    (``FIRST_GRANT``, growing by ``GROWTH`` to ``grant_size``) and for the give-back of what
+    is left. (On a store without conditional writes, add a HEAD per PUT.)"""
+    cap = grant_size(per_minute)
+    size, granted, writes = min(FIRST_GRANT, cap), 0, 0
+    while granted < api_requests:
+        granted, writes = granted + size, writes + 1
+        size = min(cap, size * GROWTH)
+    return 2 * (writes + (granted > api_requests))
+
+
+@dataclass
+class _Grant:
+    """This process's latest grant, as written (``at`` identifies it in the ledger)."""
+
+    at: float
+    size: int
+    until: float
+    started: float  # on the process's monotonic clock: a wall clock that steps moves no slot
+    used: int = 0
+    last_use: float = 0.0  # ``at`` plus the monotonic time to the last slot taken
+    following: int | None = None  # the next grant's size, judged when this one ended
+
+    def settled(self, taker: str) -> list[Any] | None:
+        """Its entry cut down to what was used (None: nothing used, drop it); the last use
+        rounded up to the millisecond, so it never counts shorter."""
+        if self.used == 0:
+            return None
+        return [self.at, self.used, taker, math.ceil(self.last_use * 1000) / 1000]
+
+
 class PrefixAllowance:
-    """``take()`` blocks until the prefix's budget has room, then counts one request."""
+    """``take()`` blocks until the prefix's budget has room, then counts one request;
+    ``give_back()`` returns the slots of the current grant not used yet."""
 
     def __init__(
         self,
@@ -61,6 +117,7 @@ class PrefixAllowance:
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         before_first_write: Callable[[], object] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         # The store proof (SPEC: prove the bucket before the first write): the ledger is a
         # write like any other, and must not land on a store that mangles or lacks conditions.
@@ -70,19 +127,26 @@ class PrefixAllowance:
         self.per_minute = per_minute
         self._taker = taker
         self._wall = wall
+        # How long a grant has been held is measured on the monotonic clock (``clock``; a
+        # wall clock given instead of time.time is a test's virtual clock, and serves both).
+        self._clock = clock or (time.monotonic if wall is time.time else wall)
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._slots = 0
-        self._usable_until = 0.0
+        self._current: _Grant | None = None  # not yet settled in the ledger
+        self._next = min(FIRST_GRANT, grant_size(per_minute))
         self.grants = 0  # grants this process took (each one GET and one PUT)
+        self.given_back = 0  # slots this process returned unused
         self.unavailable: str | None = None  # why sharing is off (the bucket refused it)
 
     def take(self) -> None:
         with self._lock:  # one thread asks the bucket at a time; the others wait here
             while self.unavailable is None:
                 now = self._wall()
-                if self._slots > 0 and now <= self._usable_until:
-                    self._slots -= 1
+                grant = self._current
+                held = 0.0 if grant is None else max(self._clock() - grant.started, 0.0)
+                if grant is not None and grant.used < grant.size and held <= GRANT_SECONDS:
+                    grant.used += 1
+                    grant.last_use = grant.at + held
                     return
                 if self._before_first_write is not None:
                     gate, self._before_first_write = self._before_first_write, None
@@ -100,6 +164,40 @@ class PrefixAllowance:
                     log.info("budget.shared_wait", extra={"fields": {"wait_s": round(wait, 3)}})
                     self._sleep(wait)
 
+    def give_back(self, wait_seconds: float = 1.0) -> int:
+        """Return the current grant's unused slots (a clean exit, a cycle's end): its entry is
+        cut to what it used. Never raises; skipped when another thread holds the allowance
+        for longer than ``wait_seconds`` (it is waiting for room). Returns the slots given."""
+        if not self._lock.acquire(timeout=wait_seconds):
+            return 0
+        try:
+            grant = self._current
+            if self.unavailable is not None or grant is None or grant.used >= grant.size:
+                return 0
+            unused = grant.size - grant.used
+            for _ in range(GIVE_BACK_TRIES):
+                found = self._store.get(self._key)
+                if found is None:
+                    break  # nothing to give back to (deleted by hand): nothing counts it
+                entries = self._settle(_grants(found.body))
+                try:
+                    self._store.put(self._key, self._document(entries), if_match=found.etag)
+                except PreconditionFailed:
+                    continue  # another process wrote meanwhile: read again
+                break
+            else:
+                return 0
+            self._next = self._size_after(grant)
+            self._current = None
+            self.given_back += unused
+            log.info("budget.given_back", extra={"fields": {"slots": unused}})
+            return unused
+        except PollerError as exc:  # the exit must not fail for it: the slots count a minute
+            log.warning("budget.give_back_failed", extra={"fields": {"error": str(exc)}})
+            return 0
+        finally:
+            self._lock.release()
+
     def _off(self, exc: PollerError) -> None:
         # A bucket this process may not write (a read-only role, no bucket, a store that
         # failed its proof): the API call must not fail for it; the process keeps to its own
@@ -107,34 +205,92 @@ class PrefixAllowance:
         self.unavailable = str(exc)
         log.warning("budget.not_shared", extra={"fields": {"error": str(exc), "key": self._key}})
 
+    def _settle(self, entries: list[list[Any]]) -> list[list[Any]]:
+        """The ledger's entries with this process's current grant cut to what it used."""
+        grant = self._current
+        if grant is None:
+            return entries
+        mine = [
+            e
+            for e in entries
+            if (e[0], e[1], e[2]) == (grant.at, grant.size, self._taker)
+            and (len(e) < 4 or e[3] == grant.until)  # the earlier version drops the last
+        ]
+        if not mine:
+            return entries  # pruned, or lost by a rewrite: nothing of it counts any more
+        settled = grant.settled(self._taker)
+        return [e for e in entries if e is not mine[0]] + ([settled] if settled else [])
+
+    def _size_after(self, grant: _Grant) -> int:
+        """The size of the grant that follows ``grant``: what ``GRANT_SECONDS`` take at the
+        pace it was used up (at most ``GROWTH`` times it), or what it used when its time ran
+        out or it was given back."""
+        cap = grant_size(self.per_minute)
+        if grant.used >= grant.size:
+            # This request included; a pause after the grant's time is no slower pace.
+            held = min(self._clock() - grant.started, GRANT_SECONDS)
+            pace = (grant.used + 1) / max(held, 0.001)
+            return min(cap, grant.size * GROWTH, max(1, math.ceil(pace * GRANT_SECONDS)))
+        return min(cap, max(1, grant.used))
+
+    def _document(self, entries: list[list[Any]]) -> bytes:
+        document = {"version": VERSION, "per_minute": self.per_minute, "grants": entries}
+        return json.dumps(document).encode()
+
     def _grant(self, now: float) -> float:
         """Take a grant (0.0), or say how long to wait before the next try."""
+        grant = self._current
+        if grant is not None:  # used up or run out: the next one is sized by it (once:
+            if grant.following is None:  # not counting the time spent waiting for room)
+                grant.following = self._size_after(grant)
+            self._next = grant.following
         found = self._store.get(self._key)
-        grants = _grants(found.body) if found is not None else []
-        live = [g for g in grants if g[0] > now - HORIZON_SECONDS]
-        used = sum(g[1] for g in live)
-        free = self.per_minute - used
-        if free <= 0:
-            oldest = min(g[0] for g in live)
-            return max(float(oldest) + HORIZON_SECONDS - now, 0.05)
-        size = min(free, grant_size(self.per_minute))
-        document = {
-            "version": VERSION,
-            "per_minute": self.per_minute,
-            "grants": [*live, [round(now, 3), size, self._taker]],
-        }
-        body = json.dumps(document).encode()
-        try:
-            if found is None:
-                self._store.put(self._key, body, if_none_match=True)
-            else:
-                self._store.put(self._key, body, if_match=found.etag)
-        except PreconditionFailed:
-            return 0.0  # another process took a grant meanwhile: read again
+        entries = self._settle(_grants(found.body) if found is not None else [])
+        live = [e for e in entries if _last_moment(e) > now - COUNTED_SECONDS]
+        free = self.per_minute - sum(e[1] for e in live)
+        # Room for half the grant it wants, or wait for it: grants cut to slivers by a full
+        # budget would each cost a GET and a PUT.
+        wanted = max(1, -(-self._next // 2))
+        if free < wanted:
+            freed, wait = free, 0.0
+            for entry in sorted(live, key=_last_moment):
+                freed += entry[1]
+                wait = _last_moment(entry) + COUNTED_SECONDS - now
+                if freed >= wanted:
+                    break
+            # Slots of its own grant left unused are written back now, for the others' sake
+            # (a conflict: another process wrote meanwhile, read again).
+            returning = grant is not None and grant.used < grant.size and found is not None
+            if returning and found is not None and not self._write(found.etag, live):
+                return 0.0
+            return max(wait, 0.05)
+        size = min(free, self._next)
+        at = round(now, 3)
+        until = at + GRANT_SECONDS
+        etag = None if found is None else found.etag
+        if not self._write(etag, [*live, [at, size, self._taker, until]]):
+            return 0.0  # another process wrote meanwhile: read again
         self.grants += 1
-        self._slots = size
-        self._usable_until = now + GRANT_SECONDS
+        self._current = _Grant(at, size, until, self._clock())
         return 0.0
+
+    def _write(self, etag: str | None, entries: list[list[Any]]) -> bool:
+        """Write the ledger over the version read (``etag``; None: create it). False when
+        another process wrote first. The current grant is settled once written."""
+        try:
+            if etag is None:
+                self._store.put(self._key, self._document(entries), if_none_match=True)
+            else:
+                self._store.put(self._key, self._document(entries), if_match=etag)
+        except PreconditionFailed:
+            return False
+        self._current = None  # settled
+        return True
+
+
+def _last_moment(entry: list[Any]) -> float:
+    """The last moment a slot of the grant may start (or did start, once settled)."""
+    return float(entry[3]) if len(entry) > 3 else float(entry[0]) + GRANT_SECONDS
 
 
 def _grants(body: bytes) -> list[list[Any]]:
@@ -152,6 +308,15 @@ def _grants(body: bytes) -> list[list[Any]]:
             and isinstance(entry[0], (int, float))
             and isinstance(entry[1], int)
             and not isinstance(entry[1], bool)
+            and entry[1] > 0
         ):
             good.append([float(entry[0]), entry[1], str(entry[2]) if len(entry) > 2 else ""])
+            last = entry[3] if len(entry) > 3 else None
+            # A last moment past the grant's own is not believed: the grant's counts instead.
+            if (
+                isinstance(last, (int, float))
+                and not isinstance(last, bool)
+                and last <= entry[0] + GRANT_SECONDS + 0.001
+            ):
+                good[-1].append(float(last))
     return good

@@ -13,6 +13,7 @@ Checkpoint document, ``P/_poller/checkpoint.json`` (version 1)::
 Lease document, ``P/_poller/lease.json`` (version 1)::
 
     {"version": 1, "run_id": "...", "mode": "sync", "host": "...", "pid": 123,
+     "token": "<hex>",                           # new at every acquire: which holding
      "acquired_at": "...", "renewed_at": "...", "ttl_seconds": 120, "expires_at": "...",
      "recent_requests": [1764072000.123, ...],   # API request starts of the last minute
      "released": true}                           # only once its holder let go
@@ -23,6 +24,10 @@ times of the last minute and the request budget holds across processes taking tu
 
 Whether a lease is stale is judged by S3's clock only: the age of the object is the
 ``Date`` of the read minus its ``Last-Modified``, both stamped by the server.
+
+A renewal whose outcome is unknown (S3 failed or timed out after botocore's retries: the
+write may have landed) is settled by reading the lease back: while it carries our ``token``,
+no other run has written it since, so it is still ours, under whatever ETag it has now.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import contextlib
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +51,7 @@ from poller.archive.store import (
     looks_like_chunk_framing,
 )
 from poller.errors import (
+    ArchiveUnavailable,
     CheckpointConflict,
     ConditionalWritesUnsupported,
     LeaseHeld,
@@ -374,6 +382,7 @@ class Lease:
         holder: dict[str, Any],
         clock: Clock,
         recent_requests: Callable[[], list[float]] = list,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._key = layout.lease_key
@@ -384,6 +393,11 @@ class Lease:
         self._acquired_at: datetime | None = None
         self._lock = threading.Lock()
         self._recent_requests = recent_requests
+        self._monotonic = monotonic
+        self._token = ""  # this holding's, new at every acquire
+        # When the write that made the stored lease ours was sent (monotonic): the lease
+        # cannot have gone stale, by S3's clock, less than the ttl after it.
+        self._confirmed_at: float | None = None
         # Request start times (epoch) the previous holder recorded, for the request budget.
         self.inherited_requests: list[float] = []
 
@@ -396,6 +410,7 @@ class Lease:
         document: dict[str, Any] = {
             "version": LEASE_VERSION,
             **self._holder,
+            "token": self._token,
             "acquired_at": iso_z(self._acquired_at or now),
             "renewed_at": iso_z(now),
             "ttl_seconds": self._ttl,
@@ -436,6 +451,8 @@ class Lease:
         # conditional PUT, and nothing is written before the lease is known to be free.
         for _ in range(3):  # the lease may appear or vanish between our read and our write
             self._acquired_at = self._clock()
+            self._token = uuid.uuid4().hex
+            self._confirmed_at = self._monotonic()  # before the write that may make it ours
             stored = self._store.get(self._key)
             if stored is None:
                 body = self._body()
@@ -482,21 +499,88 @@ class Lease:
         raise LeaseHeld("the lease keeps changing hands; giving up this time")
 
     def renew(self) -> None:
-        """Extend the lease; raise LeaseLost when it is no longer ours."""
+        """Extend the lease; raise LeaseLost when it is no longer ours.
+
+        A renewal that S3 answered with an error or never answered (ArchiveUnavailable,
+        after botocore's retries) may have landed: the lease is read back, and while it
+        still carries this holding's token it is ours, so the run carries on. When even the
+        read fails, the renewal's error is raised and the lease is still held: the caller
+        retries (see ``confirm``)."""
         with self._lock:
-            if self._etag is None:
-                raise LeaseLost("this run does not hold the lease")
-            body = self._body()
-            try:
-                self._etag = self._store.put(self._key, body, if_match=self._etag)
-            except PreconditionFailed as exc:
-                self._etag = our_write_landed(self._store, self._key, body)
-                if self._etag is not None:
+            # Twice at most: a 412 that meets our own earlier write (one that landed
+            # unanswered) is renewed again on that write's ETag.
+            for _ in range(2):
+                if self._etag is None:
+                    raise LeaseLost("this run does not hold the lease")
+                sent = self._monotonic()
+                body = self._body()
+                try:
+                    self._etag = self._store.put(self._key, body, if_match=self._etag)
+                except PreconditionFailed as exc:
+                    # botocore's retry of a write that landed, or another run's write.
+                    landed = self._still_ours(body, sent, exc)
+                    if landed:
+                        return
+                    continue
+                except ArchiveUnavailable as exc:
+                    try:
+                        self._still_ours(body, sent, exc)
+                    except ArchiveUnavailable:
+                        raise exc from None
+                    log.info("lease.renewal_settled", extra={"fields": {"error": str(exc)}})
                     return
+                self._confirmed_at = sent
+                return
+
+    def _still_ours(self, body: bytes, sent: float, failure: Exception) -> bool:
+        """Read the lease back after a renewal whose outcome is unknown (``failure``). Raise
+        LeaseLost unless it carries this holding's token and is not released; else take its
+        ETag and say whether it is this renewal (``body``, sent at ``sent``) that landed."""
+        stored = self._store.get(self._key)
+        document = None if stored is None else _document(stored.body, LEASE_VERSION)[0]
+        if (
+            stored is None
+            or document is None
+            or document.get("token") != self._token
+            or document.get("run_id") != self._holder.get("run_id")
+            or document.get("released") is True
+        ):
+            self._etag = None
+            raise LeaseLost(
+                "this run's lease was taken over by another run; it stops without writing"
+                " the checkpoint"
+            ) from failure
+        self._etag = stored.etag
+        if stored.body != body:
+            return False  # ours from an earlier write (landed unanswered), not this one
+        self._confirmed_at = sent  # this renewal landed: the lease is fresh from ``sent``
+        return True
+
+    def confirm(self) -> None:
+        """Between pages: prove, cheaply, that the lease is still ours; raise LeaseLost.
+
+        Costs nothing while the last confirmed renewal (the keeper's, every ttl/3) was sent
+        less than ttl/2 ago. Past that (the process was paused, or renewals fail) it renews
+        now: a lease taken over meanwhile is found before the next page is written. When
+        that renewal fails too and the lease may have gone stale (a ttl since the last
+        confirmed one), another run may hold it: LeaseLost."""
+        if self._etag is None:
+            raise LeaseLost("this run no longer holds the lease")
+        confirmed = self._confirmed_at
+        if confirmed is not None and self._monotonic() - confirmed < self._ttl / 2:
+            return
+        try:
+            self.renew()
+        except ArchiveUnavailable as exc:
+            confirmed = self._confirmed_at
+            age = self._monotonic() - confirmed if confirmed is not None else float(self._ttl)
+            if age >= self._ttl:
                 raise LeaseLost(
-                    "this run's lease was taken over by another run; it stops without"
-                    " writing the checkpoint"
+                    f"this run could not renew its lease for {age:.0f}s (ttl {self._ttl}s):"
+                    f" another run may hold it now ({exc}); it stops without writing the"
+                    " checkpoint"
                 ) from exc
+            log.warning("lease.renew_failed", extra={"fields": {"error": str(exc)}})
 
     def release(self) -> None:
         """Let go: mark the lease released (``If-Match``), keeping this run's recent request

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from poller.app import Runtime, longest_request_seconds, run_cycle
+from poller.archive.failures import CycleRecord, FailureRecord
 from poller.config import ReceiverSettings
 from poller.errors import LeaseHeld, PollerError, Stopped
 from poller.serving.http import Health, build_app
@@ -104,6 +106,7 @@ class Daemon:
                 log.exception("cycle.crashed")
             now = self.clock()
             self.last_outcome = outcome
+            failed_before = self.failures_in_a_row
             if outcome in ("ok", "lease_held"):
                 self._progressed()
                 self.last_success = now
@@ -114,6 +117,8 @@ class Daemon:
                 # Not progress: the same failure cycle after cycle must turn /healthz red.
                 self.failures_in_a_row += 1
                 self.last_error = summary.error or "the cycle crashed (see the log)"
+            if self.failures_in_a_row != failed_before:
+                self._record(outcome, now)
             self.metrics.observe(summary, outcome, now)
             self.metrics.failures_in_a_row.set(self.failures_in_a_row)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))
@@ -121,6 +126,18 @@ class Daemon:
             self.metrics.credential_renewals.set(getattr(self.runtime.store, "renewals", 0))
             if outcome == "ok":
                 self.tables(summary)
+
+    def _record(self, outcome: str, now: datetime) -> None:
+        """Tell ``poller status`` (another process) why cycles fail, through the bucket."""
+        record = CycleRecord(
+            self.runtime.run_id,
+            socket.gethostname(),
+            self.failures_in_a_row,
+            FAILURES_BEFORE_RED,
+            outcome,
+            self.last_error,
+        )
+        FailureRecord(self.runtime.store, self.runtime.layout).write(record, now)
 
     TABLES_RECHECK = timedelta(hours=1)
 
@@ -262,6 +279,7 @@ class Daemon:
         self.loop()  # returns once stopped, after the running cycle has unwound
         for listener in servers:
             listener.stop()
+        self.runtime.give_back()  # what the detail fetches took since the last cycle
         log.info("daemon.stopped")
         return 0
 

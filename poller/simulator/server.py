@@ -63,6 +63,11 @@ class Faults:
     rate_limit_reset: str = "1000"
     empty_pages: int = 0  # before every page with alerts, this many empty ones with a token
     endless: bool = False  # after the last page, empty pages with a fresh token for ever
+    # The Nth listing request (1-based) is held before it is answered until
+    # ``Simulator.release_hold()``: a test does something (takes a lease over) mid-walk.
+    hold_listing: int = 0
+    # Alert ids whose detail (``GET /v2/alerts/<id>``) answers 500, every time.
+    broken_ids: set[str] = field(default_factory=set)
 
     @classmethod
     def spread(cls, share: float, **extra: Any) -> Faults:
@@ -155,6 +160,9 @@ class Simulator:
         self.faults_served: Counter[str] = Counter()
         self._served = 0  # authenticated requests, for the fault rotation
         self._served_pages = 0  # pages answered while ignoring the token
+        self._listings = 0  # listing requests that reached the router
+        self.holding = threading.Event()  # set while a request is held (Faults.hold_listing)
+        self._release = threading.Event()
         self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True
         self._server.simulator = self  # type: ignore[attr-defined]
@@ -309,6 +317,18 @@ class Simulator:
         return found
 
     # ------------------------------------------------------------------ faults
+    def release_hold(self) -> None:
+        """Answer the request held by ``Faults.hold_listing`` (and any later one)."""
+        self._release.set()
+
+    def _maybe_hold(self) -> None:
+        with self._lock:
+            self._listings += 1
+            hold = self.faults.hold_listing and self._listings == self.faults.hold_listing
+        if hold:
+            self.holding.set()
+            self._release.wait(timeout=300)
+
     def _roll_fault(self) -> str | None:
         with self._lock:
             self._served += 1
@@ -372,8 +392,11 @@ class Simulator:
         if parts == ["help", "hawk", "self-test"]:
             return 200, {"authenticated": True}
         if parts == ["v2", "alerts"]:
+            self._maybe_hold()
             return self._list(query)
         if len(parts) >= 3 and parts[:2] == ["v2", "alerts"]:
+            if parts[2] in self.faults.broken_ids:
+                return 500, {"errors": ["internal error"]}
             alert = self._by_id.get(parts[2])
             if alert is None or alert.visible_at > self.clock():
                 return 404, {"errors": ["alert not found"]}

@@ -92,7 +92,8 @@ class CycleGuard(Protocol):
 
     def progress(self, summary: Summary) -> None:
         """A page was read: progress, for the daemon's liveness (a long revisit at a low
-        budget must not look like a hung cycle)."""
+        budget must not look like a hung cycle). Raises LeaseLost when the lease is no
+        longer ours, before the page's alerts are written (see ``Lease.confirm``)."""
 
 
 class Revisitor(Protocol):
@@ -441,6 +442,7 @@ class Cycle:
         return self.hooks.should_stop()
 
     def progress(self, summary: Summary) -> None:
+        self._keep_lease()
         self.hooks.observer.page(summary)
 
     def walk(
@@ -660,6 +662,14 @@ class Cycle:
                 },
             )
 
+    def _keep_lease(self) -> None:
+        """Between pages: a run that lost its lease stops within a page, not at the end of
+        its chunk (a day, in a catch-up). Free unless the last renewal is old (a pause)."""
+        lost = self.hooks.lease_lost()
+        if lost is not None:
+            raise lost
+        self.lease.confirm()
+
     def _fence(self) -> None:
         """Prove the lease is still ours right before writing state (a paused process that
         lost it must not commit)."""
@@ -696,6 +706,7 @@ class Cycle:
                 for pages, page in enumerate(self.source.list_alerts(status, since, until), 1):
                     if self.hooks.should_stop():
                         raise Stopped()
+                    self._keep_lease()  # before this page's alerts are written
                     if splittable and pages > self.settings.pages_per_listing:
                         writer.finish()  # what was handed over is archived: carried, not lost
                         raise ChunkTooLong(dict(seen_now))
