@@ -599,7 +599,7 @@ def test_status_names_a_corrupt_revisit_state_and_still_shows_the_rest(
     result = run_poller(["status", "--json"], env)
     assert result.returncode == 0, result.stderr[-1500:]
     report = json.loads(result.stdout)
-    assert "revisit.json is unreadable (JSONDecodeError)" in report["revisit"]["unreadable"]
+    assert "revisit.json is unreadable (JSONDecodeError: " in report["revisit"]["unreadable"]
     assert report["checkpoint"]["watermark"] is not None and report["lease"] is not None
     text = run_poller(["status", "--text"], env)
     assert text.returncode == 0
