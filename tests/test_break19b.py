@@ -152,17 +152,11 @@ def test_a_last_revisit_dated_in_the_future_does_not_switch_the_revisit_off():
     assert json.loads(store.get(layout.dismissal_key(active["id"])).body) == dismissed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design decision: verify lists only threatstack.statuses; with [active] it never "
-    "reads the dismissed list, so SPEC's 'verify reports the rest' does not hold there",
-)
 def test_verify_reports_a_late_dismissal_when_only_the_active_list_is_polled():
     """SPEC Dismissals: dismissals later than ``sync.revisit_days`` are what ``verify``
-    reports (README: it lists "both statuses"). The revisit reads the dismissed list whatever
-    ``threatstack.statuses`` says; verify, built with ``statuses: [active]``, does not: the
-    alert archived active and dismissed since is not reported (it only shows up as an id the
-    API does not know)."""
+    reports. Like the revisit, verify reads the dismissed list whatever
+    ``threatstack.statuses`` says: the alert archived active and dismissed since is reported
+    as a missing dismissal, not as an id the API does not know."""
     now = utc_now().replace(microsecond=0)
     created = now - timedelta(hours=1)
     doc = {"id": f"{int(created.timestamp()):08x}" + "d" * 16, "createdAt": iso_z(created)}
@@ -175,3 +169,20 @@ def test_verify_reports_a_late_dismissal_when_only_the_active_list_is_polled():
     source.doc, source.status = {**doc, "isDismissed": True}, "dismissed"
     findings = verifier.run(since, until, False, Summary("verify", "r"))
     assert findings.dismissals_missing == [doc["id"]]
+    assert findings.unknown_count["alerts"] == 0
+
+
+def test_verify_with_only_the_active_list_calls_no_dismissed_alert_missing():
+    """The dismissed list read for dismissals only: a dismissed alert never archived (the
+    user polls active alerts only) is not reported missing, and --repair writes nothing."""
+    now = utc_now().replace(microsecond=0)
+    created = now - timedelta(hours=1)
+    doc = {"id": f"{int(created.timestamp()):08x}" + "e" * 16, "createdAt": iso_z(created)}
+    store = MemoryObjectStore()
+    source = OneAlert({**doc, "isDismissed": True})
+    source.status = "dismissed"
+    verifier = Verifier(source, store, Archive(store, Layout(), "org"), ("active",), lambda: now)
+    findings = verifier.run(now - timedelta(hours=2), now, True, Summary("verify", "r"))
+    assert findings.complete
+    assert (findings.missing_count["alerts"], findings.dismissals_missing_count) == (0, 0)
+    assert list(store.list_keys("")) == []

@@ -216,6 +216,12 @@ class Verifier:
         self.archive = archive
         self.layout = archive.layout
         self.statuses = poll_order(statuses)
+        # The dismissed list is read even when threatstack.statuses leaves it out, as the
+        # revisit reads it: only to find later dismissals of alerts archived active, never to
+        # call a dismissed alert missing (README: An audit).
+        self._lists = (
+            poll_order((*statuses, "dismissed")) if "dismissed" not in statuses else self.statuses
+        )
         self.clock = clock
         self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
@@ -257,27 +263,30 @@ class Verifier:
         checksums: bool,
     ) -> None:
         row = DayRow(day=nominal.strftime("%Y-%m-%d"))
-        found: dict[str, tuple[Alert, str]] = {}
+        found: dict[str, tuple[Alert, str]] = {}  # the lists threatstack.statuses names
+        listed: dict[str, tuple[Alert, str]] = {}  # and the dismissed list, always
         if start < end:
-            for status in self.statuses:
+            for status in self._lists:
                 for page in self.source.list_alerts(status, start, end):
                     for raw in page:
                         item = classify(raw)
                         if not isinstance(item, Alert):
                             findings.malformed += 1
-                        elif nominal <= item.created < end and item.id not in found:
-                            found[item.id] = (item, status)
+                        elif nominal <= item.created < end and item.id not in listed:
+                            listed[item.id] = (item, status)
+                            if status in self.statuses:
+                                found[item.id] = (item, status)
                     self.observer.page(summary)
         row.api = len(found)
         summary.listed += len(found)
 
         webhook_ids = self._webhook_ids(nominal, end)
         judged_webhooks = {i for i, minute in webhook_ids.items() if minute is not None}
-        wanted_folders = {alert_id[:4] for alert_id in found} | _folders_for(nominal, end)
+        wanted_folders = {alert_id[:4] for alert_id in listed} | _folders_for(nominal, end)
         archived_alerts: set[str] = set()
         for folder in wanted_folders:
             held = folders.ids(folder)
-            archived_alerts |= (held & set(found)) | self._in_day(held, nominal, end, webhook_ids)
+            archived_alerts |= (held & set(listed)) | self._in_day(held, nominal, end, webhook_ids)
 
         absent = [i for i in found if i not in archived_alerts or i not in webhook_ids]
         kept = self._quarantined(absent, found)
@@ -287,8 +296,8 @@ class Verifier:
         summary.quarantined += len(kept)
         missing_alerts = [i for i in found if i not in archived_alerts and i not in kept]
         missing_webhooks = [i for i in found if i not in webhook_ids and i not in kept]
-        unknown_alerts = [i for i in archived_alerts if i not in found]
-        unknown_webhooks = [i for i in judged_webhooks if i not in found]
+        unknown_alerts = [i for i in archived_alerts if i not in listed]
+        unknown_webhooks = [i for i in judged_webhooks if i not in listed]
         for kind, missing, unknown in (
             ("alerts", missing_alerts, unknown_alerts),
             ("webhooks", missing_webhooks, unknown_webhooks),
@@ -300,14 +309,14 @@ class Verifier:
             findings.note("missing", kind, missing)
             findings.note("unknown", kind, unknown)
         findings.days.append(row)
-        with_dismissal = self._dismissals(found, archived_alerts, repair, row, findings, summary)
+        with_dismissal = self._dismissals(listed, archived_alerts, repair, row, findings, summary)
 
         if checksums:
             recorded = self._manifest(nominal.date(), findings)
-            for alert_id in sorted(archived_alerts & set(found)):
+            for alert_id in sorted(archived_alerts & set(listed)):
                 self._check_sum(self.layout.alert_key(alert_id), findings, recorded)
-            for alert_id in sorted(set(found) & set(webhook_ids)):
-                alert = found[alert_id][0]
+            for alert_id in sorted(set(listed) & set(webhook_ids)):
+                alert = listed[alert_id][0]
                 key = self.layout.webhook_key(alert_id, alert.created)
                 self._check_sum(key, findings, recorded)
             # Dismissal records come after their day closed: no manifest lists them, but S3's
