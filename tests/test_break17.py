@@ -1,0 +1,60 @@
+"""Issue 17, tried to break: each test states what a user may expect where the review found
+the product fell short."""
+
+from __future__ import annotations
+
+import json
+
+from poller.archive.allowance import PrefixAllowance
+from poller.archive.records import Layout
+from poller.archive.store import MemoryObjectStore
+
+T0 = 1_764_000_000.0
+LEDGER = "p/_poller/budget.json"
+
+
+def test_a_ledger_grant_dated_far_in_the_future_does_not_stall_the_prefix():
+    """A host whose wall clock was an hour ahead (then stepped back by NTP), or a hand edit,
+    leaves grants dated an hour from now. Clocks sharing a prefix are in step (Hawk refuses
+    more than a minute of skew), so such a grant cannot be believed: it must not hold every
+    process back for an hour (or for ever, with ``1e12`` or ``Infinity``)."""
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        assert sum(slept) < 61.5, f"waited {sum(slept)} s for a grant dated in the future"
+
+    store = MemoryObjectStore()
+    for at in (T0 + 3600.0, 1e12):
+        ledger = {"version": 1, "per_minute": 20, "grants": [[at, 20, "ahead", at + 10.0]]}
+        store.put(LEDGER, json.dumps(ledger).encode())
+        run = PrefixAllowance(store, Layout("p"), 20, "run", lambda: T0, sleep)
+        run.take()
+    found = store.get(LEDGER)
+    assert found is not None
+    assert all(g[0] < T0 + 3600 for g in json.loads(found.body)["grants"])
+
+
+def test_a_busy_process_whose_wall_clock_steps_back_an_hour_goes_on():
+    """README, *Failure behaviour*: when the wall clock steps, the request budget does not
+    change. A process that used the whole budget, then had its clock stepped back an hour,
+    finds its own grants dated an hour ahead: it must not wait an hour for them."""
+    wall = [T0]
+    mono = [0.0]
+
+    def sleep(seconds: float) -> None:
+        assert seconds < 61.5, f"asked to wait {seconds} s"
+        wall[0] += seconds
+        mono[0] += seconds
+
+    store = MemoryObjectStore()
+    run = PrefixAllowance(
+        store, Layout("p"), 20, "run", lambda: wall[0], sleep, clock=lambda: mono[0]
+    )
+    for _ in range(20):
+        run.take()
+        wall[0] += 0.5
+        mono[0] += 0.5
+    wall[0] -= 3600.0
+    for _ in range(5):
+        run.take()
