@@ -3,11 +3,17 @@ the product fell short."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
+
+import pytest
 
 from poller.archive.allowance import PrefixAllowance
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
+from poller.errors import MalformedResponse
+from poller.threatstack.decoding import BodyDecoder
 
 T0 = 1_764_000_000.0
 LEDGER = "p/_poller/budget.json"
@@ -58,3 +64,28 @@ def test_a_busy_process_whose_wall_clock_steps_back_an_hour_goes_on():
     wall[0] -= 3600.0
     for _ in range(5):
         run.take()
+
+
+def test_a_gzip_answer_of_several_members_is_read_whole():
+    """RFC 1952: a gzip file is a series of members, and gateways that compress as they stream
+    send several (Python's gzip and urllib3 read them all). Reading only the first cut every
+    page short ("not JSON", every cycle); data after the end of a deflate stream, or after a
+    gzip member that is not a member, is a malformed answer, not silently dropped."""
+    body = json.dumps({"alerts": [{"id": "a" * 24}], "token": None}).encode()
+    members = gzip.compress(body[:10]) + gzip.compress(body[10:])
+    for chunking in (len(members), 7, 1):
+        decoder = BodyDecoder("gzip", 1000)
+        out = b"".join(
+            decoder.feed(members[i : i + chunking]) for i in range(0, len(members), chunking)
+        )
+        decoder.finish()
+        assert out == body
+    for coding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        decoder = BodyDecoder(coding, 1000)
+        with pytest.raises(MalformedResponse):
+            decoder.feed(packed + b"GARBAGE")
+            decoder.finish()
+    bomb = gzip.compress(b"x" * 600) * 4  # each member under the limit, together over it
+    decoder = BodyDecoder("gzip", 1000)
+    with pytest.raises(MalformedResponse, match="once decoded"):
+        decoder.feed(bomb)
