@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,36 @@ def test_a_gzip_answer_of_several_members_is_read_whole():
     decoder = BodyDecoder("gzip", 1000)
     with pytest.raises(MalformedResponse, match="once decoded"):
         decoder.feed(bomb)
+
+
+def test_an_owed_id_the_api_refuses_with_403_does_not_fail_every_cycle():
+    """A pushed id of another organisation may as well be answered 403 as 404 (the vendor
+    does not say which). The listings of the cycle just worked with the same credentials, so
+    the 403 is about that one id: it must be given up on like any other failed fetch, not
+    fail the cycle (exit 1) every time, for ever, while a real owed alert waits behind it."""
+    from test_sync import LAYOUT, World, ago, run_with_pending
+
+    from poller.archive.state import PendingRecords
+    from poller.errors import ApiAuthError
+    from poller.walks.sync import OWED_MAX_ATTEMPTS
+
+    world = World()
+    get_alert = world.source.get_alert
+
+    def refusing(alert_id: str) -> Any:
+        if alert_id == "theirs403":
+            raise ApiAuthError("Threat Stack refused access (403)")
+        return get_alert(alert_id)
+
+    world.source.get_alert = refusing  # type: ignore[method-assign]
+    world.cycle()
+    pending = PendingRecords(world.store, LAYOUT)
+    pending.add("theirs403", "")
+    pending.add("pushed00old", "")
+    world.source.add("pushed00old", ago(180))
+    for _ in range(OWED_MAX_ATTEMPTS + 1):
+        run_with_pending(world, pending)
+        world.now += timedelta(minutes=5)
+    assert "pushed00old" in world.archived_ids()
+    assert pending.ids() == []
+    assert pending.unfetchable() == ["theirs403"]
