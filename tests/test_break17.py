@@ -124,3 +124,29 @@ def test_an_owed_id_the_api_refuses_with_403_does_not_fail_every_cycle():
     assert "pushed00old" in world.archived_ids()
     assert pending.ids() == []
     assert pending.unfetchable() == ["theirs403"]
+
+
+def test_a_restarted_daemon_clears_the_red_record_its_predecessor_left(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """/healthz red makes the orchestrator restart the pod: that is its purpose. The new
+    process starts at 0 failures, so its first good cycle changed no count and wrote nothing,
+    and ``poller status`` went on saying "5 cycles in a row failed ... /healthz is red" about
+    a daemon that has been healthy since."""
+    from test_scheduler import make_daemon
+
+    from poller.archive.failures import FailureRecord
+    from poller.errors import ApiAuthError
+    from poller.serving.daemon import FAILURES_BEFORE_RED
+
+    failing, _ = make_daemon(monkeypatch, ApiAuthError("Threat Stack rejected (401)"))
+    for _ in range(FAILURES_BEFORE_RED):
+        failing.cycle()
+    assert failing.alive()[0] is False
+    restarted, _ = make_daemon(monkeypatch, None)  # the orchestrator's restart
+    restarted.runtime.store = failing.runtime.store  # the same bucket
+    restarted.cycle()
+    record = FailureRecord(restarted.runtime.store, Layout()).read()
+    assert record is not None
+    assert record["failed_cycles_in_a_row"] == 0 and record["last_outcome"] == "ok"
+    restarted.cycle()  # and a healthy daemon still writes nothing after that
