@@ -227,9 +227,25 @@ class Runtime:
 
     # Creation days this process archived into (see Archive.touched).
     touched_days: set[date] = field(default_factory=set)
+    # Days a backfill or a repair marked due before its first write into them.
+    marked_ahead: set[date] = field(default_factory=set)
+    _mark_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def archive(self) -> Archive:
-        return Archive(self.store, self.layout, self.settings.threatstack.org_id, self.touched_days)
+        ahead = self.mark_due_ahead if self.mode in ("backfill", "verify") else None
+        return Archive(
+            self.store, self.layout, self.settings.threatstack.org_id, self.touched_days, ahead
+        )
+
+    def mark_due_ahead(self, day: date) -> None:
+        """Before a backfill's or a repair's first write into ``day``: its due marker, so a
+        kill after the write (whose rerun meets a 412 and archives nothing) still leaves the
+        day to be tabled again. ``mark_tables_due`` marks it again at the end, after the
+        last write (a new ETag: a pass that listed the day meanwhile leaves it due)."""
+        with self._mark_lock:  # the writers are threads: one marker before any write
+            if day not in self.marked_ahead:
+                self.tables_builder().mark_due(day, f"being archived into by {self.mode}")
+                self.marked_ahead.add(day)
 
     def give_back(self) -> None:
         """At a clean exit and a cycle's end: the slots of the prefix's budget this process

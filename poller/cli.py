@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
@@ -354,11 +355,13 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
         )
         if missing:
             console.print(f"[yellow]{missing}[/yellow]")
-    con = connect(fetched.files, fetched.parts)
-    try:
-        answer = run_sql(con, args.sql, fetched.parts)
-    finally:
-        con.close()
+    # DuckDB's spill folder: a private one, gone with the query (see connect).
+    with tempfile.TemporaryDirectory(prefix="poller-query-") as spill:
+        con = connect(fetched.files, fetched.parts, Path(spill))
+        try:
+            answer = run_sql(con, args.sql, fetched.parts)
+        finally:
+            con.close()
     if wants_text(sys.stdout, args.output):
         console_for(sys.stdout).print(render_rows(answer.columns, answer.rows))
     else:
@@ -371,7 +374,8 @@ def cmd_query(settings: Settings, run_id: str, args: argparse.Namespace) -> int:
 
 def _days_without_tables(runtime: Runtime, since: date, until: date, built: list[str]) -> str:
     """When days of the range have no tables: which are not closed yet, which wait for
-    ``poller tables``. Empty when every day has them."""
+    ``poller tables``, which lie before the archive's first day (one LIST request to find
+    it). Empty when every day has them."""
     have = set(built)
     lacking = [d for d in days(since, until) if d.isoformat() not in have]
     if not lacking:
@@ -380,8 +384,16 @@ def _days_without_tables(runtime: Runtime, since: date, until: date, built: list
         runtime.watermark(), timedelta(seconds=runtime.settings.sync.lookback_seconds)
     )
     open_days = [d for d in lacking if last_closed is None or d > last_closed]
-    unbuilt = [d for d in lacking if d not in open_days]
+    # poller tables starts at the archive's first day: the days before it get no tables.
+    first = runtime.tables_builder().first_day()
+    before = [d for d in lacking if d not in open_days and (first is None or d < first)]
+    unbuilt = [d for d in lacking if d not in open_days and d not in before]
     parts = []
+    if before:
+        first_text = "none archived yet" if first is None else f"it starts on {first}"
+        parts.append(
+            f"before the archive's first day ({first_text}), nothing to table: {_day_span(before)}"
+        )
     if open_days:
         parts.append(
             f"not closed yet: {_day_span(open_days)} (a day is closed once the archive's"

@@ -16,6 +16,7 @@ from poller.archive.records import Alert, classify
 from poller.archive.store import MemoryObjectStore
 from poller.errors import QueryError
 from poller.tables.query import connect, run_sql
+from poller.timeutil import parse_alert_time
 
 
 def _query(world: World, sql: str) -> list[tuple[Any, ...]]:
@@ -209,15 +210,19 @@ def test_a_pass_lists_the_dismissal_index_since_its_mark_not_every_record(
     costs = []
     for old in (5, 60):
         (tmp_path / str(old)).mkdir()
-        world = World(tmp_path / str(old), count=70, dismissed=0)
+        # 240 alerts over three days: the first 62 by creation all fall before day 1's 23:00,
+        # so every dismissal below is dated after its alert's creation, as in life.
+        world = World(tmp_path / str(old), count=240, dismissed=0)
         world.store.list_page = 10  # S3 lists 1,000 keys a request: 10 here, to see pages
         start = datetime(2026, 11, 10, tzinfo=UTC)
         clock = Clock(world, monkeypatch, start)
         world.build(clock=clock)
-        ids = sorted(world.docs)
+        created = {i: parse_alert_time(doc["createdAt"]) for i, doc in world.docs.items()}
+        ids = sorted(created, key=created.__getitem__)
+        assert created[ids[61]] < DAY1 + timedelta(hours=23)
         for n in range(old):  # an old archive's dismissals, all of day 1
             clock.now = start + timedelta(seconds=n)
-            _dismiss(world, ids[n], DAY1 + timedelta(hours=20))
+            _dismiss(world, ids[n], DAY1 + timedelta(hours=23))
         clock.now = start + timedelta(hours=1)
         assert world.build(clock=clock).dismissal_rows == old
         clock.now = start + timedelta(hours=3)  # idle: the mark moves past the old records

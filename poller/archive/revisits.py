@@ -100,6 +100,14 @@ def _run_record(
     return value
 
 
+def _why(exc: Exception) -> str:
+    """What did not read, for an operator: the error's kind and its text, cut short (the
+    file holds alert ids and instants, nothing secret)."""
+    if isinstance(exc, KeyError):
+        return f"KeyError: {exc.args[0]!r} is missing"
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
 class RevisitStore:
     def __init__(self, store: ObjectStore, layout: Layout) -> None:
         self._store = store
@@ -111,6 +119,7 @@ class RevisitStore:
         stored = self._store.get(self._key)
         if stored is None:
             return RevisitState()
+        part = ""  # which part of the document is being read, for the message
         try:
             document = json.loads(stored.body)
             version = document["version"]
@@ -120,15 +129,18 @@ class RevisitStore:
                     f"{self._key} has version {version!r}; this poller reads version"
                     f" {REVISIT_VERSION} (was it written by a newer poller?)"
                 )
+            part = "handled: "
             handled = {str(k): int(v) for k, v in (document.get("handled") or {}).items()}
+            part = "current: "
             current = _run_record(document.get("current"), CURRENT_INSTANTS, ("run_id",))
+            part = "last: "
             last = _run_record(document.get("last"), LAST_INSTANTS)
         except UnreadableState:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Deleting it is safe: the next revisit re-reads its range and writes nothing twice.
             raise UnreadableState(
-                f"{self._key} is unreadable ({type(exc).__name__}); inspect it, then delete it"
+                f"{self._key} is unreadable ({part}{_why(exc)}); inspect it, then delete it"
                 " (the next revisit rebuilds it, writing nothing twice)"
             ) from exc
         return RevisitState(handled, current, last, stored.etag)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import date, datetime
 from enum import Enum
 from typing import Any
@@ -44,6 +45,7 @@ class Archive:
         layout: Layout,
         organization_id: str,
         touched: set[date] | None = None,
+        before_write: Callable[[date], None] | None = None,
     ) -> None:
         self._store = store
         self.layout = layout
@@ -51,6 +53,10 @@ class Archive:
         # The UTC creation days archived into: a backfill or a repair makes them due again
         # for the query tables (poller.tables).
         self.touched = touched if touched is not None else set()
+        # Called with an alert's creation day before its records are written (a backfill's
+        # and a repair's write-ahead due marker: a kill after the write still leaves the day
+        # to be tabled again, and the rerun's 412 would not).
+        self._before_write = before_write
 
     def _create(self, key: str, body: bytes) -> bool:
         try:
@@ -109,6 +115,8 @@ class Archive:
             log.warning("alert.quarantined", extra={"fields": {"reason": bodies.reason}})
             return self.quarantine(bodies, status, seen_at), False
         full_body, webhook_body = bodies
+        if self._before_write is not None:
+            self._before_write(alert.created.date())
         full = self._create(self.layout.alert_key(alert.id), full_body)
         wrote_webhook = webhook and self._create(
             self.layout.webhook_key(alert.id, alert.created), webhook_body

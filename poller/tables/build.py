@@ -36,6 +36,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class TablesReport:
     unreadable: int = 0  # archived bodies that are not an alert with id and creation time
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
     future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
+    undated_dismissals: int = 0  # dismissal records with no usable dismissedAt
     s3_requests: int = 0
     duration_s: float = 0.0
     ok: bool = True
@@ -202,9 +204,21 @@ class TablesBuilder:
         return found
 
     def first_day(self) -> date | None:
-        """The archive's first creation day: its lowest ``webhooks/`` key, one request."""
+        """The archive's first creation day: its lowest dated ``webhooks/`` key, one request
+        (more when keys that are no day, like a console folder object, sort before it)."""
         key = self._store.first_key(self.keys.webhooks_prefix)
-        return None if key is None else day_of_webhook_key(self.keys, key)
+        if key is None:
+            return None
+        day = day_of_webhook_key(self.keys, key)
+        if day is not None:
+            return day
+        # Not a dated key (a console "folder" object such as ``webhooks/``, a ``.keep``):
+        # the first dated one, a page at a time. Dated keys sort right after such strays.
+        for item in self._store.iter_objects(self.keys.webhooks_prefix, key):
+            day = day_of_webhook_key(self.keys, item.key)
+            if day is not None:
+                return day
+        return None
 
     def plan(
         self, watermark: datetime | None, since: date | None = None, until: date | None = None
@@ -339,9 +353,13 @@ class TablesBuilder:
         plan.parts[table][day] = sorted((p for p in listed if p), key=lambda p: p.number)
 
     def mark_due(self, day: date, reason: str) -> None:
-        body = json.dumps({"reason": reason}).encode("utf-8")
-        with contextlib.suppress(PreconditionFailed):
-            self._store.put(self.keys.due_key(day), body, if_none_match=True)
+        """(Re)write the day's due marker. Each body is new (a nonce), so its ETag is: a pass
+        that read the marker before this write (and listed the day before what was just
+        archived) fails its If-Match delete, and the marker stays for the next pass."""
+        body = json.dumps(
+            {"reason": reason, "at": iso_z(self.clock()), "nonce": uuid.uuid4().hex}
+        ).encode("utf-8")
+        self._store.put(self.keys.due_key(day), body)
 
     def clear_due(self, day: date, etag: str) -> None:
         with contextlib.suppress(PreconditionFailed):
@@ -441,7 +459,8 @@ class _Pass:
             if keep_dismissed:
                 self.con.execute(
                     f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                    f" CAST(dismissed_at AS DATE), DATE '{day.isoformat()}', NULL"
+                    f" GREATEST(CAST(dismissed_at AS DATE), DATE '{day.isoformat()}'),"
+                    f" DATE '{day.isoformat()}', NULL"
                     f" FROM {source} WHERE dismissed_at IS NOT NULL"
                 )
             path.unlink()
@@ -482,7 +501,7 @@ class _Pass:
             self.report.alert_rows += staged
             self.con.execute(
                 f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                f" CAST(dismissed_at AS DATE), date, NULL FROM alert_rows"
+                f" GREATEST(CAST(dismissed_at AS DATE), date), date, NULL FROM alert_rows"
                 f" WHERE dismissed_at IS NOT NULL"
             )
             log.info(
@@ -547,20 +566,30 @@ class _Pass:
                 continue
             self.report.records_read += 1
             row = alert_row(stored.body, key)
-            if row is None or row["dismissed_at"] is None:
+            if row is None:
                 self.report.unreadable += 1
                 log.warning("tables.unreadable", extra={"fields": {"key": key}})
                 continue
             staged = {name: row[name] for name, _ in DISMISSAL_COLUMNS}
-            staged["date"] = self._record_day(key, row["dismissed_at"], stored.last_modified)
+            staged["date"] = max(
+                self._record_day(key, row["dismissed_at"], stored.last_modified), row["date"]
+            )  # never before its alert's day (a skewed clock): poller query reads from there
             staged["listed_at"] = batch[key].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
             rows.append(staged)
         self._stage("dismissal_rows", rows)
 
-    def _record_day(self, key: str, dismissed_at: str, archived: datetime) -> str:
+    def _record_day(self, key: str, dismissed_at: str | None, archived: datetime) -> str:
         """A dismissal record's partition: the day of its ``dismissedAt``, unless that is
-        later than the record's own archiving (plus FUTURE_SLACK), which cannot be true;
-        then the day it was archived (its Last-Modified, which never changes)."""
+        later than the record's own archiving (plus FUTURE_SLACK), which cannot be true, or
+        missing (``""``, null, 0: the record is still a dismissal the archive shows); then
+        the day it was archived (its Last-Modified, which never changes)."""
+        if dismissed_at is None:
+            self.report.undated_dismissals += 1
+            log.warning(
+                "tables.undated_dismissal",
+                extra={"fields": {"key": key, "filed_under": "archived day"}},
+            )
+            return archived.astimezone(UTC).date().isoformat()
         claimed = datetime.fromisoformat(dismissed_at).replace(tzinfo=UTC)
         if claimed <= archived + FUTURE_SLACK:
             return dismissed_at[:10]

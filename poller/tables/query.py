@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,8 +129,12 @@ class PartCache:
         return path
 
 
+def _quoted_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _quoted_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(_quoted_path(p) for p in paths) + "]"
 
 
 def damaged(exc: duckdb.Error, parts: Mapping[str, ListedObject]) -> FatalError | None:
@@ -164,11 +169,17 @@ def _remedy(path: str, item: ListedObject) -> str:
 
 
 def connect(
-    files: dict[str, list[Path]], parts: Mapping[str, ListedObject] | None = None
+    files: dict[str, list[Path]],
+    parts: Mapping[str, ListedObject] | None = None,
+    spill: Path | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with ``alerts``, ``dismissals`` and ``alerts_latest`` defined.
-    ``parts`` (``Fetched.parts``) names a damaged part in the error; FatalError (exit 1)."""
+    ``parts`` (``Fetched.parts``) names a damaged part in the error; FatalError (exit 1).
+    ``spill``: a folder of the caller's own for DuckDB to spill to (None: no spilling)."""
     con = duckdb.connect(":memory:")
+    # DuckDB lets the SQL read and write its temp_directory even with external access off;
+    # its default is ``.tmp`` under the working directory, which is the user's.
+    con.execute(f"SET temp_directory = {_quoted_path(spill) if spill else repr('')}")
     # The tables hold UTC without a zone: now(), casts and comparisons in UTC as well.
     con.execute("SET TimeZone = 'UTC'")
     for table in TABLES:
@@ -234,7 +245,8 @@ def run_sql(
 
 
 def json_value(value: Any) -> Any:
-    """A cell as JSON: timestamps (UTC, stored without a zone) as ISO 8601 with ``Z``."""
+    """A cell as JSON: timestamps (UTC, stored without a zone) as ISO 8601 with ``Z``; NaN
+    and infinities as null."""
     if isinstance(value, datetime):
         text = value.isoformat()
         return text + "Z" if value.tzinfo is None else text.replace("+00:00", "Z")
@@ -244,6 +256,8 @@ def json_value(value: Any) -> Any:
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity (JavaScript writes null too)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):

@@ -65,6 +65,8 @@ FIRST_DISMISSED = "first_dismissed"  # its full record is the dismissed version:
 NOT_ARCHIVED = "not_archived"  # the archive has no full record (verify reports it)
 UNENCODABLE_ALERT = "unencodable"  # no faithful JSON form (logged)
 QUARANTINED = "quarantined"  # not archivable as it is (an unsafe id...): quarantined, as sync
+# How far hosts sharing a prefix may disagree on the time (Hawk allows about 60 s each way).
+CLOCKS_DISAGREE = timedelta(minutes=5)
 API_KEEPS = timedelta(days=366)  # the API's year of alerts (config caps revisit_days there)
 RESULTS = (ARCHIVED, ALREADY, FIRST_DISMISSED, NOT_ARCHIVED, UNENCODABLE_ALERT, QUARANTINED)
 Piece = tuple[datetime, datetime]
@@ -94,12 +96,20 @@ class PieceRead:
 
 def revisit_due(state: RevisitState, now: datetime, interval: timedelta) -> bool:
     """An unfinished revisit is always due (it resumes); else one ``interval`` after the
-    last one started."""
+    last one started. A start later than now by more than ``CLOCKS_DISAGREE`` is not
+    believed (a hand edit, a clock once far ahead): it would keep every revisit off until
+    that date, so the revisit is due."""
     if state.current is not None or state.last is None:
         return True
     try:
         started = parse_instant(str(state.last["started_at"]), now)
     except (KeyError, ValueError):
+        return True
+    if started - now > CLOCKS_DISAGREE:
+        log.warning(
+            "revisit.started_in_future",
+            extra={"fields": {"started_at": state.last["started_at"], "now": iso_z(now)}},
+        )
         return True
     return now - started >= interval
 

@@ -216,6 +216,12 @@ class Verifier:
         self.archive = archive
         self.layout = archive.layout
         self.statuses = poll_order(statuses)
+        # The dismissed list is read even when threatstack.statuses leaves it out, as the
+        # revisit reads it: only to find later dismissals of alerts archived active, never to
+        # call a dismissed alert missing (README: An audit).
+        self._lists = (
+            poll_order((*statuses, "dismissed")) if "dismissed" not in statuses else self.statuses
+        )
         self.clock = clock
         self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
@@ -257,27 +263,30 @@ class Verifier:
         checksums: bool,
     ) -> None:
         row = DayRow(day=nominal.strftime("%Y-%m-%d"))
-        found: dict[str, tuple[Alert, str]] = {}
+        found: dict[str, tuple[Alert, str]] = {}  # the lists threatstack.statuses names
+        listed: dict[str, tuple[Alert, str]] = {}  # and the dismissed list, always
         if start < end:
-            for status in self.statuses:
+            for status in self._lists:
                 for page in self.source.list_alerts(status, start, end):
                     for raw in page:
                         item = classify(raw)
                         if not isinstance(item, Alert):
                             findings.malformed += 1
-                        elif nominal <= item.created < end and item.id not in found:
-                            found[item.id] = (item, status)
+                        elif nominal <= item.created < end and item.id not in listed:
+                            listed[item.id] = (item, status)
+                            if status in self.statuses:
+                                found[item.id] = (item, status)
                     self.observer.page(summary)
         row.api = len(found)
         summary.listed += len(found)
 
         webhook_ids = self._webhook_ids(nominal, end)
         judged_webhooks = {i for i, minute in webhook_ids.items() if minute is not None}
-        wanted_folders = {alert_id[:4] for alert_id in found} | _folders_for(nominal, end)
+        wanted_folders = {alert_id[:4] for alert_id in listed} | _folders_for(nominal, end)
         archived_alerts: set[str] = set()
         for folder in wanted_folders:
             held = folders.ids(folder)
-            archived_alerts |= (held & set(found)) | self._in_day(held, nominal, end, webhook_ids)
+            archived_alerts |= (held & set(listed)) | self._in_day(held, nominal, end, webhook_ids)
 
         absent = [i for i in found if i not in archived_alerts or i not in webhook_ids]
         kept = self._quarantined(absent, found)
@@ -287,8 +296,8 @@ class Verifier:
         summary.quarantined += len(kept)
         missing_alerts = [i for i in found if i not in archived_alerts and i not in kept]
         missing_webhooks = [i for i in found if i not in webhook_ids and i not in kept]
-        unknown_alerts = [i for i in archived_alerts if i not in found]
-        unknown_webhooks = [i for i in judged_webhooks if i not in found]
+        unknown_alerts = [i for i in archived_alerts if i not in listed]
+        unknown_webhooks = [i for i in judged_webhooks if i not in listed]
         for kind, missing, unknown in (
             ("alerts", missing_alerts, unknown_alerts),
             ("webhooks", missing_webhooks, unknown_webhooks),
@@ -300,16 +309,20 @@ class Verifier:
             findings.note("missing", kind, missing)
             findings.note("unknown", kind, unknown)
         findings.days.append(row)
-        self._dismissals(found, archived_alerts, repair, row, findings, summary)
+        with_dismissal = self._dismissals(listed, archived_alerts, repair, row, findings, summary)
 
         if checksums:
             recorded = self._manifest(nominal.date(), findings)
-            for alert_id in sorted(archived_alerts & set(found)):
+            for alert_id in sorted(archived_alerts & set(listed)):
                 self._check_sum(self.layout.alert_key(alert_id), findings, recorded)
-            for alert_id in sorted(set(found) & set(webhook_ids)):
-                alert = found[alert_id][0]
+            for alert_id in sorted(set(listed) & set(webhook_ids)):
+                alert = listed[alert_id][0]
                 key = self.layout.webhook_key(alert_id, alert.created)
                 self._check_sum(key, findings, recorded)
+            # Dismissal records come after their day closed: no manifest lists them, but S3's
+            # stored checksum still tells a body changed since it was written.
+            for alert_id in sorted(with_dismissal):
+                self._check_sum(self.layout.dismissal_key(alert_id), findings, None)
         to_repair = sorted(set(missing_alerts) | set(missing_webhooks))
         findings.to_repair += len(to_repair)
         if repair:
@@ -351,15 +364,18 @@ class Verifier:
         row: DayRow,
         findings: Findings,
         summary: Summary,
-    ) -> None:
+    ) -> set[str]:
         """Dismissed in the API, archived active, no dismissal record: report (and repair).
-        An alert whose full record is missing is repaired whole, as the dismissed version."""
+        An alert whose full record is missing is repaired whole, as the dismissed version.
+        Returns the ids of the day's dismissed alerts that have a dismissal record before
+        the repair (``--checksums`` reads those)."""
         dismissed = {i: alert for i, (alert, status) in found.items() if status == "dismissed"}
         row.dismissed = len(dismissed)
         candidates = sorted(set(dismissed) & archived_alerts)
         with_record: set[str] = set()
         for folder in {alert_id[:4] for alert_id in candidates}:
             with_record |= self._dismissal_folders.ids(folder)
+        with_record &= set(candidates)
         missing = []
         for alert_id in candidates:
             if alert_id in with_record:
@@ -373,7 +389,7 @@ class Verifier:
         room = IDS_SHOWN - len(findings.dismissals_missing)
         findings.dismissals_missing.extend(missing[: max(room, 0)])
         if not repair:
-            return
+            return with_record
         for alert_id in missing:
             try:
                 written = self.archive.store_dismissal(dismissed[alert_id])
@@ -388,6 +404,7 @@ class Verifier:
             findings.dismissals_repaired += 1
             if written:
                 summary.dismissals_archived += 1
+        return with_record
 
     def _manifest(self, day: date, findings: Findings) -> dict[str, str] | None:
         """The records of ``day``'s manifest (None: the day has none), after checking that
