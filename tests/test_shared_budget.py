@@ -137,7 +137,7 @@ def test_a_clean_exit_gives_back_its_unused_slots_a_killed_process_does_not():
 
 def test_a_wall_clock_step_neither_stretches_a_grant_nor_dates_its_use_back():
     """A grant is held 10 s by the monotonic clock; its last use is recorded as its start plus
-    the monotonic time since, whatever the wall clock did meanwhile (stepped back an hour)."""
+    the monotonic time since, whatever the wall clock did meanwhile (stepped back a minute)."""
     wall, mono = [T0], [0.0]
 
     def sleep(seconds: float) -> None:
@@ -149,7 +149,7 @@ def test_a_wall_clock_step_neither_stretches_a_grant_nor_dates_its_use_back():
         store, Layout("p"), 100, "run", lambda: wall[0], sleep, clock=lambda: mono[0]
     )
     run.take()  # a grant of 2 at T0
-    wall[0] -= 3600.0
+    wall[0] -= 60.0  # (a step past the skew hosts may have drops the grant: test_break17)
     mono[0] += 5.0
     run.take()  # its second slot, 5 s in
     run.take()  # a new grant, written at the stepped wall time; the first one settled

@@ -63,6 +63,11 @@ HORIZON_SECONDS = GRANT_SECONDS + COUNTED_SECONDS
 GRANT_SHARE = 0.1  # the largest grant is this share of the budget (at least one request)
 FIRST_GRANT = 2  # a process's first grant: an idle sync's two lists
 GROWTH = 4  # a grant used up is followed by one this many times its size
+# A grant dated further ahead than this cannot be believed: hosts sharing a prefix are in
+# step (Hawk refuses more than about 60 s of skew). It is the trace of a wall clock that was
+# ahead and stepped back, or of a hand edit, and counting it would hold every process back
+# until that date (an hour, or for ever): it is dropped from the ledger instead.
+FUTURE_SECONDS = 60.0 + GRANT_SECONDS
 GIVE_BACK_TRIES = 5  # compare-and-swap conflicts tolerated when giving slots back
 
 
@@ -246,7 +251,18 @@ class PrefixAllowance:
             self._next = grant.following
         found = self._store.get(self._key)
         entries = self._settle(_grants(found.body) if found is not None else [])
-        live = [e for e in entries if _last_moment(e) > now - COUNTED_SECONDS]
+        live = [
+            e
+            for e in entries
+            if _last_moment(e) > now - COUNTED_SECONDS and e[0] <= now + FUTURE_SECONDS
+        ]
+        if len(live) < len(entries):
+            ahead = [e for e in entries if not e[0] <= now + FUTURE_SECONDS]
+            if ahead:
+                log.warning(
+                    "budget.grant_from_the_future",
+                    extra={"fields": {"grants": len(ahead), "ahead_s": ahead[0][0] - now}},
+                )
         free = self.per_minute - sum(e[1] for e in live)
         # Room for half the grant it wants, or wait for it: grants cut to slivers by a full
         # budget would each cost a GET and a PUT.

@@ -9,8 +9,9 @@ health where status reads everything else. ``P/_poller/daemon.json`` (version 1)
      "last_outcome": "failed",              # ok | lease_held | failed | crashed
      "last_error": "Threat Stack rejected (401)"}
 
-Written when the count changes (each failed cycle, and the first good one after), so a
-healthy daemon writes nothing. Best effort: the failure is often the bucket itself, and
+Written when the count changes (each failed cycle, and the first good one after; also the
+first good cycle of a daemon restarted over a failing count), so a healthy daemon writes
+nothing. Best effort: the failure is often the bucket itself, and
 then the record stays as it was (its ``at`` says how old it is).
 """
 

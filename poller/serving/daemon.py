@@ -59,6 +59,7 @@ class Daemon:
         self.last_success: datetime | None = None
         self.last_error: str | None = None
         self.failures_in_a_row = 0
+        self._inherited_record = True  # daemon.json may hold an earlier process's count
         # Liveness: something must happen (a page read, a chunk committed, a cycle ended)
         # at least this often, or /healthz fails and Kubernetes restarts the pod.
         self.stall_after = timedelta(
@@ -119,6 +120,18 @@ class Daemon:
                 self.last_error = summary.error or "the cycle crashed (see the log)"
             if self.failures_in_a_row != failed_before:
                 self._record(outcome, now)
+            elif self._inherited_record and outcome in ("ok", "lease_held"):
+                # A daemon restarted for its red /healthz starts at 0: the record its
+                # predecessor left still says red. One GET, at the first good cycle only.
+                try:
+                    left = FailureRecord(self.runtime.store, self.runtime.layout).read()
+                except PollerError as exc:  # best effort, as the record itself
+                    log.warning("daemon.record_unread", extra={"fields": {"error": str(exc)}})
+                    left = None
+                if left is not None and left.get("failed_cycles_in_a_row"):
+                    self._record(outcome, now)
+            if outcome in ("ok", "lease_held", "failed", "crashed"):
+                self._inherited_record = False
             self.metrics.observe(summary, outcome, now)
             self.metrics.failures_in_a_row.set(self.failures_in_a_row)
             self.metrics.budget_used.set(len(self.runtime.budget.recent()))

@@ -47,13 +47,26 @@ class _Stage:
             data, self._head = self._head, b""
             self._start_deflate(data)
         assert self._inflater is not None
+        out = b""
         try:
-            # At most room + 1 bytes: one more than allowed is enough to know it is too big.
-            return self._inflater.decompress(data, room + 1)
+            while data and len(out) <= room:
+                if self._inflater.eof:
+                    # RFC 1952: a gzip body is a series of members (a gateway compressing
+                    # as it streams sends several); after a deflate stream nothing may follow.
+                    if self.coding == "deflate":
+                        raise MalformedResponse(
+                            f"Threat Stack's {self.coding}-encoded answer goes on past its end"
+                        )
+                    self._inflater = zlib.decompressobj(_GZIP_OR_ZLIB)
+                # At most room + 1 bytes: one more than allowed is enough to know it is too
+                # big (max_length is never 0 here, which would mean no limit).
+                out += self._inflater.decompress(data, room + 1 - len(out))
+                data = self._inflater.unused_data if self._inflater.eof else b""
         except zlib.error as exc:
             raise MalformedResponse(
                 f"Threat Stack's {self.coding}-encoded answer does not decode ({exc})"
             ) from exc
+        return out
 
     def finish(self) -> None:
         if self._inflater is None or not self._inflater.eof:

@@ -30,6 +30,7 @@ from poller.archive.records import Alert, Rejected, classify
 from poller.archive.state import Checkpoint, CheckpointStore, Lease, Owed, PendingRecords
 from poller.archive.writer import Archive, Outcome
 from poller.errors import (
+    ApiAuthError,
     ApiRequestError,
     ConfigError,
     CycleTimeout,
@@ -548,7 +549,8 @@ class Cycle:
         (5xx, timeouts after their retries) ends them for this cycle. An id the API answers
         404 for after OWED_NOT_FOUND_GRACE (another organisation's alert, one past
         retention, a typo), or that failed OWED_MAX_ATTEMPTS times, is given up on with the
-        reason (``status`` lists it); one not visible yet waits for the next cycle."""
+        reason (``status`` lists it); one not visible yet waits for the next cycle. A 400,
+        401 or 403 for an id counts as a failed fetch of that id, never fails the cycle."""
         if self.pending is None or not owed:
             return
         turn = sorted(owed)
@@ -568,7 +570,9 @@ class Cycle:
                 else:
                     log.info("pending.not_yet", extra={"fields": {"id": alert_id}})
                 continue
-            except (ApiRequestError, RetriableError) as exc:
+            except (ApiRequestError, ApiAuthError, RetriableError) as exc:
+                # A 403 (or 401) here is about this id: the cycle's listings just worked with
+                # the same credentials. Failing the cycle for it would fail every cycle.
                 if record.attempts + 1 >= OWED_MAX_ATTEMPTS:
                     self._give_up(record, f"{record.attempts + 1} fetches failed: {exc}", now)
                 else:
