@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 import time
 from typing import Any
@@ -245,6 +246,9 @@ def test_a_marker_without_its_webhook_record_gets_it_from_the_re_send():
     answer = app.post(f"/api/v1/s3/alert/{PUSH}", json={"alerts": [resent]})
     assert [r["result"] for r in answer.get_json()["results"]] == ["archived"]
     assert list(store.list_keys("webhooks/")) == ["webhooks/2025/11/30/12/22/halfpushed"]
+    marker = json.loads(store.get("_poller/pending/halfpushed").body)  # type: ignore[union-attr]
+    assert marker["webhook_key"] == "webhooks/2025/11/30/12/22/halfpushed"
+    assert "owed_since" in marker  # the rewrite does not restart the 404 grace period
 
 
 @pytest.mark.parametrize(

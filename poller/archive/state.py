@@ -294,6 +294,8 @@ class PendingRecords:
         """Point an existing mark at the webhook key actually written (its attempts kept)."""
         found = self._store.get(self._prefix + alert_id)
         document = _object_or_empty(found.body if found is not None else b"{}")
+        if found is not None:  # the rewrite moves Last-Modified: keep when it became owed
+            document.setdefault("owed_since", iso_z(found.last_modified))
         document["webhook_key"] = webhook_key
         self._store.put(self._prefix + alert_id, json.dumps(document).encode())
 
