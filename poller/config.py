@@ -87,6 +87,11 @@ def _items(raw: Any) -> Any:
 def _url(text: str) -> str:
     text = text.rstrip("/")
     parts = urlparse(text)
+    if "@" in parts.netloc:  # never echoed: the part before @ would be a secret
+        raise ValueError(
+            "a URL with credentials in it (user:password@host) is refused; credentials have"
+            " settings of their own"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {text!r}")
     return text

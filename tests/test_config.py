@@ -443,3 +443,18 @@ def test_poller_names_are_read_in_any_case_as_before():
 )
 def test_absurd_values_are_problems_not_crashes(tmp_path: Path, text: str):
     assert len(problems_of(tmp_path, text)) == 1
+
+
+def test_a_url_with_credentials_in_it_is_refused_without_showing_them():
+    """A URL is printed in logs and reprs; a password inside it would be too."""
+    environ = {
+        "THREATSTACK_USER_ID": "user",
+        "THREATSTACK_ORG_ID": "org",
+        "THREATSTACK_API_KEY": KEY,
+        "TS_AWS_S3_BUCKET": "archive",
+        "THREATSTACK_BASE_URL": "https://admin:hunter2hunter2@api.example.com/",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, environ=environ, required=REQUIRED_API + REQUIRED_S3)
+    assert "credentials in it" in str(caught.value)
+    assert "hunter2" not in str(caught.value) + repr(caught.value)
