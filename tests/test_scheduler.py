@@ -16,7 +16,7 @@ from poller.archive.failures import FailureRecord
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.config import Settings
-from poller.errors import ApiAuthError, LeaseHeld, Stopped
+from poller.errors import ApiAuthError, CycleTimeout, LeaseHeld, Stopped
 from poller.serving import daemon as scheduler
 from poller.serving.daemon import FAILURES_BEFORE_RED, Daemon
 from poller.terminal import render_status
@@ -155,6 +155,28 @@ def test_healthz_turns_red_after_five_failed_cycles_in_a_row_and_says_why(
     assert record["last_outcome"] == "failed" and record["run_id"] == "r"
     text = render_text(render_status({"bucket": "b", "daemon": record}, now.wall))
     assert "5 cycles in a row failed" in text and "Threat Stack rejected (401)" in text
+
+
+def test_cycles_that_commit_chunks_before_their_deadline_are_progress_not_failures(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A catch-up that commits chunks and then runs past its deadline, cycle after cycle,
+    moves the watermark each time: /healthz stays green; the error is still shown."""
+    daemon, now = make_daemon(monkeypatch, None)
+    deadline = CycleTimeout("the cycle ran past its deadline of 270s")
+
+    def committing_then_late(_runtime: Any, summary: Any, observer: Any) -> Any:
+        summary.chunks_done = 2
+        observer.committed(summary, 2)
+        raise deadline
+
+    monkeypatch.setattr(scheduler, "run_cycle", committing_then_late)
+    for _ in range(2 * FAILURES_BEFORE_RED):
+        daemon.cycle()
+        now.pass_time(timedelta(seconds=300))
+    assert daemon.alive()[0] is True
+    assert daemon.failures_in_a_row == 0 and daemon.last_error == str(deadline)
+    assert daemon.last_outcome == "failed"
 
 
 def test_a_good_cycle_after_failures_clears_the_record_and_a_healthy_daemon_writes_none(

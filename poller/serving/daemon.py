@@ -9,8 +9,8 @@ short on SIGTERM; a signal also stops the cycle between pages, releasing the lea
 clock is only shown (``last_progress``, metrics' timestamps).
 
 Liveness is real progress: a page read, a chunk committed, a cycle that ended well or found
-another writer. Failed cycles are not progress: FAILURES_BEFORE_RED of them in a row turn
-``/healthz`` red with the last error, so the orchestrator restarts the process.
+another writer. Failed cycles that committed nothing are not progress: FAILURES_BEFORE_RED of
+them in a row turn ``/healthz`` red with the last error, so the orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -115,9 +115,14 @@ class Daemon:
                 self.failures_in_a_row = 0
                 self.last_error = None
             elif outcome in ("failed", "crashed"):
-                # Not progress: the same failure cycle after cycle must turn /healthz red.
-                self.failures_in_a_row += 1
                 self.last_error = summary.error or "the cycle crashed (see the log)"
+                if summary.chunks_done:
+                    # It committed chunks before failing (a catch-up at its deadline): the
+                    # watermark moved, which is progress; the same failure with nothing
+                    # committed, cycle after cycle, must still turn /healthz red.
+                    self.failures_in_a_row = 0
+                else:
+                    self.failures_in_a_row += 1
             if self.failures_in_a_row != failed_before:
                 self._record(outcome, now)
             elif self._inherited_record and outcome in ("ok", "lease_held"):
