@@ -241,8 +241,14 @@ def test_rotated_credentials_are_picked_up_by_the_daemon_and_expired_ones_fail_h
     first_ids = {a.id for a in simulator.alerts}
 
     def archived() -> set[str]:
-        listing = s3.list_objects_v2(Bucket=bucket, Prefix="alerts/").get("Contents", [])
-        return {item["Key"].rsplit("/", 1)[-1] for item in listing}
+        """Ids with both records: a cycle writes the full record, then the webhook record,
+        so waiting on alerts/ alone let the credentials expire between the two."""
+
+        def ids(prefix: str) -> set[str]:
+            listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+            return {item["Key"].rsplit("/", 1)[-1] for item in listing}
+
+        return ids("alerts/") & ids("webhooks/")
 
     daemon = subprocess.Popen(
         [sys.executable, "-m", "poller", "run"],
