@@ -3,14 +3,13 @@ behaviour. Unit-sized: an in-memory store and a fake source, no servers."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from fakes import OneAlert, StaleChecksums, alert_an_hour_old
 
 from poller.archive.records import Layout
 from poller.archive.revisits import RevisitStore
@@ -23,43 +22,13 @@ from poller.walks.sync import Summary
 from poller.walks.verify import Verifier
 
 
-class StaleChecksums(MemoryObjectStore):
-    """Keeps the checksum of the first body written; a later rewrite keeps it too (a body
-    changed at rest, or by someone who did not send a new checksum)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sums: dict[str, str] = {}
-
-    def put(self, key: str, body: bytes, **conditions: Any) -> str:
-        self.sums.setdefault(key, base64.b64encode(hashlib.sha256(body).digest()).decode())
-        return super().put(key, body, **conditions)
-
-    def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
-        found = self.get(key)
-        return None if found is None else (found.body, self.sums.get(key))
-
-
-class OneAlert:
-    """The API with one alert, in the list ``status`` names."""
-
-    requests_sent = 0
-
-    def __init__(self, doc: dict[str, Any], status: str = "active") -> None:
-        self.doc, self.status = doc, status
-
-    def list_alerts(self, status: str, since: Any, until: Any) -> Iterator[list[Any]]:
-        yield [self.doc] if status == self.status else []
-
-
 def test_verify_checksums_reads_dismissal_records_too():
     """README: ``--checksums`` "reads every archived record of the range" and reports a body
     that no longer hashes to the checksum S3 stored. The dismissal record is the one an
     auditor asks about (who closed it, why): a changed one must be reported like a changed
     full record."""
     now = utc_now().replace(microsecond=0)
-    created = now - timedelta(hours=1)
-    doc = {"id": f"{int(created.timestamp()):08x}" + "b" * 16, "createdAt": iso_z(created)}
+    doc = alert_an_hour_old(now, "b")
     store = StaleChecksums()
     archive = Archive(store, Layout(), "org")
     source = OneAlert(doc)
@@ -158,8 +127,7 @@ def test_verify_reports_a_late_dismissal_when_only_the_active_list_is_polled():
     ``threatstack.statuses`` says: the alert archived active and dismissed since is reported
     as a missing dismissal, not as an id the API does not know."""
     now = utc_now().replace(microsecond=0)
-    created = now - timedelta(hours=1)
-    doc = {"id": f"{int(created.timestamp()):08x}" + "d" * 16, "createdAt": iso_z(created)}
+    doc = alert_an_hour_old(now, "d")
     store = MemoryObjectStore()
     archive = Archive(store, Layout(), "org")
     source = OneAlert(doc)
@@ -176,8 +144,7 @@ def test_verify_with_only_the_active_list_calls_no_dismissed_alert_missing():
     """The dismissed list read for dismissals only: a dismissed alert never archived (the
     user polls active alerts only) is not reported missing, and --repair writes nothing."""
     now = utc_now().replace(microsecond=0)
-    created = now - timedelta(hours=1)
-    doc = {"id": f"{int(created.timestamp()):08x}" + "e" * 16, "createdAt": iso_z(created)}
+    doc = alert_an_hour_old(now, "e")
     store = MemoryObjectStore()
     source = OneAlert({**doc, "isDismissed": True})
     source.status = "dismissed"

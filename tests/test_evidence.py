@@ -119,38 +119,12 @@ def test_verify_checksums_reads_every_record_and_notices_one_rewritten_without_o
 
 
 def test_a_body_that_no_longer_matches_its_stored_checksum_fails_verify():
-    import hashlib as _hashlib
+    from fakes import OneAlert, StaleChecksums
 
     from poller.archive.records import Layout
-    from poller.archive.store import MemoryObjectStore
     from poller.archive.writer import Archive
     from poller.walks.sync import Summary
     from poller.walks.verify import Verifier
-
-    class StaleChecksums(MemoryObjectStore):
-        """Keeps the checksum of the first body written; a later rewrite keeps it too."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.sums: dict[str, str] = {}
-
-        def put(self, key: str, body: bytes, **conditions: Any) -> str:
-            digest = base64.b64encode(_hashlib.sha256(body).digest()).decode()
-            self.sums.setdefault(key, digest)
-            return super().put(key, body, **conditions)
-
-        def stored_checksum(self, key: str) -> tuple[bytes, str | None] | None:
-            found = self.get(key)
-            return None if found is None else (found.body, self.sums.get(key))
-
-    class OneAlert:
-        requests_sent = 0
-
-        def __init__(self, doc: dict[str, Any]) -> None:
-            self.doc = doc
-
-        def list_alerts(self, status: str, since: Any, until: Any) -> Any:
-            yield [self.doc] if status == "active" else []
 
     now = utc_now().replace(microsecond=0)
     doc = {

@@ -60,6 +60,7 @@ class Daemon:
         self.last_error: str | None = None
         self.failures_in_a_row = 0
         self._inherited_record = True  # daemon.json may hold an earlier process's count
+        self._failure_record = FailureRecord(runtime.store, runtime.layout)
         # Liveness: something must happen (a page read, a chunk committed, a cycle ended)
         # at least this often, or /healthz fails and Kubernetes restarts the pod.
         self.stall_after = timedelta(
@@ -129,7 +130,7 @@ class Daemon:
                 # A daemon restarted for its red /healthz starts at 0: the record its
                 # predecessor left still says red. One GET, at the first good cycle only.
                 try:
-                    left = FailureRecord(self.runtime.store, self.runtime.layout).read()
+                    left = self._failure_record.read()
                 except PollerError as exc:  # best effort, as the record itself
                     log.warning("daemon.record_unread", extra={"fields": {"error": str(exc)}})
                     left = None
@@ -155,7 +156,7 @@ class Daemon:
             outcome,
             self.last_error,
         )
-        FailureRecord(self.runtime.store, self.runtime.layout).write(record, now)
+        self._failure_record.write(record, now)
 
     TABLES_RECHECK = timedelta(hours=1)
 

@@ -219,9 +219,7 @@ class Verifier:
         # The dismissed list is read even when threatstack.statuses leaves it out, as the
         # revisit reads it: only to find later dismissals of alerts archived active, never to
         # call a dismissed alert missing (README: An audit).
-        self._lists = (
-            poll_order((*statuses, "dismissed")) if "dismissed" not in statuses else self.statuses
-        )
+        self._lists = poll_order(tuple(dict.fromkeys((*statuses, "dismissed"))))
         self.clock = clock
         self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
