@@ -76,6 +76,20 @@ class World:
         )
 
 
+def backfill_and_verify(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """``poller backfill`` and ``poller verify`` over the last 3 days, started together."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "poller", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (["backfill", "--since", "3d"], ["verify", "--since", "3d"])
+    ]
+
+
 def test_a_process_sending_every_few_seconds_books_about_what_it_uses():
     """One request every 5 s at a budget of 100 (12 a minute): the ledger counts about those
     12 (at most 16), not a tenth of the budget per 10 s (50 when grants were fixed), so the
@@ -275,16 +289,7 @@ def test_backfill_and_verify_together_stay_within_one_budget(
         now = utc_now()
         sim.generate(120, now - timedelta(days=2), now - timedelta(hours=1))
         env = poller_env(sim, moto_server, bucket, POLLER_THREATSTACK__REQUESTS_PER_MINUTE="20")
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "poller", *args],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for args in (["backfill", "--since", "3d"], ["verify", "--since", "3d"])
-        ]
+        processes = backfill_and_verify(env)
         try:
             started = time.monotonic()
             last, stable_since = -1, time.monotonic()
@@ -368,16 +373,7 @@ def test_backfill_verify_and_serve_detail_fetches_stay_within_one_budget(
         )
         processes = []
         try:
-            processes = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "poller", *args],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for args in (["backfill", "--since", "3d"], ["verify", "--since", "3d"])
-            ]
+            processes = backfill_and_verify(env)
             started = time.monotonic()
             for start in range(0, len(pushed), 5):
                 batch = [
