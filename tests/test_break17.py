@@ -143,8 +143,8 @@ def test_a_restarted_daemon_clears_the_red_record_its_predecessor_left(
     for _ in range(FAILURES_BEFORE_RED):
         failing.cycle()
     assert failing.alive()[0] is False
-    restarted, _ = make_daemon(monkeypatch, None)  # the orchestrator's restart
-    restarted.runtime.store = failing.runtime.store  # the same bucket
+    # the orchestrator's restart, on the same bucket
+    restarted, _ = make_daemon(monkeypatch, None, failing.runtime.store)
     restarted.cycle()
     record = FailureRecord(restarted.runtime.store, Layout()).read()
     assert record is not None

@@ -51,15 +51,18 @@ def render_text(table: Any) -> str:
 
 
 def make_daemon(
-    monkeypatch: pytest.MonkeyPatch, outcome: BaseException | None
+    monkeypatch: pytest.MonkeyPatch,
+    outcome: BaseException | None,
+    store: MemoryObjectStore | None = None,
 ) -> tuple[Daemon, Clocks]:
+    """A daemon whose cycles end in ``outcome``, on ``store`` (a new one by default)."""
     now = Clocks()
     runtime: Any = SimpleNamespace(
         settings=Settings(),
         stop=threading.Event(),
         run_id="r",
         budget=RequestBudget(100),
-        store=MemoryObjectStore(),
+        store=store or MemoryObjectStore(),
         layout=Layout(),
     )
 
