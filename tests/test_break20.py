@@ -278,6 +278,55 @@ def test_an_archive_from_before_the_index_is_scanned_once(
     }
 
 
+def test_the_one_time_scan_is_bounded_by_the_deadline_and_resumes_where_it_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon gives tables a bounded time per cycle; an archive whose dismissal records
+    predate the index (no state) used to be scanned and read whole in one pass. Each pass
+    now reads a batch (7 here) past its deadline and the next resumes after it: every record
+    read once, none twice in the parts; a record written during the scan (it sorts before
+    where the scan stands), and one left waiting for its day to close, both reach the parts."""
+    world = World(tmp_path, count=60, dismissed=0)
+    clock = Clock(world, monkeypatch, datetime(2026, 11, 10, tzinfo=UTC))
+    ids = sorted(world.docs)
+    closed = [i for i in ids if world.docs[i]["createdAt"] < "2026-11-03"]
+    old, late, waiting = closed[1:21], closed[0], closed[21]
+    for alert_id in old:  # an archive from before the index: records, no entries, no state
+        doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt="2026-11-02T23:00:00Z")
+        world.store.put(world.layout.dismissal_key(alert_id), json.dumps(doc).encode())
+    doc = dict(world.docs[waiting], isDismissed=True, dismissedAt="2026-11-03T20:00:00Z")
+    world.store.put(world.layout.dismissal_key(waiting), json.dumps(doc).encode())
+    reads: Counter[str] = Counter()
+    get = MemoryObjectStore.get
+
+    def counting(self: MemoryObjectStore, key: str) -> Any:
+        if key.startswith("p/dismissals/"):
+            reads[key] += 1
+        return get(self, key)
+
+    monkeypatch.setattr(MemoryObjectStore, "get", counting)
+    paused = []
+    for n in range(5):  # 21 records, 7 a pass: 3 passes scan, then the index
+        clock.now += timedelta(minutes=10)
+        builder = world.builder(clock=clock)
+        report = builder.run(builder.plan(world.watermark), deadline=0.0)  # long past
+        paused.append(report.dismissal_scan_paused)
+        if n == 1:  # written during the scan, behind it: found through the index
+            _dismiss(world, late, DAY1 + timedelta(days=1, hours=20))
+    assert paused == [True, True, True, False, False]
+    assert set(reads) == {world.layout.dismissal_key(i) for i in [*old, waiting, late]}
+    # Every record read once; the waiting one again by each pass until its day closes.
+    del reads[world.layout.dismissal_key(waiting)]
+    assert set(reads.values()) == {1}, reads
+    rows = Counter(r["id"] for r in world.rows("dismissals"))
+    assert rows == Counter([*old, late])  # the waiting one's day (3) is not closed
+    world.set_watermark(DAY1 + timedelta(days=4))  # day 3 closes
+    clock.now += timedelta(minutes=10)
+    world.build(clock=clock)
+    rows = Counter(r["id"] for r in world.rows("dismissals"))
+    assert rows == Counter([*old, late, waiting])
+
+
 def test_a_dismissal_dated_in_the_far_future_never_keeps_a_day_due(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

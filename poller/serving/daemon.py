@@ -190,7 +190,7 @@ class Daemon:
             log.exception("tables.crashed")
             return
         self._tables_checked, self._tables_through = self.monotonic(), last_closed
-        self._tables_more = report.days_left > 0
+        self._tables_more = report.days_left > 0 or report.dismissal_scan_paused
         self.metrics.table_parts.inc(report.parts_written)
         self.metrics.tables_pending.set(report.days_left)
         self._progressed()

@@ -89,6 +89,10 @@ class Mark:
     # The store's clock when the state was read: every record written this long (less
     # MARK_MARGIN) before it is in this pass's listing, so the mark may move up to it.
     read_at: datetime | None = None
+    # A one-time scan that a pass's deadline paused: the last key it read, and the mark the
+    # scan ends with (its first pass's start, or before a record it left waiting).
+    scan_after: str | None = None
+    scan_mark: datetime | None = None
 
 
 @dataclass
@@ -122,6 +126,7 @@ class TablesReport:
     unreadable: int = 0  # archived bodies that are not an alert with id and creation time
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
     future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
+    dismissal_scan_paused: bool = False  # the one-time scan stopped at the deadline; resumes
     undated_dismissals: int = 0  # dismissal records with no usable dismissedAt
     s3_requests: int = 0
     duration_s: float = 0.0
@@ -130,6 +135,11 @@ class TablesReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _time(text: Any) -> datetime | None:
+    """An ISO 8601 time of the state object (``Z`` or an offset), or None when absent."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 def _quote(path: Path) -> str:
@@ -277,20 +287,35 @@ class TablesBuilder:
             return Mark(None, None, indexed=False)
         try:
             document = json.loads(stored.body)
-            text = document.get("dismissals_read_until")
-            mark = datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+            mark = _time(document.get("dismissals_read_until"))
             indexed = document.get("version") == STATE_VERSION and document.get("index") is True
+            scan_after = None if indexed else document.get("scan_after")
+            scan_mark = None if indexed else _time(document.get("scan_mark"))
+            if scan_after is not None and not isinstance(scan_after, str):
+                raise TypeError("scan_after")
         except (ValueError, AttributeError, TypeError):
             log.warning("tables.state_unreadable", extra={"fields": {"key": self.keys.state_key}})
             # Read every dismissal record again: safe, just slower.
             return Mark(None, stored.etag, indexed=False)
-        return Mark(mark, stored.etag, indexed, stored.server_time)
+        return Mark(mark, stored.etag, indexed, stored.server_time, scan_after, scan_mark)
 
-    def save_mark(self, mark: datetime, etag: str | None) -> None:
-        body = json.dumps(
-            {"version": STATE_VERSION, "dismissals_read_until": iso_z(mark), "index": True},
-            sort_keys=True,
-        ).encode("utf-8")
+    def save_mark(
+        self,
+        mark: datetime | None,
+        etag: str | None,
+        scan_after: str | None = None,
+        scan_mark: datetime | None = None,
+    ) -> None:
+        """The mark, once the index may be read; with ``scan_after``, a paused one-time scan
+        (``mark`` stays what it skips by, ``scan_mark`` is the mark it will end with)."""
+        document: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "dismissals_read_until": iso_z(mark) if mark is not None else None,
+            "index": scan_after is None,
+        }
+        if scan_after is not None:
+            document |= {"scan_after": scan_after, "scan_mark": iso_z(scan_mark or self.clock())}
+        body = json.dumps(document, sort_keys=True).encode("utf-8")
         try:
             if etag is None:
                 self._store.put(self.keys.state_key, body, if_none_match=True)
@@ -306,7 +331,7 @@ class TablesBuilder:
         ``P/dismissals/`` itself (``mark.indexed``); before that, that one scan."""
         layout = self.keys.layout
         if not mark.indexed or mark.at is None:
-            for item in self._store.iter_objects(self.keys.dismissals_prefix):
+            for item in self._store.iter_objects(self.keys.dismissals_prefix, mark.scan_after):
                 yield item.key, item.last_modified
             return
         prefix = layout.dismissal_index_prefix
@@ -384,6 +409,7 @@ class _Pass:
         self.report = report
         self.owed_days: set[date] = set()
         self.built: list[date] = []
+        self.scan_after: str | None = None  # where a paused one-time scan resumes
         self._files = 0
         self._kept_due: set[date] = set()
         self.mark = Mark(None, None, indexed=False)
@@ -433,7 +459,7 @@ class _Pass:
             self._alerts_day(day)
             self.built.append(day)
             self.report.days_built.append(day.isoformat())
-        deferred_days = self._dismissals()
+        deferred_days = self._dismissals(deadline)
         for day in self.built:
             etag = self.plan.markers.get(day)
             if etag is not None and day not in self.owed_days and day not in deferred_days:
@@ -537,21 +563,33 @@ class _Pass:
         return staged
 
     # ------------------------------------------------------------------ dismissals
-    def _dismissal_records(self) -> datetime | None:
+    def _dismissal_records(self, deadline: float | None) -> datetime | None:
         """Stage the dismissal records written since the mark, a batch at a time; return the
-        newest Last-Modified listed (the next mark, before what waits)."""
+        newest Last-Modified listed (the next mark, before what waits). The one-time scan
+        stops at ``deadline`` after a batch (or a page of keys it skips), noting in
+        ``scan_after`` where the next pass resumes: it is bounded like the rest of a pass."""
         self.mark = self.b.load_mark()
         since = None if self.mark.at is None else self.mark.at - MARK_MARGIN
         newest = self.mark.at
         batch: dict[str, datetime] = {}
-        for key, listed_at in self.b.dismissal_listing(self.mark):
+        scanning = not self.mark.indexed or self.mark.at is None
+        for listed, (key, listed_at) in enumerate(self.b.dismissal_listing(self.mark), 1):
             newest = listed_at if newest is None else max(newest, listed_at)
-            if since is not None and listed_at < since:
-                continue
-            batch[key] = max(listed_at, batch.get(key, listed_at))
-            if len(batch) >= self.b._batch:
+            if since is None or listed_at >= since:
+                batch[key] = max(listed_at, batch.get(key, listed_at))
+            full = len(batch) >= self.b._batch
+            if full:
                 self._stage_dismissal_records(batch)
                 batch = {}
+            if (
+                scanning
+                and (full or listed % 1000 == 0)
+                and deadline is not None
+                and time.monotonic() >= deadline
+            ):
+                self._stage_dismissal_records(batch)
+                self.scan_after = key
+                return newest
         self._stage_dismissal_records(batch)
         return newest
 
@@ -629,9 +667,9 @@ class _Pass:
             )
         self.con.execute(f"DELETE FROM dismissal_rows WHERE {where}", [cutoff])
 
-    def _dismissals(self) -> set[date]:
+    def _dismissals(self, deadline: float | None) -> set[date]:
         """Write the dismissals parts; return the creation days whose dismissals wait."""
-        newest = self._dismissal_records()
+        newest = self._dismissal_records(deadline)
         self._drop_future_full_records()
         last_closed = self.plan.last_closed
         assert last_closed is not None
@@ -673,9 +711,25 @@ class _Pass:
         read_at = self.mark.read_at
         if read_at is not None and read_at - mark >= INDEX_CLOCK_SLACK:
             mark = read_at
-        if waiting[1] is not None:  # a record whose day is not closed: read it again
-            mark = min(mark, waiting[1].replace(tzinfo=UTC))
-        if mark != self.mark.at or not self.mark.indexed:
+        waiting_from = waiting[1].replace(tzinfo=UTC) if waiting[1] is not None else None
+        if waiting_from is not None:  # a record whose day is not closed: read it again
+            mark = min(mark, waiting_from)
+        if self.mark.scan_after is not None or self.scan_after is not None:
+            # A scan over several passes ends no later than its first pass began (what was
+            # written since is in the index; an hour for the clocks) nor after what a pass
+            # left waiting.
+            scan_mark = self.mark.scan_mark or self.now - INDEX_CLOCK_SLACK
+            if waiting_from is not None:
+                scan_mark = min(scan_mark, waiting_from)
+            mark = min(mark, scan_mark)
+        if self.scan_after is not None:
+            self.report.dismissal_scan_paused = True
+            log.info(
+                "tables.dismissal_scan_paused",
+                extra={"fields": {"resumes_after": self.scan_after, "reason": "deadline"}},
+            )
+            self.b.save_mark(self.mark.at, self.mark.etag, self.scan_after, scan_mark)
+        elif mark != self.mark.at or not self.mark.indexed:
             self.b.save_mark(mark, self.mark.etag)
         return waiting_sources
 
