@@ -312,7 +312,11 @@ def cmd_tables(settings: Settings, run_id: str, args: argparse.Namespace) -> int
                 "tables.nothing_closed",
                 extra={"fields": {"why": "no checkpoint yet, or no UTC day has closed"}},
             )
-        log.info("tables.done", extra={"fields": report.as_dict()})
+        if not report.ok:  # a damaged part: the other days were built
+            code = 1
+            log.error("tables.failed", extra={"fields": {"error": report.error, "exit_code": 1}})
+        else:
+            log.info("tables.done", extra={"fields": report.as_dict()})
     except PollerError as exc:
         report.ok, report.error, code = False, str(exc), exc.exit_code
         log.error("tables.failed", extra={"fields": {"error": str(exc), "exit_code": code}})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tables import DAY1, World
+from test_tables import DAY1, PREFIX, World
 
 from poller.archive.records import Alert, classify
 from poller.archive.store import MemoryObjectStore
@@ -125,7 +125,6 @@ def test_a_corrupt_part_in_the_bucket_is_named_as_damaged_data_not_bad_sql(
 
 
 def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
-    from poller.errors import PollerError
 
     world = World(tmp_path)
     world.build()
@@ -134,15 +133,59 @@ def test_a_corrupt_part_does_not_crash_the_builder(tmp_path: Path) -> None:
     world.store.put(key, b"PAR1 not really")
     late = world.factory.alert(DAY1 + timedelta(hours=9))
     world.put(late)
+    later = world.factory.alert(DAY1 + timedelta(days=1, hours=9))
+    world.put(later)
     builder = world.builder()
-    builder.mark_due(DAY1.date(), "test")
-    with pytest.raises(PollerError, match="cannot be read"):  # not a raw duckdb exception
-        builder.run(builder.plan(world.watermark))
+    for day in (DAY1, DAY1 + timedelta(days=1)):
+        builder.mark_due(day.date(), "test")
+    # Not a raw duckdb exception, and not a stop for every day after it: the damaged day is
+    # named and left as it is, day 2 gets its late alert, and the day stays due.
+    report = builder.run(builder.plan(world.watermark))
+    assert not report.ok and report.damaged_parts == [key]
+    assert report.error is not None and "cannot be read" in report.error
+    assert report.days_built == ["2026-11-02"] and report.alert_rows == 1
+    assert f"{PREFIX}/_poller/tables/due/2026-11-01" in world.store.snapshot()
     # The remedy the message gives: delete the day's parts; the next pass rebuilds the day.
     world.store.delete(key)
     assert world.build().ok
     ids = [r[0] for r in _query(world, "SELECT id FROM alerts")]
-    assert sorted(ids) == sorted(world.closed_ids())
+    assert Counter(ids) == Counter(list(world.closed_ids()))
+
+
+def test_a_damaged_dismissals_part_holds_its_day_and_the_remedy_rebuilds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dismissals part DuckDB cannot read: the other days' dismissals are written, the
+    mark stays (the damaged day's rows are not lost), and the remedy the error names
+    (delete the day's dismissals parts and the state) brings every row back, none twice."""
+    world = World(tmp_path, count=30, dismissed=0)
+    clock = Clock(world, monkeypatch, datetime(2026, 11, 10, tzinfo=UTC))
+    ids = sorted(i for i in world.docs if world.docs[i]["createdAt"] < "2026-11-02")
+    _dismiss(world, ids[0], DAY1 + timedelta(hours=23))
+    clock.now += timedelta(hours=2)
+    world.build(clock=clock)
+    key = next(k for k in world.part_keys("dismissals") if "2026-11-01" in k)
+    world.store.delete(key)
+    world.store.put(key, b"PAR1 not really")
+    _dismiss(world, ids[1], DAY1 + timedelta(hours=23))  # day 1: waits for the remedy
+    _dismiss(world, ids[2], DAY1 + timedelta(days=1, hours=5))  # day 2: written now
+    # A late repair into day 0 of an alert archived already dismissed on day 1: its row
+    # waits for day 1's part too, and day 0 stays due until then.
+    late = world.factory.alert(DAY1 - timedelta(hours=1), "dismissed")
+    late["dismissedAt"] = (DAY1 + timedelta(hours=2)).isoformat()
+    world.put(late)
+    builder = world.builder(clock=clock)
+    builder.mark_due((DAY1 - timedelta(days=1)).date(), "repair")
+    clock.now += timedelta(hours=2)
+    report = builder.run(builder.plan(world.watermark))
+    assert not report.ok and report.damaged_parts == [key]
+    assert report.error is not None and "state.json" in report.error
+    assert "p/_poller/tables/due/2026-10-31" in world.store.snapshot()
+    world.store.delete(key)
+    world.store.delete(world.layout.key("_poller", "tables", "state.json"))
+    clock.now += timedelta(hours=2)
+    assert world.build(clock=clock).ok
+    assert Counter(r["id"] for r in world.rows("dismissals")) == Counter([*ids[:3], late["id"]])
 
 
 def test_a_stale_cache_is_fetched_again_when_the_etag_moves(tmp_path: Path) -> None:

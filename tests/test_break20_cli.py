@@ -129,3 +129,10 @@ def test_a_damaged_part_is_named_with_exit_1_not_blamed_on_the_sql(
     assert f"the table part {damaged} is damaged" in result.stderr, result.stderr[-2000:]
     assert "refused the SQL" not in result.stderr and result.stdout == ""
     assert "bucket's copy is the one damaged" in result.stderr  # moto's ETag is the MD5
+    # poller tables over a due day with that part: exit 1 naming it, after the other days
+    day = damaged.split("/")[2].removeprefix("date=")
+    s3.put_object(Bucket=bucket, Key=f"_poller/tables/due/{day}", Body=b"{}")
+    built = run_poller(["tables"], env)
+    assert built.returncode == 1, built.stderr[-2000:]
+    report = summary_of(built)
+    assert report["damaged_parts"] == [damaged] and damaged in report["error"]

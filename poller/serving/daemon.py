@@ -194,7 +194,9 @@ class Daemon:
         self.metrics.table_parts.inc(report.parts_written)
         self.metrics.tables_pending.set(report.days_left)
         self._progressed()
-        if report.days_built or report.parts_written:
+        if not report.ok:  # a damaged part: the other days went on; the recheck retries it
+            log.error("tables.failed", extra={"fields": report.as_dict()})
+        elif report.days_built or report.parts_written:
             log.info("tables.done", extra={"fields": report.as_dict()})
 
     # A CycleObserver: every page and commit is progress, for liveness.

@@ -49,7 +49,14 @@ import duckdb
 from poller.archive.records import SAFE_ID, Layout
 from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
 from poller.errors import FatalError, Stopped
-from poller.tables.keys import Part, TableKeys, day_of_webhook_key, days, last_closed_day
+from poller.tables.keys import (
+    Part,
+    TableKeys,
+    day_of_webhook_key,
+    days,
+    last_closed_day,
+    rebuild_remedy,
+)
 from poller.tables.schema import (
     ALERT_COLUMNS,
     COLUMNS,
@@ -76,6 +83,16 @@ INDEX_CLOCK_SLACK = timedelta(hours=1)
 # *Query the archive*): the row goes to the day its record was archived.
 FUTURE_SLACK = timedelta(hours=1)
 WRITE_ATTEMPTS = 5
+
+
+class DamagedPart(FatalError):
+    """A part in the bucket that DuckDB cannot read: its day (and table) is left as it is,
+    the pass goes on with the others and ends with this error (``TablesReport.error``)."""
+
+    def __init__(self, table: str, key: str, reason: str) -> None:
+        remedy = rebuild_remedy(table, key.rsplit("/", 1)[0])
+        super().__init__(f"tables: the part {key} cannot be read ({reason}); {remedy}")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,7 @@ class TablesReport:
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
     future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
     dismissal_scan_paused: bool = False  # the one-time scan stopped at the deadline; resumes
+    damaged_parts: list[str] = field(default_factory=list)  # left alone; see DamagedPart
     undated_dismissals: int = 0  # dismissal records with no usable dismissedAt
     s3_requests: int = 0
     duration_s: float = 0.0
@@ -415,6 +433,13 @@ class _Pass:
         self.mark = Mark(None, None, indexed=False)
         self.now = builder.clock()
 
+    def _damaged(self, exc: DamagedPart) -> None:
+        """One damaged part blocks its day and table only: named, and the pass goes on."""
+        log.error("tables.damaged_part", extra={"fields": {"key": exc.key, "error": str(exc)}})
+        self.report.damaged_parts.append(exc.key)
+        if self.report.ok:  # the first is the report's error; the log names every one
+            self.report.ok, self.report.error = False, str(exc)
+
     def _keep_due(self, day: date, reason: str) -> None:
         """Mark ``day`` due before anything makes it look finished (its dismissals part), so
         a kill after that point still leaves it to be built again."""
@@ -456,7 +481,11 @@ class _Pass:
                 self.report.days_left = len(self.plan.due) - index
                 break
             self._check_stop()
-            self._alerts_day(day)
+            try:
+                self._alerts_day(day)
+            except DamagedPart as exc:
+                self._damaged(exc)
+                continue
             self.built.append(day)
             self.report.days_built.append(day.isoformat())
         deferred_days = self._dismissals(deadline)
@@ -477,10 +506,8 @@ class _Pass:
             try:
                 found = self.con.execute(f"SELECT id FROM {source}").fetchall()
             except duckdb.Error as exc:
-                raise FatalError(
-                    f"tables: the part {part.key} cannot be read ({exc}); delete every part of"
-                    " that day and table, and poller tables builds the day again from the archive"
-                ) from exc
+                path.unlink()
+                raise DamagedPart(table, part.key, str(exc)) from exc
             ids.update(row[0] for row in found)
             if keep_dismissed:
                 self.con.execute(
@@ -688,10 +715,24 @@ class _Pass:
         }
         for day in waiting_sources:
             self._keep_due(day, "dismissals wait for their day to close")
-        for day in sorted(target):
+        damaged: set[date] = set()
+        # Latest day first: a day's dismissals part is what makes it look finished, so the
+        # rows it sends to later days (an alert archived already dismissed, created the day
+        # before) are written before it; a kill between the two leaves it due.
+        for day in sorted(target, reverse=True):
             if day > last_closed:
                 continue
-            self._dismissals_day(day)
+            try:
+                self._dismissals_day(day)
+            except DamagedPart as exc:
+                self._damaged(exc)
+                damaged.add(day)
+                for (source,) in self.con.execute(
+                    f"SELECT DISTINCT source_day FROM dismissal_rows WHERE date = DATE"
+                    f" '{day.isoformat()}' AND source_day IS NOT NULL AND source_day <> date"
+                ).fetchall():  # built again once the day's remedy is applied
+                    self._keep_due(source, "a dismissal of it waits for a damaged part")
+                    damaged.add(source)
         waiting = self.con.execute(
             f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE date > {closed}"
         ).fetchone()
@@ -722,6 +763,10 @@ class _Pass:
             if waiting_from is not None:
                 scan_mark = min(scan_mark, waiting_from)
             mark = min(mark, scan_mark)
+        if damaged:
+            # The damaged days' rows were not written: the mark stays so they are read
+            # again, and these days (and the days they came from) stay due.
+            return waiting_sources | damaged
         if self.scan_after is not None:
             self.report.dismissal_scan_paused = True
             log.info(

@@ -94,3 +94,16 @@ def day_of_webhook_key(keys: TableKeys, key: str) -> date | None:
 
 def days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def rebuild_remedy(table: str, day_folder: str) -> str:
+    """What to delete so that a damaged part's day is built again (README, *Query the
+    archive*). A day's dismissals also come from dismissal records read long ago (found
+    again only by a scan: the state goes too) and from full records of earlier days."""
+    if table == "dismissals":
+        return (
+            f"delete the parts under {day_folder}/ and _poller/tables/state.json under the"
+            " prefix; the next poller tables reads every dismissal record again (no row"
+            " twice) and builds that day's dismissals again"
+        )
+    return f"delete the parts under {day_folder}/ and poller tables builds that day again"

@@ -31,7 +31,7 @@ import duckdb
 from poller.archive.records import Layout
 from poller.archive.store import ListedObject, ObjectStore
 from poller.errors import ConfigError, FatalError, QueryError
-from poller.tables.keys import TableKeys
+from poller.tables.keys import TableKeys, rebuild_remedy
 from poller.tables.schema import ALERT_COLUMNS, COLUMNS, TABLES, select_list
 
 # The view, in SQL both DuckDB and Athena (Trino) read; deploy/athena/ holds the same text.
@@ -157,10 +157,8 @@ def _remedy(path: str, item: ListedObject) -> str:
     except OSError:
         local = None
     etag = item.etag.strip('"')
-    rebuild = (
-        f"delete the parts under {item.key.rsplit('/', 1)[0]}/ and poller tables builds"
-        " that day again from the archive"
-    )
+    table = "dismissals" if "/tables/dismissals/" in f"/{item.key}" else "alerts"
+    rebuild = rebuild_remedy(table, item.key.rsplit("/", 1)[0])
     if local == etag:
         return (
             f"the bucket's copy is the one damaged (its ETag is the cached copy's MD5): {rebuild}"
@@ -198,8 +196,8 @@ def connect(
                     raise named from exc
                 raise FatalError(
                     f"a {table} part cannot be read: {exc} (if the cached copy is damaged,"
-                    " delete it from the cache folder; if the bucket's is, delete every part of"
-                    " that day and table, and poller tables builds the day again)"
+                    " delete it from the cache folder; if the bucket's is, "
+                    f"{rebuild_remedy(table, 'tables/' + table + '/date=DAY')})"
                 ) from exc
         else:
             body = ", ".join(f'"{name}" {kind}' for name, kind in columns)
