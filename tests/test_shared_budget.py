@@ -202,6 +202,30 @@ def test_processes_coming_and_going_at_any_pace_never_exceed_the_budget_together
     assert len(world.sent) >= 20 * 30 * 0.7
 
 
+def test_processes_with_different_budgets_keep_to_the_smallest_while_it_is_active(
+    caplog: pytest.LogCaptureFixture,
+):
+    """A backfill run with requests_per_minute 20 beside a daemon configured with 100 (one
+    config edited, not the other): while both send, no 60 s holds more than 20 of them
+    together; once the small one has been gone a minute, the daemon has its 100 again."""
+    world = World()
+    daemon, backfill = world.process("daemon", 100), world.process("backfill", 20)
+    while world.now < T0 + 300:  # both busy for five virtual minutes
+        for allowance in (daemon, backfill):
+            world.send(allowance)
+            world.now += 0.2
+    together = list(world.sent)
+    assert most_in_any_minute(together) <= 20
+    assert "budget.smaller_elsewhere" in caplog.text
+    backfill.give_back()  # a clean exit
+    world.now += HORIZON_SECONDS
+    world.sent.clear()
+    while world.now < T0 + 600:
+        world.send(daemon)
+        world.now += 0.2
+    assert 20 < most_in_any_minute(world.sent) <= 100
+
+
 def test_what_the_ledger_costs_in_s3_requests():
     """Counted at the store: a process sending as fast as a budget of 100 allows for ten
     minutes pays about one GET and one PUT per 8 API requests (0.24 S3 requests per API

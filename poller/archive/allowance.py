@@ -3,8 +3,9 @@
 ``P/_poller/budget.json`` (version 1)::
 
     {"version": 1, "per_minute": 100,
-     "grants": [[1764072000.123, 10, "<run id>", 1764072010.123], ...]}
-     # written at (wall time), slots, taker, last moment a slot may start (optional)
+     "grants": [[1764072000.123, 10, "<run id>", 1764072010.123, 100], ...]}
+     # written at (wall time), slots, taker, last moment a slot may start (optional),
+     # the taker's requests_per_minute (optional)
 
 Every process that sends Threat Stack requests for this bucket and prefix (``run``,
 ``sync``, ``backfill``, ``verify``, ``serve`` and its detail fetches, a standby daemon)
@@ -17,6 +18,12 @@ field, ``GRANT_SECONDS`` after it was written when absent). Why that is enough: 
 other one was in the ledger when it was written (the compare-and-swap orders them), and
 had its last moment at or after the window's start, less than 60 s before that write:
 still counted. So the window holds at most ``per_minute`` requests of all processes.
+
+Processes configured with different budgets: each grant carries its taker's
+``requests_per_minute``, and a grant is written only when the counted grants plus it come to
+at most the smallest budget among them and the writer's own. By the same argument, a window
+holds at most the smallest budget of the processes sending in it (a process with a larger
+one is held to it while a smaller one is active, and logs ``budget.smaller_elsewhere``).
 
 Grants are sized by use: the first is ``FIRST_GRANT``; a grant used up is followed by one
 of what ``GRANT_SECONDS`` take at the pace it was used (at most ``GROWTH`` times its size
@@ -101,12 +108,12 @@ class _Grant:
     last_use: float = 0.0  # ``at`` plus the monotonic time to the last slot taken
     following: int | None = None  # the next grant's size, judged when this one ended
 
-    def settled(self, taker: str) -> list[Any] | None:
+    def settled(self, taker: str, per_minute: int) -> list[Any] | None:
         """Its entry cut down to what was used (None: nothing used, drop it); the last use
         rounded up to the millisecond, so it never counts shorter."""
         if self.used == 0:
             return None
-        return [self.at, self.used, taker, math.ceil(self.last_use * 1000) / 1000]
+        return [self.at, self.used, taker, math.ceil(self.last_use * 1000) / 1000, per_minute]
 
 
 class PrefixAllowance:
@@ -142,6 +149,7 @@ class PrefixAllowance:
         self.grants = 0  # grants this process took (each one GET and one PUT)
         self.given_back = 0  # slots this process returned unused
         self.unavailable: str | None = None  # why sharing is off (the bucket refused it)
+        self._told_smaller = False  # budget.smaller_elsewhere is logged once
 
     def take(self) -> None:
         with self._lock:  # one thread asks the bucket at a time; the others wait here
@@ -223,7 +231,7 @@ class PrefixAllowance:
         ]
         if not mine:
             return entries  # pruned, or lost by a rewrite: nothing of it counts any more
-        settled = grant.settled(self._taker)
+        settled = grant.settled(self._taker, self.per_minute)
         return [e for e in entries if e is not mine[0]] + ([settled] if settled else [])
 
     def _size_after(self, grant: _Grant) -> int:
@@ -263,7 +271,14 @@ class PrefixAllowance:
                     "budget.grant_from_the_future",
                     extra={"fields": {"grants": len(ahead), "ahead_s": ahead[0][0] - now}},
                 )
-        free = self.per_minute - sum(e[1] for e in live)
+        limit = min([self.per_minute, *(e[4] for e in live if len(e) > 4)])
+        if limit < self.per_minute and not self._told_smaller:
+            self._told_smaller = True
+            log.warning(
+                "budget.smaller_elsewhere",
+                extra={"fields": {"per_minute": self.per_minute, "held_to": limit}},
+            )
+        free = limit - sum(e[1] for e in live)
         # Room for half the grant it wants, or wait for it: grants cut to slivers by a full
         # budget would each cost a GET and a PUT.
         wanted = max(1, -(-self._next // 2))
@@ -284,7 +299,7 @@ class PrefixAllowance:
         at = round(now, 3)
         until = at + GRANT_SECONDS
         etag = None if found is None else found.etag
-        if not self._write(etag, [*live, [at, size, self._taker, until]]):
+        if not self._write(etag, [*live, [at, size, self._taker, until, self.per_minute]]):
             return 0.0  # another process wrote meanwhile: read again
         self.grants += 1
         self._current = _Grant(at, size, until, self._clock())
@@ -335,4 +350,7 @@ def _grants(body: bytes) -> list[list[Any]]:
                 and last <= entry[0] + GRANT_SECONDS + 0.001
             ):
                 good[-1].append(float(last))
+                budget = entry[4] if len(entry) > 4 else None
+                if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+                    good[-1].append(budget)
     return good
