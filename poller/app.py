@@ -59,7 +59,8 @@ UNGUARDED = (
     "s3.require_conditional_writes=false on a store without conditional writes: the lease is"
     " taken by read-then-write, so two runs starting within the same moment can both work"
     " until the next renewal shows one of them it lost; a record is checked before it is"
-    " written, not atomically"
+    " written, not atomically; two processes taking a grant of the shared request budget in"
+    " the same moment can both write it, and the later overwrites the earlier"
 )
 
 
