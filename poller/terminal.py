@@ -382,6 +382,16 @@ def render_verify(report: dict[str, Any]) -> Group:
         parts.append(Text(f"repaired {report['repaired']} alerts (create-only)", style="green"))
     if report.get("quarantined_count"):
         parts.append(_quarantined_lines(report))
+    lost = report.get("malformed_not_quarantined", 0)
+    if lost:
+        kept_now = report.get("malformed_quarantined_now", 0)
+        parts.append(
+            Text(
+                f"malformed in the API and not in the quarantine: {lost}"
+                + (f", {kept_now} quarantined by this repair" if kept_now else ""),
+                style="green" if kept_now == lost else "bold red",
+            )
+        )
     window = report.get("window", {})
     verdict = (
         Text(f"complete: {window.get('from')} → {window.get('until')}", style="bold green")

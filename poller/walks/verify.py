@@ -47,7 +47,7 @@ from typing import Any
 
 from poller.archive.manifests import MANIFEST_VERSION, Manifests, sha256_hex
 from poller.archive.quarantines import Quarantined, QuarantineIndex
-from poller.archive.records import UNENCODABLE, Alert, Layout, classify
+from poller.archive.records import UNENCODABLE, Alert, Layout, Rejected, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
 from poller.timeutil import Clock, iso_z
@@ -104,6 +104,11 @@ class Findings:
     dismissals_repaired: int = 0
     repair_asked: bool = False
     malformed: int = 0
+    # Of the malformed objects, those the quarantine does not hold (the sync never met them:
+    # listed late, after its window moved on): missing, as an alert would be; --repair
+    # quarantines them.
+    malformed_not_quarantined: int = 0
+    malformed_quarantined_now: int = 0
     # Alerts the API lists that the quarantine holds instead of the archive: the first
     # IDS_SHOWN as {"id", "key", "reason", "detail", "status", "seen_at"}; the count is exact.
     quarantined: list[dict[str, str]] = field(default_factory=list)
@@ -133,7 +138,10 @@ class Findings:
             self.repair_asked and self.dismissals_repaired == self.dismissals_missing_count
         )
         altered = self.checksum_mismatch or self.manifest_mismatch or self.manifest_chain_broken
-        return restored and dismissals and not altered
+        malformed = self.malformed_not_quarantined == 0 or (
+            self.repair_asked and self.malformed_quarantined_now == self.malformed_not_quarantined
+        )
+        return restored and dismissals and malformed and not altered
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +165,8 @@ class Findings:
             "manifest_chain_broken": self.manifest_chain_broken,
             "not_in_manifest": self.not_in_manifest,
             "malformed_in_api": self.malformed,
+            "malformed_not_quarantined": self.malformed_not_quarantined,
+            "malformed_quarantined_now": self.malformed_quarantined_now,
             "quarantined_alerts": self.quarantined,
             "quarantined_count": self.quarantined_count,
             "quarantined_now": self.quarantined_now,
@@ -224,6 +234,7 @@ class Verifier:
         self.observer: CycleObserver = observer or Unobserved()
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
         self._quarantine = QuarantineIndex(store, self.layout)
+        self._malformed_seen: set[str] = set()
 
     def run(
         self,
@@ -237,6 +248,7 @@ class Verifier:
         folders = PrefixListings(self.store, self.layout)
         self._dismissal_folders = PrefixListings(self.store, self.layout, kind="dismissals")
         self._quarantine = QuarantineIndex(self.store, self.layout)
+        self._malformed_seen = set()
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         pieces = list(chunks(since, until, DAY, aligned=True))
         summary.chunks_total = len(pieces)
@@ -270,6 +282,8 @@ class Verifier:
                         item = classify(raw)
                         if not isinstance(item, Alert):
                             findings.malformed += 1
+                            if status in self.statuses:
+                                self._malformed(item, status, repair, findings)
                         elif nominal <= item.created < end and item.id not in listed:
                             listed[item.id] = (item, status)
                             if status in self.statuses:
@@ -340,6 +354,23 @@ class Verifier:
                     if record is not None:
                         findings.note_quarantined(alert_id, record)
         summary.already_archived += len(found) - len(to_repair) - len(kept)
+
+    def _malformed(self, item: Rejected, status: str, repair: bool, findings: Findings) -> None:
+        """An object of the API's lists with no faithful form as an alert: the sync keeps it
+        in the quarantine (SPEC "Bad input"). Not there: missing; --repair puts it there."""
+        if item.digest in self._malformed_seen:  # the same object in another day's list
+            return
+        self._malformed_seen.add(item.digest)
+        if self._quarantine.find(item.raw) is not None:
+            return
+        findings.malformed_not_quarantined += 1
+        log.warning(
+            "verify.malformed_not_quarantined",
+            extra={"fields": {"reason": item.reason, "detail": item.detail, "status": status}},
+        )
+        if repair:
+            self.archive.quarantine(item, status, self.clock())
+            findings.malformed_quarantined_now += 1
 
     def _quarantined(
         self, absent: list[str], found: dict[str, tuple[Alert, str]]
