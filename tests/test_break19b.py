@@ -153,3 +153,30 @@ def test_verify_with_only_the_active_list_calls_no_dismissed_alert_missing():
     assert findings.complete
     assert (findings.missing_count["alerts"], findings.dismissals_missing_count) == (0, 0)
     assert list(store.list_keys("")) == []
+
+
+def test_verify_repair_converges_on_a_dismissal_with_no_json_form():
+    """An alert archived while active whose dismissed version has no faithful JSON form (a
+    NaN the API's parser accepts): ``--repair`` quarantines that version (kept, not only
+    logged) and counts it handled; the next run finds it in the quarantine and exits 0,
+    instead of exit 1 on every run (issue 17, item 5)."""
+    now = utc_now().replace(microsecond=0)
+    doc = alert_an_hour_old(now, "f")
+    store = StaleChecksums()
+    archive = Archive(store, Layout(), "org")
+    source = OneAlert(doc)
+    verifier = Verifier(source, store, archive, ("active", "dismissed"), lambda: now)
+    since, until = now - timedelta(hours=2), now
+    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # archived active
+    source.doc = {**doc, "isDismissed": True, "dismissedBy": "eve", "score": float("nan")}
+    source.status = "dismissed"
+    audit = verifier.run(since, until, False, Summary("verify", "r"))
+    assert not audit.complete and audit.dismissals_missing_count == 1
+    first = verifier.run(since, until, True, Summary("verify", "r"))
+    assert first.complete and first.dismissals_quarantined_now == 1
+    (kept,) = [k for k in store.list_keys("") if k.startswith("_poller/quarantine/")]
+    assert kept.startswith("_poller/quarantine/unencodable/")
+    assert json.loads(store.get(kept).body.replace(b"NaN", b"null"))["status"] == "dismissed"
+    second = verifier.run(since, until, True, Summary("verify", "r"))
+    assert second.complete and second.dismissals_missing_count == 0
+    assert second.quarantined_count == 1 and second.dismissals_quarantined_now == 0

@@ -567,9 +567,9 @@ def test_a_revisit_spends_at_most_its_pages_per_cycle_and_resumes_inside_a_day(
 def test_verify_repair_survives_a_dismissed_object_with_no_json_form(
     simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
 ):
-    """The dismissed version carries NaN (the API's JSON parser accepts it): the live path
-    and the revisit log it as unencodable; verify --repair must not die on it and leave the
-    other dismissals unrepaired."""
+    """The dismissed version carries NaN (the API's JSON parser accepts it): verify --repair
+    must not die on it and leave the other dismissals unrepaired; it quarantines that
+    version (the revisit does the same), so the dismissal is kept and counted handled."""
     run = Run(simulator, s3, bucket, first_run_since="5d", revisit_days="1")
     start = run.now
     alerts = simulator.generate(5, start - timedelta(days=4), start - timedelta(days=3), 0)
@@ -583,6 +583,9 @@ def test_verify_repair_survives_a_dismissed_object_with_no_json_form(
     repaired = runtime.verifier().run(since, until, True, Summary("verify", runtime.run_id))
     assert set(dismissal_records(s3, bucket)) == {a.id for a in alerts[1:]}
     assert repaired.dismissals_repaired == 4
+    assert repaired.dismissals_quarantined_now == 1 and repaired.complete
+    kept = [k for k in bucket_listing(s3, bucket) if k.startswith("_poller/quarantine/")]
+    assert len(kept) == 1 and kept[0].startswith("_poller/quarantine/unencodable/")
 
 
 def test_status_names_a_corrupt_revisit_state_and_still_shows_the_rest(

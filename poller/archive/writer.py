@@ -165,6 +165,22 @@ class Archive:
             )
         return written
 
+    def take_dismissal(self, alert: Alert, seen_at: datetime) -> Outcome:
+        """``store_dismissal``, or for a dismissed version with no faithful JSON form (a NaN
+        the API's parser accepted), its quarantine (``unencodable``, status ``dismissed``):
+        the dismissal is kept, as an alert would be, never only logged. Then ``verify``
+        finds it there and ``--repair`` does not try it again."""
+        try:
+            written = self.store_dismissal(alert)
+        except UNENCODABLE as exc:
+            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+            log.warning(
+                "dismissal.quarantined",
+                extra={"fields": {"id": alert.id, "reason": "unencodable", "detail": detail}},
+            )
+            return self.quarantine(Rejected("unencodable", detail, alert.raw), "dismissed", seen_at)
+        return Outcome.ARCHIVED if written else Outcome.ALREADY_ARCHIVED
+
     def archived_full(self, alert_id: str) -> Any:
         """The full record as archived (parsed JSON), or None when there is none."""
         stored = self._store.get(self.layout.alert_key(alert_id))

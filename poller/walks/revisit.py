@@ -40,9 +40,9 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from poller.archive.records import UNENCODABLE, Alert, Rejected, classify
+from poller.archive.records import Alert, Rejected, classify
 from poller.archive.revisits import RevisitState, RevisitStore
-from poller.archive.writer import Archive
+from poller.archive.writer import Archive, Outcome
 from poller.errors import Stopped
 from poller.timeutil import Clock, floor_second, iso_z, parse_instant
 from poller.walks.sync import (
@@ -63,7 +63,8 @@ ARCHIVED = "archived"  # its dismissal record was written now
 ALREADY = "already_archived"  # its dismissal record was there (a 412)
 FIRST_DISMISSED = "first_dismissed"  # its full record is the dismissed version: none needed
 NOT_ARCHIVED = "not_archived"  # the archive has no full record (verify reports it)
-UNENCODABLE_ALERT = "unencodable"  # no faithful JSON form (logged)
+# The dismissed version has no faithful JSON form: quarantined (Archive.take_dismissal).
+UNENCODABLE_ALERT = "unencodable"
 QUARANTINED = "quarantined"  # not archivable as it is (an unsafe id...): quarantined, as sync
 # How far hosts sharing a prefix may disagree on the time (Hawk allows about 60 s each way).
 CLOCKS_DISAGREE = timedelta(minutes=5)
@@ -414,17 +415,12 @@ class Revisit:
             return NOT_ARCHIVED
         if isinstance(record, dict) and record.get("isDismissed") is True:
             return FIRST_DISMISSED
-        try:
-            written = self.archive.store_dismissal(alert)
-        except UNENCODABLE as exc:
-            log.warning(
-                "dismissal.unencodable",
-                extra={"fields": {"id": alert.id, "error": type(exc).__name__}},
-            )
+        outcome = self.archive.take_dismissal(alert, self.clock())
+        if outcome is Outcome.QUARANTINED:
             return UNENCODABLE_ALERT
-        if written:
+        if outcome is Outcome.ARCHIVED:
             log.info("dismissal.archived", extra={"fields": {"id": alert.id}})
-        return ARCHIVED if written else ALREADY
+        return ARCHIVED if outcome is Outcome.ARCHIVED else ALREADY
 
     # ------------------------------------------------------------------ backfill's sweep
     def sweep(

@@ -47,7 +47,7 @@ from typing import Any
 
 from poller.archive.manifests import MANIFEST_VERSION, Manifests, sha256_hex
 from poller.archive.quarantines import Quarantined, QuarantineIndex
-from poller.archive.records import UNENCODABLE, Alert, Layout, Rejected, classify
+from poller.archive.records import Alert, Layout, Rejected, classify
 from poller.archive.store import ObjectStore
 from poller.archive.writer import Archive, Outcome
 from poller.timeutil import Clock, iso_z
@@ -102,6 +102,7 @@ class Findings:
     dismissals_missing: list[str] = field(default_factory=list)  # the first IDS_SHOWN
     dismissals_missing_count: int = 0
     dismissals_repaired: int = 0
+    dismissals_quarantined_now: int = 0  # dismissed versions with no JSON form, quarantined
     repair_asked: bool = False
     malformed: int = 0
     # Of the malformed objects, those the quarantine does not hold (the sync never met them:
@@ -134,8 +135,9 @@ class Findings:
         "archived (or quarantined)"), nothing was altered."""
         handled = self.repaired + self.quarantined_now
         restored = self.to_repair == 0 or (self.repair_asked and handled == self.to_repair)
+        dismissals_handled = self.dismissals_repaired + self.dismissals_quarantined_now
         dismissals = self.dismissals_missing_count == 0 or (
-            self.repair_asked and self.dismissals_repaired == self.dismissals_missing_count
+            self.repair_asked and dismissals_handled == self.dismissals_missing_count
         )
         altered = self.checksum_mismatch or self.manifest_mismatch or self.manifest_chain_broken
         malformed = self.malformed_not_quarantined == 0 or (
@@ -155,6 +157,7 @@ class Findings:
             "dismissals_missing": self.dismissals_missing,
             "dismissals_missing_count": self.dismissals_missing_count,
             "dismissals_repaired": self.dismissals_repaired,
+            "dismissals_quarantined_now": self.dismissals_quarantined_now,
             "checksums_checked": self.checksums_checked,
             "checksum_mismatch": self.checksum_mismatch[:IDS_SHOWN],
             "checksum_mismatch_count": len(self.checksum_mismatch),
@@ -412,6 +415,11 @@ class Verifier:
             record = self.archive.archived_full(alert_id)
             if isinstance(record, dict) and record.get("isDismissed") is True:
                 continue  # first archived dismissed: the full record shows the dismissal
+            kept = self._quarantine.find(dismissed[alert_id].raw)
+            if kept is not None:  # no faithful JSON form: its quarantine keeps it
+                findings.note_quarantined(alert_id, kept)
+                row.quarantined += 1
+                continue
             missing.append(alert_id)
         row.dismissals_missing = len(missing)
         findings.dismissals_missing_count += len(missing)
@@ -419,19 +427,22 @@ class Verifier:
         findings.dismissals_missing.extend(missing[: max(room, 0)])
         if not repair:
             return with_record
+        now = self.clock()
         for alert_id in missing:
-            try:
-                written = self.archive.store_dismissal(dismissed[alert_id])
-            except UNENCODABLE as exc:
-                # No faithful JSON form (NaN, say): left missing, as the revisit leaves it,
-                # rather than ending the repair of every other alert.
-                log.warning(
-                    "dismissal.unencodable",
-                    extra={"fields": {"id": alert_id, "error": type(exc).__name__}},
+            outcome = self.archive.take_dismissal(dismissed[alert_id], now)
+            if outcome is Outcome.QUARANTINED:
+                # No faithful JSON form (NaN, say): kept in the quarantine, handled.
+                findings.dismissals_quarantined_now += 1
+                summary.quarantined += 1
+                raw = dismissed[alert_id].raw
+                record = self._quarantine.read(
+                    self.layout.quarantine_key("unencodable", Rejected("", "", raw).digest)
                 )
+                if record is not None:
+                    findings.note_quarantined(alert_id, record)
                 continue
             findings.dismissals_repaired += 1
-            if written:
+            if outcome is Outcome.ARCHIVED:
                 summary.dismissals_archived += 1
         return with_record
 
