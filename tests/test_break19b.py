@@ -180,3 +180,37 @@ def test_verify_repair_converges_on_a_dismissal_with_no_json_form():
     second = verifier.run(since, until, True, Summary("verify", "r"))
     assert second.complete and second.dismissals_missing_count == 0
     assert second.quarantined_count == 1 and second.dismissals_quarantined_now == 0
+
+
+def test_the_revisit_quarantines_a_dismissed_version_with_no_json_form():
+    """The revisit meets the same NaN: the dismissed version is quarantined (reported as
+    ``unencodable``), the other dismissal of the list is archived, and verify then finds
+    nothing missing."""
+    now = utc_now().replace(microsecond=0)
+    created = now - timedelta(days=2)
+    actives = [
+        {"id": f"{int(created.timestamp()):08x}" + c * 16, "createdAt": iso_z(created)}
+        for c in "de"
+    ]
+    store = MemoryObjectStore()
+    layout = Layout()
+    archive = Archive(store, layout, "org")
+    for active in actives:
+        store.put(layout.alert_key(active["id"]), json.dumps(active).encode())
+    bad = {**actives[0], "isDismissed": True, "score": float("nan")}
+    good = {**actives[1], "isDismissed": True, "dismissedBy": "eve"}
+    revisit = Revisit(
+        Dismissed([bad, good]),
+        archive,
+        RevisitStore(store, layout),
+        RevisitSettings(14, timedelta(hours=1)),
+        lambda: now,
+        "run",
+    )
+    summary = Summary("sync", "run")
+    revisit.run(now, now - timedelta(minutes=15), summary, Guard())
+    assert summary.revisit is not None
+    assert (summary.revisit["archived"], summary.revisit["unencodable"]) == (1, 1)
+    assert store.get(layout.dismissal_key(actives[0]["id"])) is None
+    (kept,) = [k for k in store.list_keys("") if k.startswith("_poller/quarantine/")]
+    assert kept.startswith("_poller/quarantine/unencodable/")
