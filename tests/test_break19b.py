@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,25 +21,37 @@ from poller.walks.revisit import Revisit, RevisitSettings
 from poller.walks.sync import Summary
 from poller.walks.verify import Verifier
 
+DISMISSED = ("active", "dismissed")
+
+
+def _archived_active_then_dismissed(
+    letter: str, **dismissal: Any
+) -> tuple[StaleChecksums, OneAlert, Verifier, datetime, datetime]:
+    """One alert archived active by ``verify --repair``, then dismissed in the API with
+    ``dismissal``'s fields: (store, source, verifier, since, until) for the next verify."""
+    now = utc_now().replace(microsecond=0)
+    doc = alert_an_hour_old(now, letter)
+    store = StaleChecksums()
+    source = OneAlert(doc)
+    verifier = Verifier(source, store, Archive(store, Layout(), "org"), DISMISSED, lambda: now)
+    since, until = now - timedelta(hours=2), now
+    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # archived active
+    source.doc = {**doc, "isDismissed": True, "dismissedBy": "eve", **dismissal}
+    source.status = "dismissed"
+    return store, source, verifier, since, until
+
 
 def test_verify_checksums_reads_dismissal_records_too():
     """README: ``--checksums`` "reads every archived record of the range" and reports a body
     that no longer hashes to the checksum S3 stored. The dismissal record is the one an
     auditor asks about (who closed it, why): a changed one must be reported like a changed
     full record."""
-    now = utc_now().replace(microsecond=0)
-    doc = alert_an_hour_old(now, "b")
-    store = StaleChecksums()
-    archive = Archive(store, Layout(), "org")
-    source = OneAlert(doc)
-    verifier = Verifier(source, store, archive, ("active", "dismissed"), lambda: now)
-    since, until = now - timedelta(hours=2), now
-    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # archived active
-    source.doc = {**doc, "isDismissed": True, "dismissedBy": "eve", "dismissReason": "OTHER"}
-    source.status = "dismissed"
+    store, source, verifier, since, until = _archived_active_then_dismissed(
+        "b", dismissReason="OTHER"
+    )
     repaired = verifier.run(since, until, True, Summary("verify", "r"))
     assert repaired.dismissals_repaired == 1
-    key = Layout().dismissal_key(doc["id"])
+    key = Layout().dismissal_key(source.doc["id"])
     assert verifier.run(since, until, False, Summary("verify", "r"), True).complete
     store.put(key, json.dumps({**source.doc, "dismissedBy": "mallory"}).encode())
     findings = verifier.run(since, until, False, Summary("verify", "r"), True)
@@ -160,16 +172,7 @@ def test_verify_repair_converges_on_a_dismissal_with_no_json_form():
     NaN the API's parser accepts): ``--repair`` quarantines that version (kept, not only
     logged) and counts it handled; the next run finds it in the quarantine and exits 0,
     instead of exit 1 on every run (issue 17, item 5)."""
-    now = utc_now().replace(microsecond=0)
-    doc = alert_an_hour_old(now, "f")
-    store = StaleChecksums()
-    archive = Archive(store, Layout(), "org")
-    source = OneAlert(doc)
-    verifier = Verifier(source, store, archive, ("active", "dismissed"), lambda: now)
-    since, until = now - timedelta(hours=2), now
-    assert verifier.run(since, until, True, Summary("verify", "r")).complete  # archived active
-    source.doc = {**doc, "isDismissed": True, "dismissedBy": "eve", "score": float("nan")}
-    source.status = "dismissed"
+    store, _, verifier, since, until = _archived_active_then_dismissed("f", score=float("nan"))
     audit = verifier.run(since, until, False, Summary("verify", "r"))
     assert not audit.complete and audit.dismissals_missing_count == 1
     first = verifier.run(since, until, True, Summary("verify", "r"))
