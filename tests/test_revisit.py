@@ -411,6 +411,39 @@ def test_a_backfill_writes_the_dismissal_records_missing_in_its_range(
     assert {k: after[k] for k in before} == before  # a backfill's re-reads meet 412s
 
 
+def test_a_second_backfill_over_an_old_range_writes_the_dismissals_made_since(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Issue 19: "backfill over an old range writes the dismissal records it finds missing",
+    also when an earlier backfill finished that range (its chunks are skipped): the dismissed
+    list of a finished chunk is read again once revisit_interval_seconds have passed since
+    its record was written or last swept. A rerun right after costs no request (brk19b)."""
+    run = Run(simulator, s3, bucket, first_run_since="1h", revisit_days="1")
+    start = run.now
+    simulator.generate(20, start - timedelta(days=40), start - timedelta(days=35), 0)
+    span = BackfillRange(start - timedelta(days=41), start - timedelta(days=30), to_now=False)
+
+    def backfill_once() -> Summary:
+        runtime = build(run.settings, "backfill", clock=lambda: run.now, s3=s3)
+        return run_cycle(
+            runtime,
+            Summary("backfill", runtime.run_id),
+            walk=lambda rt, cycle, s: backfill(cycle, rt.chunk_records(), span, s),
+        )
+
+    assert backfill_once().archived == 20
+    late = dismiss_some(simulator, 3, lambda a: a.status == "active")
+    run.now = start + timedelta(hours=2)  # the records are 2 h old by this clock
+    again = backfill_once()
+    assert again.ok and again.archived == 0 and again.dismissals_archived == 3
+    assert again.chunks_skipped == again.chunks_total
+    assert dismissal_records(s3, bucket) == {a.id: a.doc for a in late}
+    # At once, by S3's clock (moto's is the real one): every chunk was just swept.
+    run.now = utc_now()
+    third = backfill_once()
+    assert (third.api_requests, third.dismissals_archived) == (0, 0)
+
+
 # The break19 review's findings, each fixed here with the test that reproduced it.
 
 

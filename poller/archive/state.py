@@ -200,6 +200,8 @@ class ChunkRecord:
     since: datetime
     until: datetime
     statuses: frozenset[str]
+    key: str = ""
+    written: datetime | None = None  # Last-Modified: when finished, or its dismissals swept
 
 
 class ChunkRecords:
@@ -218,7 +220,8 @@ class ChunkRecords:
     def load(self) -> ChunkRecords:
         self._records = []
         prefix = self._layout.backfill_prefix
-        for key in self._store.list_keys(prefix):
+        for item in self._store.iter_objects(prefix):
+            key = item.key
             since_text, _, rest = key[len(prefix) :].partition("_")
             until_text, _, named = rest.partition("_")
             statuses = [status for status in named.split("_") if status]
@@ -228,8 +231,27 @@ class ChunkRecords:
                 log.warning("backfill.record_ignored", extra={"fields": {"key": key}})
                 continue
             covered = frozenset(statuses) if statuses else LEGACY_CHUNK_STATUSES
-            self._records.append(ChunkRecord(since, until, covered))
+            self._records.append(ChunkRecord(since, until, covered, key, item.last_modified))
         return self
+
+    def last_written(self, since: datetime, until: datetime) -> ChunkRecord | None:
+        """Of the records holding [since, until), the one written last (None: none)."""
+        holding = [r for r in self._records if r.since <= since and until <= r.until]
+        return max(
+            holding, key=lambda r: r.written or datetime.min.replace(tzinfo=UTC), default=None
+        )
+
+    def swept(self, record: ChunkRecord, at: datetime) -> None:
+        """Its dismissed list was read again at ``at`` (``dismissals_swept_at`` in its body;
+        its Last-Modified moves, which is what ``last_written`` compares)."""
+        found = self._store.get(record.key)
+        try:
+            document = json.loads(found.body) if found is not None else {}
+        except ValueError:
+            document = {}
+        document = document if isinstance(document, dict) else {}
+        document["dismissals_swept_at"] = iso_z(at)
+        self._store.put(record.key, json.dumps(document, sort_keys=True).encode("utf-8"))
 
     def covered(self, since: datetime, until: datetime) -> frozenset[str]:
         """The statuses some finished chunk read over the whole of [since, until)."""

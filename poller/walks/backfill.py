@@ -16,7 +16,10 @@ could never move it until the very end), and a killed run leaves no holes to rea
 Before a chunk is recorded, its dismissed list is read once more (``Revisit.sweep``) and
 the dismissal records missing there are written, create-only, as the revisit writes them:
 alerts archived earlier while active and dismissed since, which the walk met as already
-archived. A skipped chunk is not read again.
+archived. A skipped chunk's alert lists are not read again, but its dismissed list is, once
+``sync.revisit_interval_seconds`` have passed since its record was written (or last swept):
+a backfill rerun over an old range writes the dismissals made since, while a rerun right
+after a kill costs nothing for the chunks it finished.
 
 The live checkpoint is never moved backwards, and forward only over ground the walk has
 covered without a gap from at or before the watermark. With no checkpoint at all, a backfill
@@ -68,6 +71,22 @@ class BackfillPlan:
     def unread(self, since: datetime, until: datetime) -> tuple[str, ...]:
         covered = self._records.covered(since, until)
         return tuple(s for s in self._cycle.settings.statuses if s not in covered)
+
+    def skipped(self, since: datetime, until: datetime, summary: Summary) -> None:
+        revisit = self._cycle.revisit
+        record = self._records.last_written(since, until)
+        if revisit is None or not since < until or record is None or record.written is None:
+            return
+        if self._now - record.written < revisit.interval:
+            return  # swept (or finished) lately: a rerun after a kill, say
+        fresh = self._cycle.first_dismissed
+        revisit.sweep(since, until, self._now, summary, self._cycle, fresh)
+        self._cycle.fence()
+        self._records.swept(record, self._cycle.clock())
+        log.info(
+            "backfill.dismissals_swept",
+            extra={"fields": {"from": iso_z(since), "until": iso_z(until)}},
+        )
 
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary

@@ -191,6 +191,10 @@ class Revisit:
         self.run_id = run_id
         self._lock = threading.Lock()
 
+    @property
+    def interval(self) -> timedelta:
+        return self.settings.interval
+
     # ------------------------------------------------------------------ the cycle's revisit
     def run(
         self,

@@ -100,6 +100,10 @@ class CycleGuard(Protocol):
 class Revisitor(Protocol):
     """The revisit (see ``poller.walks.revisit``), run by a cycle after its live window."""
 
+    @property
+    def interval(self) -> timedelta:
+        """``sync.revisit_interval_seconds``: how often the dismissed list is read again."""
+
     def run(
         self,
         now: datetime,
@@ -143,6 +147,9 @@ class ChunkPlan(Protocol):
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
     ) -> None:
         """Every alert of the chunk is archived or quarantined: record it (the lease is ours)."""
+
+    def skipped(self, since: datetime, until: datetime, summary: Summary) -> None:
+        """A chunk an earlier run finished (``unread`` was empty), passed over."""
 
 
 # A listing (one chunk, one status) is given time for this many pages at the request budget.
@@ -482,6 +489,7 @@ class Cycle:
             chunk_since, chunk_until = todo.popleft()
             unread = plan.unread(chunk_since, chunk_until)
             if not unread:
+                plan.skipped(chunk_since, chunk_until, summary)
                 done += 1
                 summary.chunks_skipped += 1
                 self.hooks.observer.committed(summary, done)
@@ -790,6 +798,9 @@ class LiveCheckpoint:
 
     def unread(self, since: datetime, until: datetime) -> tuple[str, ...]:
         return self._cycle.settings.statuses
+
+    def skipped(self, since: datetime, until: datetime, summary: Summary) -> None:
+        raise AssertionError("sync reads every chunk")  # unread() is never empty
 
     def finish(
         self, since: datetime, until: datetime, seen_now: dict[str, int], summary: Summary
