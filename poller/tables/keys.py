@@ -48,7 +48,11 @@ class TableKeys:
         match = _PART.fullmatch(key[len(self.table_prefix(table)) :])
         if match is None or not key.startswith(self.table_prefix(table)):
             return None
-        return Part(table, date.fromisoformat(match[1]), int(match[2]), key, etag)
+        try:
+            day = date.fromisoformat(match[1])
+        except ValueError:  # date=2026-02-30: a stray copy, passed over like other strays
+            return None
+        return Part(table, day, int(match[2]), key, etag)
 
     @property
     def due_prefix(self) -> str:

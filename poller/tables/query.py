@@ -231,6 +231,8 @@ def run_sql(
     SQL; FatalError (exit 1) naming the part when one of ``parts`` cannot be read."""
     try:
         cursor = con.execute(sql)
+        if cursor is None:  # no statement at all: "", blanks, a comment, a lone ";"
+            raise QueryError("the SQL holds no statement: give one, such as SELECT ...")
         if cursor.description is None:
             return Answer([], [])
         columns = [column[0] for column in cursor.description]
