@@ -85,6 +85,13 @@ FUTURE_SLACK = timedelta(hours=1)
 WRITE_ATTEMPTS = 5
 
 
+# A full record that is already the dismissed version: a row of ``dismissals`` (SPEC), also
+# when its dismissedAt is missing (then on its alert's day, as recorded).
+_DISMISSED = "(dismissed_at IS NOT NULL OR is_dismissed)"
+# Its partition: the dismissal's day, never before its alert's ``{day}`` (a skewed clock).
+_DISMISSAL_DAY = "COALESCE(GREATEST(CAST(dismissed_at AS DATE), {day}), {day})"
+
+
 class DamagedPart(FatalError):
     """A part in the bucket that DuckDB cannot read: its day (and table) is left as it is,
     the pass goes on with the others and ends with this error (``TablesReport.error``)."""
@@ -500,23 +507,33 @@ class _Pass:
         """The ids in a day's parts; with ``keep_dismissed``, the dismissed full records in
         them are staged as dismissal candidates too (a day built again finds them there)."""
         ids: set[str] = set()
+        wanted = {name for name, _ in COLUMNS[table]}
         for part in self.plan.parts[table].get(day, []):
             path = self.b.download(part, self.work)
-            source = f"read_parquet({_quote(path)})"
             try:
-                found = self.con.execute(f"SELECT id FROM {source}").fetchall()
+                # Read whole, every column: a part damaged anywhere (not only in its ids), or
+                # not one of this table's (columns missing), is named, not half believed.
+                self.con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE part_rows AS SELECT * FROM"
+                    f" read_parquet({_quote(path)})"
+                )
+                have = {row[0] for row in self.con.execute("DESCRIBE part_rows").fetchall()}
+                if not wanted <= have:
+                    lacking = ", ".join(sorted(wanted - have))
+                    raise DamagedPart(table, part.key, f"not a part of {table}: no {lacking}")
             except duckdb.Error as exc:
-                path.unlink()
                 raise DamagedPart(table, part.key, str(exc)) from exc
-            ids.update(row[0] for row in found)
+            finally:
+                path.unlink()
+            ids.update(row[0] for row in self.con.execute("SELECT id FROM part_rows").fetchall())
             if keep_dismissed:
+                literal = f"DATE '{day.isoformat()}'"
                 self.con.execute(
                     f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                    f" GREATEST(CAST(dismissed_at AS DATE), DATE '{day.isoformat()}'),"
-                    f" DATE '{day.isoformat()}', NULL"
-                    f" FROM {source} WHERE dismissed_at IS NOT NULL"
+                    f" {_DISMISSAL_DAY.format(day=literal)}, {literal}, NULL"
+                    f" FROM part_rows WHERE {_DISMISSED}"
                 )
-            path.unlink()
+        self.con.execute("DROP TABLE IF EXISTS part_rows")
         return ids
 
     def _alerts_day(self, day: date) -> None:
@@ -554,8 +571,8 @@ class _Pass:
             self.report.alert_rows += staged
             self.con.execute(
                 f"INSERT INTO dismissal_rows SELECT {select_list(DISMISSAL_COLUMNS)},"
-                f" GREATEST(CAST(dismissed_at AS DATE), date), date, NULL FROM alert_rows"
-                f" WHERE dismissed_at IS NOT NULL"
+                f" {_DISMISSAL_DAY.format(day='date')}, date, NULL FROM alert_rows"
+                f" WHERE {_DISMISSED}"
             )
             log.info(
                 "tables.part",
