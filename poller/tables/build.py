@@ -163,8 +163,14 @@ class TablesReport:
 
 
 def _time(text: Any) -> datetime | None:
-    """An ISO 8601 time of the state object (``Z`` or an offset), or None when absent."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    """An ISO 8601 time of the state object (``Z`` or an offset), or None when absent.
+    ValueError for one without its zone (a hand edit): its moment is not known."""
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone")
+    return moment
 
 
 def _quote(path: Path) -> str:
@@ -307,7 +313,19 @@ class TablesBuilder:
 
     # ------------------------------------------------------------------ state
     def load_mark(self) -> Mark:
+        """The state as this pass starts, with S3's clock at that moment (``read_at``): the
+        mark never passes it. With no state yet, one is created first (a PUT and a GET,
+        once per prefix), so that even the first pass knows S3's time, not only its host's."""
         stored = self._store.get(self.keys.state_key)
+        if stored is None:
+            fresh = {"version": STATE_VERSION, "index": False, "dismissals_read_until": None}
+            with contextlib.suppress(PreconditionFailed):  # another builder made it first
+                self._store.put(
+                    self.keys.state_key,
+                    json.dumps(fresh, sort_keys=True).encode("utf-8"),
+                    if_none_match=True,
+                )
+            stored = self._store.get(self.keys.state_key)
         if stored is None:
             return Mark(None, None, indexed=False)
         try:
@@ -321,7 +339,17 @@ class TablesBuilder:
         except (ValueError, AttributeError, TypeError):
             log.warning("tables.state_unreadable", extra={"fields": {"key": self.keys.state_key}})
             # Read every dismissal record again: safe, just slower.
-            return Mark(None, stored.etag, indexed=False)
+            return Mark(None, stored.etag, indexed=False, read_at=stored.server_time)
+        ahead = [t for t in (mark, scan_mark) if t is not None and t > stored.server_time]
+        if ahead:
+            # A mark is never later than S3's clock when a pass began: one that is was edited
+            # by hand or left by a host whose clock was ahead, and believing it would skip
+            # every dismissal archived before that date. Read them all again instead.
+            log.warning(
+                "tables.mark_from_the_future",
+                extra={"fields": {"mark": iso_z(ahead[0]), "now": iso_z(stored.server_time)}},
+            )
+            return Mark(None, stored.etag, indexed=False, read_at=stored.server_time)
         return Mark(mark, stored.etag, indexed, stored.server_time, scan_after, scan_mark)
 
     def save_mark(
@@ -762,24 +790,28 @@ class _Pass:
                 f" WHERE date > {closed} AND source_day IS NULL"
             ).fetchall():
                 self.b.index(key, listed_at.replace(tzinfo=UTC))
-        # With no state and no record yet: this pass's start. Once the last record is an
-        # hour behind when the state was read: that moment, so the next listing starts
-        # there (at most one state write an hour for it), not at the last record.
-        mark = newest if newest is not None else self.now - MARK_MARGIN
+        # Never later than S3's clock when the state was read (this pass's start): a record
+        # written since may lie behind where the listing stood, and is met next time. With
+        # no record yet, or once the last is an hour behind: that moment, so the next
+        # listing starts there (at most one state write an hour for it).
         read_at = self.mark.read_at
-        if read_at is not None and read_at - mark >= INDEX_CLOCK_SLACK:
+        mark = newest
+        if read_at is not None and (mark is None or read_at - mark >= INDEX_CLOCK_SLACK):
             mark = read_at
+        if mark is not None and read_at is not None:
+            mark = min(mark, read_at)
         waiting_from = waiting[1].replace(tzinfo=UTC) if waiting[1] is not None else None
         if waiting_from is not None:  # a record whose day is not closed: read it again
-            mark = min(mark, waiting_from)
+            mark = waiting_from if mark is None else min(mark, waiting_from)
+        scan_mark: datetime | None = None
         if self.mark.scan_after is not None or self.scan_after is not None:
             # A scan over several passes ends no later than its first pass began (what was
-            # written since is in the index; an hour for the clocks) nor after what a pass
-            # left waiting.
-            scan_mark = self.mark.scan_mark or self.now - INDEX_CLOCK_SLACK
+            # written since is in the index) nor after what a pass left waiting.
+            scan_mark = self.mark.scan_mark or read_at
             if waiting_from is not None:
-                scan_mark = min(scan_mark, waiting_from)
-            mark = min(mark, scan_mark)
+                scan_mark = waiting_from if scan_mark is None else min(scan_mark, waiting_from)
+            if scan_mark is not None:
+                mark = scan_mark if mark is None else min(mark, scan_mark)
         if damaged:
             # The damaged days' rows were not written: the mark stays so they are read
             # again, and these days (and the days they came from) stay due.
@@ -791,7 +823,7 @@ class _Pass:
                 extra={"fields": {"resumes_after": self.scan_after, "reason": "deadline"}},
             )
             self.b.save_mark(self.mark.at, self.mark.etag, self.scan_after, scan_mark)
-        elif mark != self.mark.at or not self.mark.indexed:
+        elif mark is not None and (mark != self.mark.at or not self.mark.indexed):
             self.b.save_mark(mark, self.mark.etag)
         return waiting_sources
 
