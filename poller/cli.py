@@ -388,10 +388,11 @@ def _days_without_tables(runtime: Runtime, since: date, until: date, built: list
         runtime.watermark(), timedelta(seconds=runtime.settings.sync.lookback_seconds)
     )
     open_days = [d for d in lacking if last_closed is None or d > last_closed]
+    closed = [d for d in lacking if last_closed is not None and d <= last_closed]
     # poller tables starts at the archive's first day: the days before it get no tables.
     first = runtime.tables_builder().first_day()
-    before = [d for d in lacking if d not in open_days and (first is None or d < first)]
-    unbuilt = [d for d in lacking if d not in open_days and d not in before]
+    before = [d for d in closed if first is None or d < first]
+    unbuilt = [d for d in closed if first is not None and d >= first]
     parts = []
     if before:
         first_text = "none archived yet" if first is None else f"it starts on {first}"
