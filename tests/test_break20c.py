@@ -35,6 +35,34 @@ def _paged_like_s3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MemoryObjectStore, "iter_objects", paged)
 
 
+def _build_while_two_are_written(
+    world: World, clock: Clock, monkeypatch: pytest.MonkeyPatch, behind: str, ahead: str
+) -> Any:
+    """A pass during whose first read of a dismissal record the daemon's revisit (another
+    process) archives two dismissals: ``behind`` (its key sorts before where the listing
+    stands), then, ten minutes later, ``ahead``; then two later passes. The first's report."""
+    get = MemoryObjectStore.get
+    written: list[str] = []
+
+    def during_the_pass(self: MemoryObjectStore, key: str) -> Any:
+        if key.startswith("p/dismissals/") and not written:
+            written.append(key)
+            clock.now += timedelta(minutes=1)
+            _dismiss(world, behind, DAY1 + timedelta(days=1, hours=20))
+            clock.now += timedelta(minutes=10)
+            _dismiss(world, ahead, DAY1 + timedelta(days=1, hours=21))
+        return get(self, key)
+
+    monkeypatch.setattr(MemoryObjectStore, "get", during_the_pass)
+    first = world.build(clock=clock)
+    assert written
+    monkeypatch.setattr(MemoryObjectStore, "get", get)
+    for _ in range(2):  # later passes, through the index
+        clock.now += timedelta(hours=1)
+        world.build(clock=clock)
+    return first
+
+
 def test_a_one_go_scan_keeps_a_dismissal_written_behind_it_while_it_ran(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -52,25 +80,8 @@ def test_a_one_go_scan_keeps_a_dismissal_written_behind_it_while_it_ran(
     for alert_id in old:  # an archive from before the index: records, no entries, no state
         doc = dict(world.docs[alert_id], isDismissed=True, dismissedAt="2026-11-02T23:00:00Z")
         world.store.put(world.layout.dismissal_key(alert_id), json.dumps(doc).encode())
-    get = MemoryObjectStore.get
-    written: list[str] = []
-
-    def during_the_scan(self: MemoryObjectStore, key: str) -> Any:
-        if key.startswith("p/dismissals/") and not written:
-            written.append(key)  # the revisit of the daemon, in another process, meanwhile
-            clock.now += timedelta(minutes=1)
-            _dismiss(world, behind, DAY1 + timedelta(days=1, hours=20))
-            clock.now += timedelta(minutes=10)
-            _dismiss(world, ahead, DAY1 + timedelta(days=1, hours=21))
-        return get(self, key)
-
-    monkeypatch.setattr(MemoryObjectStore, "get", during_the_scan)
-    first = world.build(clock=clock)
-    assert written and first.ok and not first.dismissal_scan_paused
-    monkeypatch.setattr(MemoryObjectStore, "get", get)
-    for _ in range(2):  # later passes, through the index
-        clock.now += timedelta(hours=1)
-        world.build(clock=clock)
+    first = _build_while_two_are_written(world, clock, monkeypatch, behind, ahead)
+    assert first.ok and not first.dismissal_scan_paused
     rows = Counter(r["id"] for r in world.rows("dismissals"))
     assert rows == Counter([*old, behind, ahead]), f"missing: {behind in rows=}"
 
@@ -214,24 +225,7 @@ def test_a_pass_through_the_index_keeps_a_dismissal_written_behind_its_listing(
     for alert_id in old:  # a repair archives 24 dismissals in the 02:00 hour
         _dismiss(world, alert_id, DAY1 + timedelta(days=1, hours=20))
     clock.now += timedelta(minutes=5)
-    get = MemoryObjectStore.get
-    written: list[str] = []
-
-    def during_the_pass(self: MemoryObjectStore, key: str) -> Any:
-        if key.startswith("p/dismissals/") and not written:
-            written.append(key)  # the revisit, in the daemon, meanwhile
-            clock.now += timedelta(minutes=1)
-            _dismiss(world, behind, DAY1 + timedelta(days=1, hours=20))
-            clock.now += timedelta(minutes=10)
-            _dismiss(world, ahead, DAY1 + timedelta(days=1, hours=21))
-        return get(self, key)
-
-    monkeypatch.setattr(MemoryObjectStore, "get", during_the_pass)
-    assert world.build(clock=clock).ok and written
-    monkeypatch.setattr(MemoryObjectStore, "get", get)
-    for _ in range(2):
-        clock.now += timedelta(hours=1)
-        world.build(clock=clock)
+    assert _build_while_two_are_written(world, clock, monkeypatch, behind, ahead).ok
     rows = Counter(r["id"] for r in world.rows("dismissals"))
     assert rows == Counter([*old, behind, ahead]), f"missing: {behind in rows=}"
 
