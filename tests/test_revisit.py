@@ -621,6 +621,34 @@ def test_verify_repair_survives_a_dismissed_object_with_no_json_form(
     assert len(kept) == 1 and kept[0].startswith("_poller/quarantine/unencodable/")
 
 
+def test_a_daemon_whose_every_cycle_fails_after_its_live_commit_turns_red(
+    simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
+):
+    """Issue 17 (7): cycles that fail again and again are not progress. An unreadable
+    revisit.json fails every cycle of the daemon after its live window was committed: the
+    failures count, /healthz turns red with the reason and the metric says how many (they
+    reset the count before: a cycle that committed anything was progress) (brk19d)."""
+    from poller.serving.daemon import FAILURES_BEFORE_RED, Daemon
+
+    run = Run(simulator, s3, bucket, first_run_since="1h", revisit_interval_seconds="0")
+    mono = [1000.0]
+    runtime = build(run.settings, "run", clock=lambda: run.now, s3=s3)
+    daemon = Daemon(runtime, lambda: run.now, lambda: mono[0])
+    simulator.generate(3, run.now - timedelta(minutes=30), run.now, 0)
+    daemon.cycle()
+    assert daemon.last_outcome == "ok"
+    _put_state(s3, bucket, b'{"version": 1, "handled": {')
+    for _ in range(FAILURES_BEFORE_RED):
+        run.now += timedelta(minutes=5)
+        mono[0] += 300.0
+        daemon.cycle()
+        assert daemon.last_outcome == "failed", daemon.last_error
+    alive, why = daemon.alive()
+    assert not alive and "revisit.json" in str(why)
+    failing = daemon.metrics.registry.get_sample_value("poller_failed_cycles_in_a_row")
+    assert failing == FAILURES_BEFORE_RED
+
+
 def test_status_names_a_corrupt_revisit_state_and_still_shows_the_rest(
     simulator: Simulator, moto_server: MotoServer, s3: Any, bucket: str
 ):

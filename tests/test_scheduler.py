@@ -16,7 +16,7 @@ from poller.archive.failures import FailureRecord
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.config import Settings
-from poller.errors import ApiAuthError, CycleTimeout, LeaseHeld, Stopped
+from poller.errors import ApiAuthError, CycleTimeout, LeaseHeld, Stopped, UnreadableState
 from poller.serving import daemon as scheduler
 from poller.serving.daemon import FAILURES_BEFORE_RED, Daemon
 from poller.terminal import render_status
@@ -169,7 +169,7 @@ def test_cycles_that_commit_chunks_before_their_deadline_are_progress_not_failur
     deadline = CycleTimeout("the cycle ran past its deadline of 270s")
 
     def committing_then_late(_runtime: Any, summary: Any, observer: Any) -> Any:
-        summary.chunks_done = 2
+        summary.chunks_total, summary.chunks_done = 5, 2  # two of a catch-up's five days
         observer.committed(summary, 2)
         raise deadline
 
@@ -180,6 +180,28 @@ def test_cycles_that_commit_chunks_before_their_deadline_are_progress_not_failur
     assert daemon.alive()[0] is True
     assert daemon.failures_in_a_row == 0 and daemon.last_error == str(deadline)
     assert daemon.last_outcome == "failed"
+
+
+def test_cycles_that_fail_after_their_whole_walk_count_as_failures(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A cycle that commits its whole live window and then fails (its revisit, on an
+    unreadable revisit.json, say), again and again, is not progress enough: the failures
+    count and /healthz turns red after the documented number (brk19d)."""
+    daemon, now = make_daemon(monkeypatch, None)
+
+    def whole_walk_then_failing(_runtime: Any, summary: Any, observer: Any) -> Any:
+        summary.chunks_total = summary.chunks_done = 1
+        observer.committed(summary, 1)
+        raise UnreadableState("revisit.json is unreadable")
+
+    monkeypatch.setattr(scheduler, "run_cycle", whole_walk_then_failing)
+    for _ in range(FAILURES_BEFORE_RED):
+        daemon.cycle()
+        now.pass_time(timedelta(seconds=300))
+    assert daemon.failures_in_a_row == FAILURES_BEFORE_RED
+    alive, why = daemon.alive()
+    assert alive is False and "revisit.json is unreadable" in str(why)
 
 
 def test_a_good_cycle_after_failures_clears_the_record_and_a_healthy_daemon_writes_none(

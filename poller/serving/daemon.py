@@ -117,10 +117,12 @@ class Daemon:
                 self.last_error = None
             elif outcome in ("failed", "crashed"):
                 self.last_error = summary.error or "the cycle crashed (see the log)"
-                if summary.chunks_done:
-                    # It committed chunks before failing (a catch-up at its deadline): the
-                    # watermark moved, which is progress; the same failure with nothing
-                    # committed, cycle after cycle, must still turn /healthz red.
+                if 0 < summary.chunks_done < summary.chunks_total:
+                    # It committed chunks of a walk it could not finish (a catch-up at its
+                    # deadline): the watermark moved, which is progress. A failure with
+                    # nothing committed, or after the whole walk (the revisit, say, on an
+                    # unreadable revisit.json), cycle after cycle, must still turn
+                    # /healthz red.
                     self.failures_in_a_row = 0
                 else:
                     self.failures_in_a_row += 1
