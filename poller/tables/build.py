@@ -332,8 +332,8 @@ class TablesBuilder:
             document = json.loads(stored.body)
             mark = _time(document.get("dismissals_read_until"))
             indexed = document.get("version") == STATE_VERSION and document.get("index") is True
-            scan_after = None if indexed else document.get("scan_after")
-            scan_mark = None if indexed else _time(document.get("scan_mark"))
+            scan_after = document.get("scan_after")
+            scan_mark = _time(document.get("scan_mark"))
             if scan_after is not None and not isinstance(scan_after, str):
                 raise TypeError("scan_after")
         except (ValueError, AttributeError, TypeError):
@@ -358,13 +358,15 @@ class TablesBuilder:
         etag: str | None,
         scan_after: str | None = None,
         scan_mark: datetime | None = None,
+        indexed: bool = True,
     ) -> None:
-        """The mark, once the index may be read; with ``scan_after``, a paused one-time scan
-        (``mark`` stays what it skips by, ``scan_mark`` is the mark it will end with)."""
+        """The mark, and whether the index may be read; with ``scan_after``, a listing a
+        deadline paused (``mark`` stays what it skips by, ``scan_mark`` is the mark it will
+        end with)."""
         document: dict[str, Any] = {
             "version": STATE_VERSION,
             "dismissals_read_until": iso_z(mark) if mark is not None else None,
-            "index": scan_after is None,
+            "index": indexed,
         }
         if scan_after is not None:
             document |= {"scan_after": scan_after, "scan_mark": iso_z(scan_mark or self.clock())}
@@ -378,21 +380,23 @@ class TablesBuilder:
             # Another builder moved it meanwhile; its mark is as good as ours.
             log.info("tables.mark_raced")
 
-    def dismissal_listing(self, mark: Mark) -> Iterator[tuple[str, datetime]]:
-        """(dismissal record key, when listed) of the records written since ``mark`` (less
-        MARK_MARGIN), a page at a time. From the time-keyed index once a pass has scanned
-        ``P/dismissals/`` itself (``mark.indexed``); before that, that one scan."""
+    def dismissal_listing(self, mark: Mark) -> Iterator[tuple[str, datetime, str]]:
+        """(dismissal record key, when listed, the key listed) of the records written since
+        ``mark`` (less MARK_MARGIN), a page at a time. From the time-keyed index once a pass
+        has scanned ``P/dismissals/`` itself (``mark.indexed``); before that, that one scan.
+        A listing a deadline paused resumes after the key it stopped at (``scan_after``)."""
         layout = self.keys.layout
         if not mark.indexed or mark.at is None:
             for item in self._store.iter_objects(self.keys.dismissals_prefix, mark.scan_after):
-                yield item.key, item.last_modified
+                yield item.key, item.last_modified, item.key
             return
         prefix = layout.dismissal_index_prefix
         start = (mark.at - MARK_MARGIN - INDEX_CLOCK_SLACK).astimezone(UTC)
-        for item in self._store.iter_objects(prefix, prefix + start.strftime("%Y/%m/%d/%H")):
+        after = mark.scan_after or prefix + start.strftime("%Y/%m/%d/%H")
+        for item in self._store.iter_objects(prefix, after):
             alert_id = item.key.rsplit("/", 1)[-1]
             if SAFE_ID.fullmatch(alert_id):
-                yield layout.dismissal_key(alert_id), item.last_modified
+                yield layout.dismissal_key(alert_id), item.last_modified, item.key
 
     def index(self, record_key: str, written: datetime) -> None:
         """An index entry for a record the one-time scan leaves waiting, so the passes after
@@ -637,15 +641,16 @@ class _Pass:
     # ------------------------------------------------------------------ dismissals
     def _dismissal_records(self, deadline: float | None) -> datetime | None:
         """Stage the dismissal records written since the mark, a batch at a time; return the
-        newest Last-Modified listed (the next mark, before what waits). The one-time scan
-        stops at ``deadline`` after a batch (or a page of keys it skips), noting in
-        ``scan_after`` where the next pass resumes: it is bounded like the rest of a pass."""
+        newest Last-Modified listed (the next mark, before what waits). The listing (the
+        index, or the one-time scan) stops at ``deadline`` after a batch (or a page of keys
+        it skips), noting in ``scan_after`` where the next pass resumes: it is bounded like
+        the rest of a pass, however many records a repair or a first revisit archived."""
         self.mark = self.b.load_mark()
         since = None if self.mark.at is None else self.mark.at - MARK_MARGIN
         newest = self.mark.at
         batch: dict[str, datetime] = {}
-        scanning = not self.mark.indexed or self.mark.at is None
-        for listed, (key, listed_at) in enumerate(self.b.dismissal_listing(self.mark), 1):
+        listing = self.b.dismissal_listing(self.mark)
+        for listed, (key, listed_at, position) in enumerate(listing, 1):
             newest = listed_at if newest is None else max(newest, listed_at)
             if since is None or listed_at >= since:
                 batch[key] = max(listed_at, batch.get(key, listed_at))
@@ -654,13 +659,12 @@ class _Pass:
                 self._stage_dismissal_records(batch)
                 batch = {}
             if (
-                scanning
-                and (full or listed % 1000 == 0)
+                (full or listed % 1000 == 0)
                 and deadline is not None
                 and time.monotonic() >= deadline
             ):
                 self._stage_dismissal_records(batch)
-                self.scan_after = key
+                self.scan_after = position
                 return newest
         self._stage_dismissal_records(batch)
         return newest
@@ -721,7 +725,9 @@ class _Pass:
         """A full record's dismissal dated after this pass (plus FUTURE_SLACK) cannot be
         true: it is left out of ``dismissals`` (its ``alerts`` row shows it, as recorded)
         instead of keeping its creation day due until that date."""
-        cutoff = (self.now + FUTURE_SLACK).astimezone(UTC).replace(tzinfo=None)
+        # S3's clock at the pass's start, not the host's (a laptop behind would drop them).
+        now = self.mark.read_at or self.now
+        cutoff = (now + FUTURE_SLACK).astimezone(UTC).replace(tzinfo=None)
         where = "source_day IS NOT NULL AND dismissed_at > ?"
         for key, at in self.con.execute(
             f"SELECT key, dismissed_at FROM dismissal_rows WHERE {where}", [cutoff]
@@ -749,7 +755,9 @@ class _Pass:
             row[0]
             for row in self.con.execute("SELECT DISTINCT date FROM dismissal_rows").fetchall()
         }
-        target.update(d for d in self.built if d not in self.plan.parts["dismissals"])
+        # Every day built: its dismissals parts are read too, so a damaged one is named on
+        # every pass that builds the day, not only when a new dismissal comes for it.
+        target.update(self.built)
         closed = f"DATE '{last_closed.isoformat()}'"
         waiting_sources = {
             row[0]
@@ -771,6 +779,7 @@ class _Pass:
                 self._dismissals_day(day)
             except DamagedPart as exc:
                 self._damaged(exc)
+                self._keep_due(day, "its dismissals part is damaged")
                 damaged.add(day)
                 for (source,) in self.con.execute(
                     f"SELECT DISTINCT source_day FROM dismissal_rows WHERE date = DATE"
@@ -812,20 +821,22 @@ class _Pass:
                 scan_mark = waiting_from if scan_mark is None else min(scan_mark, waiting_from)
             if scan_mark is not None:
                 mark = scan_mark if mark is None else min(mark, scan_mark)
-        if damaged:
-            # The damaged days' rows were not written: the mark stays so they are read
-            # again, and these days (and the days they came from) stay due.
-            return waiting_sources | damaged
+        # A damaged day's rows are not written; the mark moves on all the same (the remedy,
+        # deleting state.json, reads every record again), and the damaged days (and the
+        # days their rows came from) stay due.
         if self.scan_after is not None:
             self.report.dismissal_scan_paused = True
             log.info(
                 "tables.dismissal_scan_paused",
                 extra={"fields": {"resumes_after": self.scan_after, "reason": "deadline"}},
             )
-            self.b.save_mark(self.mark.at, self.mark.etag, self.scan_after, scan_mark)
-        elif mark is not None and (mark != self.mark.at or not self.mark.indexed):
+            indexed = self.mark.indexed and self.mark.at is not None
+            self.b.save_mark(self.mark.at, self.mark.etag, self.scan_after, scan_mark, indexed)
+        elif mark is not None and (
+            mark != self.mark.at or not self.mark.indexed or self.mark.scan_after is not None
+        ):
             self.b.save_mark(mark, self.mark.etag)
-        return waiting_sources
+        return waiting_sources | damaged
 
     def _dismissals_day(self, day: date) -> None:
         for _attempt in range(WRITE_ATTEMPTS):
