@@ -226,6 +226,34 @@ def test_processes_with_different_budgets_keep_to_the_smallest_while_it_is_activ
     assert 20 < most_in_any_minute(world.sent) <= 100
 
 
+def test_a_smaller_budget_process_gets_its_turn_beside_a_busy_larger_one():
+    """A backfill at 100/min is going; a verify set to 20/min starts beside it. It waits,
+    but first announces its budget (a grant of no slots): the backfill is then held to 20,
+    the ledger drains, and the verify gets its slot within about a minute and a quarter,
+    instead of never while the backfill runs (brk19d)."""
+    world = World()
+    busy = world.process("backfill", 100)
+    for _ in range(100):  # the backfill is going at its budget
+        world.send(busy)
+        world.now += 0.6
+    waiting_since = world.now
+
+    def sleep_while_backfill_runs(seconds: float) -> None:
+        end = world.now + seconds  # meanwhile the backfill goes on at its pace
+        while world.now < end:
+            world.send(busy)
+            world.now += 0.6
+        assert world.now - waiting_since < 300, "the smaller budget never got a slot"
+
+    small = PrefixAllowance(
+        world.store, Layout("p"), 20, "verify", lambda: world.now, sleep_while_backfill_runs
+    )
+    small.take()
+    assert world.now - waiting_since <= HORIZON_SECONDS + 5
+    after = [t for t in world.sent if t >= waiting_since + HORIZON_SECONDS]
+    assert most_in_any_minute(after) <= 20  # the backfill held to 20 once it knew
+
+
 def test_what_the_ledger_costs_in_s3_requests():
     """Counted at the store: a process sending as fast as a budget of 100 allows for ten
     minutes pays about one GET and one PUT per 8 API requests (0.24 S3 requests per API

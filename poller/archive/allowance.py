@@ -5,7 +5,7 @@
     {"version": 1, "per_minute": 100,
      "grants": [[1764072000.123, 10, "<run id>", 1764072010.123, 100], ...]}
      # written at (wall time), slots, taker, last moment a slot may start (optional),
-     # the taker's requests_per_minute (optional)
+     # the taker's requests_per_minute (optional), slots reserved (a reservation: 0 slots)
 
 Every process that sends Threat Stack requests for this bucket and prefix (``run``,
 ``sync``, ``backfill``, ``verify``, ``serve`` and its detail fetches, a standby daemon)
@@ -24,6 +24,10 @@ Processes configured with different budgets: each grant carries its taker's
 at most the smallest budget among them and the writer's own. By the same argument, a window
 holds at most the smallest budget of the processes sending in it (a process with a larger
 one is held to it while a smaller one is active, and logs ``budget.smaller_elsewhere``).
+A smaller one that finds no room beside a busy larger one first writes a reservation (a
+grant of no slots that carries its budget and the slots it wants, sixth field): the larger
+counts those slots as taken, so the room its ageing grants leave waits for the smaller
+instead of going back to it (``_reserve``).
 
 Grants are sized by use: the first is ``FIRST_GRANT``; a grant used up is followed by one
 of what ``GRANT_SECONDS`` take at the pace it was used (at most ``GROWTH`` times its size
@@ -278,32 +282,60 @@ class PrefixAllowance:
                 "budget.smaller_elsewhere",
                 extra={"fields": {"per_minute": self.per_minute, "held_to": limit}},
             )
-        free = limit - sum(e[1] for e in live)
+        # Its own reservation is not counted against it; another's only when that process's
+        # budget is smaller than this one's (see _reserve).
+        mine = [e for e in live if e[2] == self._taker and len(e) > 5]
+        others = [e for e in live if e not in mine]
+        free = limit - sum(self._booked(e) for e in others)
         # Room for half the grant it wants, or wait for it: grants cut to slivers by a full
         # budget would each cost a GET and a PUT.
         wanted = max(1, -(-self._next // 2))
         if free < wanted:
             freed, wait = free, 0.0
-            for entry in sorted(live, key=_last_moment):
-                freed += entry[1]
+            for entry in sorted(others, key=_last_moment):
+                freed += self._booked(entry)
                 wait = _last_moment(entry) + COUNTED_SECONDS - now
                 if freed >= wanted:
                     break
             # Slots of its own grant left unused are written back now, for the others' sake
             # (a conflict: another process wrote meanwhile, read again).
             returning = grant is not None and grant.used < grant.size and found is not None
-            if returning and found is not None and not self._write(found.etag, live):
+            reserving = not mine and any(len(e) < 5 or e[4] > self.per_minute for e in others)
+            written = [*live, self._reserve(now, wanted)] if reserving else live
+            if (returning or reserving) and not self._write(
+                found.etag if found is not None else None, written
+            ):
                 return 0.0
+            if reserving:
+                log.info(
+                    "budget.reserved",
+                    extra={"fields": {"per_minute": self.per_minute, "slots": wanted}},
+                )
             return max(wait, 0.05)
         size = min(free, self._next)
         at = round(now, 3)
         until = at + GRANT_SECONDS
         etag = None if found is None else found.etag
-        if not self._write(etag, [*live, [at, size, self._taker, until, self.per_minute]]):
+        if not self._write(etag, [*others, [at, size, self._taker, until, self.per_minute]]):
             return 0.0  # another process wrote meanwhile: read again
         self.grants += 1
         self._current = _Grant(at, size, until, self._clock())
         return 0.0
+
+    def _booked(self, entry: list[Any]) -> int:
+        """Slots an entry holds against this process: its own, plus the slots reserved by a
+        process whose budget is smaller than this one's."""
+        reserved = entry[5] if len(entry) > 5 and entry[4] < self.per_minute else 0
+        return int(entry[1]) + int(reserved)
+
+    def _reserve(self, now: float, wanted: int) -> list[Any]:
+        """An entry of no slots that reserves ``wanted`` for this process, carrying its
+        budget. Beside a busy process with a larger budget, the room left when that one's
+        grants age out would go to whichever asks first, the busy one every time: it counts
+        the reservation as taken (``_booked``), so the room waits for the smaller one. Equal
+        or larger budgets ignore it, so reservations never hold each other up."""
+        at = round(now, 3)
+        return [at, 0, self._taker, at + GRANT_SECONDS, self.per_minute, wanted]
 
     def _write(self, etag: str | None, entries: list[list[Any]]) -> bool:
         """Write the ledger over the version read (``etag``; None: create it). False when
@@ -339,7 +371,7 @@ def _grants(body: bytes) -> list[list[Any]]:
             and isinstance(entry[0], (int, float))
             and isinstance(entry[1], int)
             and not isinstance(entry[1], bool)
-            and entry[1] > 0
+            and entry[1] >= 0
         ):
             good.append([float(entry[0]), entry[1], str(entry[2]) if len(entry) > 2 else ""])
             last = entry[3] if len(entry) > 3 else None
@@ -353,4 +385,13 @@ def _grants(body: bytes) -> list[list[Any]]:
                 budget = entry[4] if len(entry) > 4 else None
                 if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
                     good[-1].append(budget)
-    return good
+                    reserved = entry[5] if len(entry) > 5 else None
+                    if (
+                        entry[1] == 0
+                        and isinstance(reserved, int)
+                        and not isinstance(reserved, bool)
+                        and 0 < reserved <= budget
+                    ):
+                        good[-1].append(reserved)
+    # A grant of no slots is only a reservation (its budget and slots): else it says nothing.
+    return [e for e in good if e[1] > 0 or len(e) > 4]
