@@ -53,6 +53,8 @@ STALE_PAGE_LIMIT = 3
 # either this clear error or its own deadline, never an endless listing.
 EMPTY_PAGE_LIMIT = 100
 READ_SIZE = 64 * 1024
+# A 4xx answer's body is read for its error text alone (the first 300 characters are shown).
+ERROR_BODY_BYTES = 64 * 1024
 
 
 class Page(list[Any]):
@@ -73,11 +75,11 @@ def _identity(raw: Any) -> str:
     return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _server_errors(response: requests.Response) -> str:
+def _server_errors(raw: bytes) -> str:
     """The ``{"errors": [...]}`` text of a v2 error body, if there is one (never raises)."""
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         return ""
     if isinstance(body, dict):
         errors = body.get("errors") or body.get("message")
@@ -88,8 +90,9 @@ def _server_errors(response: requests.Response) -> str:
     return ""
 
 
-def classify_response(response: requests.Response) -> PollerError | None:
-    """The one place an HTTP status becomes an error (None for success)."""
+def classify_response(response: requests.Response, body: bytes = b"") -> PollerError | None:
+    """The one place an HTTP status becomes an error (None for success); ``body``, the
+    answer's decoded body as far as it was read, only adds the server's words to a 4xx."""
     status = response.status_code
     if 200 <= status < 300:
         return None
@@ -100,7 +103,7 @@ def classify_response(response: requests.Response) -> PollerError | None:
         )
     if status >= 500:
         return ApiUnavailable(f"Threat Stack answered {status}")
-    detail = _server_errors(response)
+    detail = _server_errors(body)
     suffix = f": {detail}" if detail else ""
     if status == 401:
         skew = (
@@ -248,7 +251,10 @@ class ThreatStackClient:
             ) from exc
         with response:
             self._budget.observe(response.headers)
-            error = classify_response(response)
+            said = b""
+            if 400 <= response.status_code < 500 and response.status_code != 429:
+                said = self._error_body(response, started)
+            error = classify_response(response, said)
             if isinstance(error, RateLimited):
                 # Every request of this process holds back, at least for the floor.
                 self._budget.pause(max(error.retry_after or 0.0, RATE_LIMIT_FLOOR))
@@ -267,12 +273,23 @@ class ThreatStackClient:
         validate(document)
         return document
 
-    def _read_body(self, response: requests.Response, started: float) -> bytes:
+    def _error_body(self, response: requests.Response, started: float) -> bytes:
+        """A 4xx answer's body, for the server's words only: read within the same bounds as
+        any body but at most ERROR_BODY_BYTES (decoded), and b"" when it does not read (too
+        big, not decodable, cut short). The status decides the error, never the body."""
+        try:
+            return self._read_body(response, started, ERROR_BODY_BYTES)
+        except PollerError:
+            return b""
+
+    def _read_body(
+        self, response: requests.Response, started: float, limit: int | None = None
+    ) -> bytes:
         """The whole body, decoded (gzip, deflate), or an error: never longer than
         ``request_deadline_seconds`` from the request's start (a body that trickles in), never
-        more than ``max_response_bytes`` on the wire nor once decoded. Each socket read is
-        bounded by ``timeout_seconds``."""
-        limit = self._settings.max_response_bytes
+        more than ``max_response_bytes`` (or ``limit``) on the wire nor once decoded. Each
+        socket read is bounded by ``timeout_seconds``."""
+        limit = limit if limit is not None else self._settings.max_response_bytes
         deadline = started + self._settings.request_deadline_seconds
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
