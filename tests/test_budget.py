@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import pytest
 
 from poller.errors import (
@@ -182,3 +185,39 @@ def test_inherit_ignores_what_is_not_a_time():
     budget = RequestBudget(5)
     budget.inherit(["x", None, True, 1.5e9])  # type: ignore[list-item]
     assert budget.next_wait() == 0
+
+
+def test_threads_never_pass_the_local_window_together_when_the_ledger_is_refused():
+    """The bucket refused the shared ledger (a read-only role): the process keeps to its own
+    budget. Twenty threads asking at once at a budget of 5: exactly five start, the rest
+    wait; the check and the count were apart, so all twenty went out (brk19d)."""
+    import threading
+
+    class Refused:
+        unavailable = "AccessDenied on _poller/budget.json"
+
+        def take(self) -> None:
+            time.sleep(0.01)  # the other threads run between the check and the count
+
+    class Waits(Exception):
+        pass
+
+    def sleep(_seconds: float) -> None:
+        raise Waits()
+
+    budget = RequestBudget(5, clock=lambda: 100.0, sleep=sleep, shared=Refused())
+    started: list[int] = []
+    together = threading.Barrier(20)
+
+    def ask(n: int) -> None:
+        together.wait()
+        with contextlib.suppress(Waits):
+            budget.acquire()
+            started.append(n)
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(started) == 5

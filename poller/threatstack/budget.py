@@ -50,6 +50,10 @@ class SharedAllowance(Protocol):
     def take(self) -> None:
         """Block until one more request may start, by every process's count, and count it."""
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why sharing is off (the bucket refused the ledger), or None while it works."""
+
 
 class RequestBudget:
     def __init__(
@@ -94,19 +98,27 @@ class RequestBudget:
         while True:
             with self._lock:
                 wait = self.next_wait()
-                if wait <= 0:
-                    if self.shared is None:
-                        self._started.append(self._clock())
-                        self._sent += 1
-                        return
-                    break
-            self._sleep(wait)
-        # The prefix's slot is taken last, so the request leaves right after it is granted;
-        # it is counted here from then on.
-        self.shared.take()
-        with self._lock:
-            self._started.append(self._clock())
-            self._sent += 1
+                # Without a shared ledger (none, or the bucket refused it) the local window
+                # decides alone: checked and counted under one lock, so threads cannot
+                # all pass the check before any is counted.
+                alone = self.shared is None or self.shared.unavailable is not None
+                if wait <= 0 and alone:
+                    self._started.append(self._clock())
+                    self._sent += 1
+                    return
+            if wait > 0:
+                self._sleep(wait)
+                continue
+            # The prefix's slot is taken last, so the request leaves right after it is
+            # granted; it is counted here from then on.
+            assert self.shared is not None
+            self.shared.take()
+            with self._lock:
+                if self.shared.unavailable is not None and self.next_wait() > 0:
+                    continue  # sharing was just turned off: the local window decides
+                self._started.append(self._clock())
+                self._sent += 1
+                return
 
     def recent(self) -> list[float]:
         """Wall-clock (epoch) start times of the requests still inside the window, for the
