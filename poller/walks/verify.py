@@ -238,6 +238,7 @@ class Verifier:
         self._dismissal_folders = PrefixListings(store, self.layout, kind="dismissals")
         self._quarantine = QuarantineIndex(store, self.layout)
         self._malformed_seen: set[str] = set()
+        self._malformed_counted: set[str] = set()
 
     def run(
         self,
@@ -252,6 +253,7 @@ class Verifier:
         self._dismissal_folders = PrefixListings(self.store, self.layout, kind="dismissals")
         self._quarantine = QuarantineIndex(self.store, self.layout)
         self._malformed_seen = set()
+        self._malformed_counted = set()
         summary.window = {"from": iso_z(since), "until": iso_z(until)}
         pieces = list(chunks(since, until, DAY, aligned=True))
         summary.chunks_total = len(pieces)
@@ -284,7 +286,9 @@ class Verifier:
                     for raw in page:
                         item = classify(raw)
                         if not isinstance(item, Alert):
-                            findings.malformed += 1
+                            if item.digest not in self._malformed_counted:
+                                self._malformed_counted.add(item.digest)  # once per object
+                                findings.malformed += 1
                             if status in self.statuses:
                                 self._malformed(item, status, repair, findings)
                         elif nominal <= item.created < end and item.id not in listed:
