@@ -233,10 +233,22 @@ class Runtime:
     _mark_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def archive(self) -> Archive:
-        ahead = self.mark_due_ahead if self.mode in ("backfill", "verify") else None
+        marking = self.mode in ("backfill", "verify")
         return Archive(
-            self.store, self.layout, self.settings.threatstack.org_id, self.touched_days, ahead
+            self.store,
+            self.layout,
+            self.settings.threatstack.org_id,
+            self.touched_days,
+            self.mark_due_ahead if marking else None,
+            self.mark_due_again if marking else None,
         )
+
+    def mark_due_again(self, days: set[date]) -> None:
+        """``Archive.settle``: the days a chunk (or a verified day) wrote into, marked due
+        after its writes and before its commit."""
+        builder = self.tables_builder()
+        for day in sorted(days):
+            builder.mark_due(day, f"archived into by {self.mode}")
 
     def mark_due_ahead(self, day: date) -> None:
         """Before a backfill's or a repair's first write into ``day``: its due marker, so a

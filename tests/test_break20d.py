@@ -111,3 +111,61 @@ def test_a_pass_past_its_deadline_reads_no_unbounded_number_of_dismissal_records
     builder = world.builder(clock=clock)
     report = builder.run(builder.plan(world.watermark), deadline=0.0)  # long past
     assert report.records_read <= 7, f"{report.records_read} records read past the deadline"
+
+
+def test_two_queries_at_once_on_one_cache_both_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: poller query "fetches ... into a local cache"; it takes no lease, so an
+    analyst may run two at once (two terminals, a script in a loop). Both fetch a part into
+    the same temporary name (PART.partial): when the other query renames it into place
+    between this one's write and rename, this one's rename finds no file and the query
+    fails with a ConfigError (exit 2) saying the cache folder "cannot hold the parts"."""
+    from datetime import date
+
+    from poller.tables.query import PartCache
+
+    world = World(tmp_path, count=10, dismissed=0)
+    assert world.build().ok
+    folder = tmp_path / "shared-cache"
+    replace = Path.replace
+    raced: list[Path] = []
+
+    def other_query_in_between(self: Path, target: Path) -> Path:
+        if self.name.endswith(".partial") and not raced:
+            raced.append(self)  # the other query fetches the same part, whole, right now
+            PartCache(world.store, world.layout, folder).fetch(date(2026, 11, 1), date(2026, 11, 1))
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", other_query_in_between)
+    fetched = PartCache(world.store, world.layout, folder).fetch(
+        date(2026, 11, 1), date(2026, 11, 1)
+    )
+    assert raced and fetched.files["alerts"]
+
+
+def test_a_backfill_killed_after_a_pass_cleared_its_day_still_gets_its_later_alert_tabled(
+    tmp_path: Path,
+) -> None:
+    """README: "A day is marked before the run's first write into it (a run killed after a
+    write leaves it due ...) and again at the run's end". Only the *first* write of a run
+    into a day marks it: a daemon pass that runs between two of the backfill's writes into
+    the day builds it and deletes the marker (its ETag has not moved); the backfill's next
+    write into that day marks nothing, its chunk is committed, and a SIGKILL before the
+    run's end (OOM, eviction) leaves the day finished without that alert. The rerun skips
+    the committed chunk, so nothing ever marks the day again."""
+    from test_break20b import _alert, _runtime
+
+    world = World(tmp_path, count=10, dismissed=0)
+    assert world.build().ok  # the day's parts exist
+    backfill = _runtime(world, "backfill")
+    archive = backfill.archive()
+    first, second = _alert(world, 5), _alert(world, 6)
+    archive.take(first, "active", DAY1)  # marks day 1 due, then writes
+    report = world.build()  # the daemon's hourly pass, meanwhile
+    assert report.alert_rows == 1
+    archive.take(second, "active", DAY1)  # the same chunk, a moment later
+    archive.settle()  # the chunk commits (BackfillPlan.finish settles first)
+    # SIGKILL: mark_tables_due() never runs; the rerun skips the chunk
+    world.build()
+    assert second.id in {r["id"] for r in world.rows("alerts")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from datetime import date, datetime
 from enum import Enum
@@ -46,6 +47,7 @@ class Archive:
         organization_id: str,
         touched: set[date] | None = None,
         before_write: Callable[[date], None] | None = None,
+        after_writes: Callable[[set[date]], None] | None = None,
     ) -> None:
         self._store = store
         self.layout = layout
@@ -57,6 +59,11 @@ class Archive:
         # and a repair's write-ahead due marker: a kill after the write still leaves the day
         # to be tabled again, and the rerun's 412 would not).
         self._before_write = before_write
+        # Called by ``settle`` with the days written into since the last settle: their due
+        # markers again, after the writes (see settle).
+        self._after_writes = after_writes
+        self._unsettled: set[date] = set()
+        self._unsettled_lock = threading.Lock()
 
     def _create(self, key: str, body: bytes) -> bool:
         try:
@@ -123,6 +130,8 @@ class Archive:
         )
         if full or wrote_webhook:
             self.touched.add(alert.created.date())
+            with self._unsettled_lock:
+                self._unsettled.add(alert.created.date())
         outcome = Outcome.ARCHIVED if (full or wrote_webhook) else Outcome.ALREADY_ARCHIVED
         return outcome, full
 
@@ -133,6 +142,17 @@ class Archive:
         except UNENCODABLE as exc:
             detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
             return Rejected("unencodable", detail, alert.raw)
+
+    def settle(self) -> None:
+        """Before a walk commits what it wrote (a backfill's chunk record, the end of a day
+        verify repaired): the days written into since the last settle get their due markers
+        again. A tables pass that listed such a day before a write, and would clear the
+        marker written ahead of the first one, finds its ETag moved and leaves the day due;
+        so a kill after the commit (the rerun skips the chunk) loses no alert of the tables."""
+        with self._unsettled_lock:
+            days, self._unsettled = self._unsettled, set()
+        if days and self._after_writes is not None:
+            self._after_writes(days)
 
     def quarantine_key_of(self, alert: Alert) -> str:
         """Where ``take`` keeps ``alert`` when it quarantines it: under ``unencodable`` when

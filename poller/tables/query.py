@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -111,13 +112,17 @@ class PartCache:
         stored = self._store.get(item.key)
         if stored is None:
             raise FatalError(f"the table part {item.key} vanished while being fetched")
-        partial = path.with_name(path.name + ".partial")
+        # Its own staging name: two queries on one cache (no lease: both may run) never
+        # rename each other's half-written file into place, nor lose theirs to the other.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial.write_bytes(stored.body)
             partial.replace(path)  # never a half-written part under the real name
             tag.write_text(stored.etag, encoding="utf-8")
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             raise ConfigError(
                 [
                     f"tables.cache_dir: the cache folder {self.folder} cannot hold the parts"

@@ -94,6 +94,7 @@ class BackfillPlan:
         if self._cycle.revisit is not None and since < until:
             fresh = self._cycle.first_dismissed
             self._cycle.revisit.sweep(since, until, self._now, summary, self._cycle, fresh)
+        self._cycle.archive.settle()  # the days it wrote into: due again, before the record
         earlier = self._records.covered(since, until)
         read = sorted(set(self._cycle.settings.statuses) - earlier)
         self._records.record(

@@ -262,6 +262,7 @@ class Verifier:
             # The overlap second before a cut belongs to the day before it.
             nominal = start if done == 1 else start + OVERLAP
             self._day(nominal, start, end, repair, folders, findings, summary, checksums)
+            self.archive.settle()  # the days it repaired into: due again
             summary.chunks_done += 1
             self.observer.committed(summary, done)
         return findings
