@@ -758,22 +758,30 @@ class _Pass:
         # Every day built: its dismissals parts are read too, so a damaged one is named on
         # every pass that builds the day, not only when a new dismissal comes for it.
         target.update(self.built)
+        # A due day this pass did not build (its deadline came first, or its alerts part is
+        # damaged) gets no dismissals part now: that part would make it look finished without
+        # its own dismissed full records. Its rows wait, as a day not closed yet does.
+        unreached = set(self.plan.due) - set(self.built)
+        self.con.execute("CREATE OR REPLACE TEMP TABLE held_days (day DATE)")
+        if unreached:
+            self.con.executemany("INSERT INTO held_days VALUES (?)", [[d] for d in unreached])
         closed = f"DATE '{last_closed.isoformat()}'"
+        waits = f"(date > {closed} OR date IN (SELECT day FROM held_days))"
         waiting_sources = {
             row[0]
             for row in self.con.execute(
                 f"SELECT DISTINCT source_day FROM dismissal_rows"
-                f" WHERE date > {closed} AND source_day IS NOT NULL"
+                f" WHERE {waits} AND source_day IS NOT NULL"
             ).fetchall()
         }
         for day in waiting_sources:
-            self._keep_due(day, "dismissals wait for their day to close")
+            self._keep_due(day, "dismissals wait for their day to close or be built")
         damaged: set[date] = set()
         # Latest day first: a day's dismissals part is what makes it look finished, so the
         # rows it sends to later days (an alert archived already dismissed, created the day
         # before) are written before it; a kill between the two leaves it due.
         for day in sorted(target, reverse=True):
-            if day > last_closed:
+            if day > last_closed or day in unreached:
                 continue
             try:
                 self._dismissals_day(day)
@@ -788,7 +796,7 @@ class _Pass:
                     self._keep_due(source, "a dismissal of it waits for a damaged part")
                     damaged.add(source)
         waiting = self.con.execute(
-            f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE date > {closed}"
+            f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE {waits}"
         ).fetchone()
         assert waiting is not None
         self.report.waiting_dismissals = int(waiting[0])
@@ -796,7 +804,7 @@ class _Pass:
             # The one-time scan: what waits must be in the index the next passes read.
             for key, listed_at in self.con.execute(
                 f"SELECT DISTINCT key, listed_at FROM dismissal_rows"
-                f" WHERE date > {closed} AND source_day IS NULL"
+                f" WHERE {waits} AND source_day IS NULL"
             ).fetchall():
                 self.b.index(key, listed_at.replace(tzinfo=UTC))
         # Never later than S3's clock when the state was read (this pass's start): a record

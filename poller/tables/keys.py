@@ -19,6 +19,8 @@ from datetime import UTC, date, datetime, timedelta
 
 from poller.archive.records import Layout
 
+# What a sync cycle re-reads before its watermark at the least (poller.walks.sync.OVERLAP).
+REREAD = timedelta(seconds=1)
 _PART = re.compile(r"date=(\d{4}-\d{2}-\d{2})/part-(\d{4,})\.parquet")
 
 
@@ -79,10 +81,13 @@ class TableKeys:
 
 def last_closed_day(watermark: datetime | None, lookback: timedelta) -> date | None:
     """The last UTC day whose end the live watermark has passed by ``lookback``, or None.
-    Day D is closed when ``watermark - lookback >= D+1 00:00``."""
+    Day D is closed when ``watermark - lookback >= D+1 00:00``, the look-back never under
+    the one second every cycle re-reads (SPEC "Windows overlap": with lookback_seconds 0
+    the next cycle still reads from a second before the watermark)."""
     if watermark is None:
         return None
-    return (watermark.astimezone(UTC) - lookback).date() - timedelta(days=1)
+    reread = max(lookback, REREAD)
+    return (watermark.astimezone(UTC) - reread).date() - timedelta(days=1)
 
 
 def day_of_webhook_key(keys: TableKeys, key: str) -> date | None:
