@@ -158,7 +158,6 @@ class PrefixAllowance:
     def take(self) -> None:
         with self._lock:  # one thread asks the bucket at a time; the others wait here
             while self.unavailable is None:
-                now = self._wall()
                 grant = self._current
                 held = 0.0 if grant is None else max(self._clock() - grant.started, 0.0)
                 if grant is not None and grant.used < grant.size and held <= GRANT_SECONDS:
@@ -172,8 +171,12 @@ class PrefixAllowance:
                     except PollerError as exc:
                         self._off(exc)
                         return
+                # Read after the store proof, and once for both clocks: a grant's ten seconds
+                # start when it is dated, so a slow GET and PUT of the ledger (or a slow
+                # proof) eat into them instead of moving its slots past what it records.
+                now, started = self._wall(), self._clock()
                 try:
-                    wait = self._grant(now)
+                    wait = self._grant(now, started)
                 except ArchiveAccessError as exc:
                     self._off(exc)
                     return
@@ -254,7 +257,7 @@ class PrefixAllowance:
         document = {"version": VERSION, "per_minute": self.per_minute, "grants": entries}
         return json.dumps(document).encode()
 
-    def _grant(self, now: float) -> float:
+    def _grant(self, now: float, started: float) -> float:
         """Take a grant (0.0), or say how long to wait before the next try."""
         grant = self._current
         if grant is not None:  # used up or run out: the next one is sized by it (once:
@@ -288,8 +291,9 @@ class PrefixAllowance:
         others = [e for e in live if e not in mine]
         free = limit - sum(self._booked(e) for e in others)
         # Room for half the grant it wants, or wait for it: grants cut to slivers by a full
-        # budget would each cost a GET and a PUT.
-        wanted = max(1, -(-self._next // 2))
+        # budget would each cost a GET and a PUT. Never more than the largest grant at the
+        # budget it is held to: a smaller one elsewhere may never leave more free.
+        wanted = max(1, min(-(-self._next // 2), grant_size(limit)))
         if free < wanted:
             freed, wait = free, 0.0
             for entry in sorted(others, key=_last_moment):
@@ -319,7 +323,7 @@ class PrefixAllowance:
         if not self._write(etag, [*others, [at, size, self._taker, until, self.per_minute]]):
             return 0.0  # another process wrote meanwhile: read again
         self.grants += 1
-        self._current = _Grant(at, size, until, self._clock())
+        self._current = _Grant(at, size, until, started)
         return 0.0
 
     def _booked(self, entry: list[Any]) -> int:
