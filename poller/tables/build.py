@@ -5,7 +5,8 @@ One *pass*:
 1. **Plan** (a handful of LISTs): the closed days of the range (from the archive's first
    ``webhooks/`` day, found in one request, unless given) that lack a part of either table,
    or that carry a due marker.
-2. **Alerts**, day by day, oldest first, until the deadline: the day's ids are the last
+2. **Alerts**, day by day (those lacking a part first, then those marked due; oldest first
+   in each), until the deadline: the day's ids are the last
    segments of its ``webhooks/YYYY/MM/DD/`` keys; ids already in the day's parts (read from
    the parts themselves) are left out; the rest have their full records read, a batch at a
    time, staged on disk in DuckDB and written as one new part, create-only. An id whose full
@@ -121,7 +122,8 @@ class Mark:
 
 @dataclass
 class Plan:
-    """What a pass will do: the due days, oldest first, and what the bucket holds."""
+    """What a pass will do: the due days (lacking a part, then marked; oldest first in
+    each), and what the bucket holds."""
 
     last_closed: date | None
     first: date | None
@@ -278,11 +280,12 @@ class TablesBuilder:
         if last_closed is not None and first is not None:
             end = min(until, last_closed) if until is not None else last_closed
             if first <= end:
-                due = [
-                    day
-                    for day in days(first, end)
-                    if day in markers or any(day not in parts[t] for t in TABLES)
-                ]
+                lacking = [d for d in days(first, end) if any(d not in parts[t] for t in TABLES)]
+                marked = [d for d in days(first, end) if d in markers and d not in lacking]
+                # Days that lack a part first, then days that only carry a marker: a marker
+                # can come back (dismissals waiting for a later day), a missing part cannot,
+                # so passes that have time for one day each still reach every day.
+                due = sorted(lacking) + sorted(marked)
         return Plan(last_closed, first, due, parts, markers)
 
     # ------------------------------------------------------------------ run
@@ -761,7 +764,14 @@ class _Pass:
         # A due day this pass did not build (its deadline came first, or its alerts part is
         # damaged) gets no dismissals part now: that part would make it look finished without
         # its own dismissed full records. Its rows wait, as a day not closed yet does.
-        unreached = set(self.plan.due) - set(self.built)
+        # Also such a day outside the pass's range (poller tables --until): what makes a day
+        # unfinished is the bucket's, not the range's.
+        unreached = {
+            d
+            for d in target
+            if d not in self.built
+            and (d in self.plan.markers or any(d not in self.plan.parts[t] for t in TABLES))
+        } | (set(self.plan.due) - set(self.built))
         self.con.execute("CREATE OR REPLACE TEMP TABLE held_days (day DATE)")
         if unreached:
             self.con.executemany("INSERT INTO held_days VALUES (?)", [[d] for d in unreached])
