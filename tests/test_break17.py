@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from poller.archive.allowance import PrefixAllowance
+from poller.archive.allowance import HORIZON_SECONDS, PrefixAllowance
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.errors import MalformedResponse
@@ -24,23 +24,28 @@ LEDGER = "p/_poller/budget.json"
 def test_a_ledger_grant_dated_far_in_the_future_does_not_stall_the_prefix():
     """A host whose wall clock was an hour ahead (then stepped back by NTP), or a hand edit,
     leaves grants dated an hour from now. Clocks sharing a prefix are in step (Hawk refuses
-    more than a minute of skew), so such a grant cannot be believed: it must not hold every
-    process back for an hour (or for ever, with ``1e12`` or ``Infinity``)."""
+    more than a minute of skew), so such a grant cannot be believed as dated: it counts as
+    if written now (its requests may have just gone out), so it holds every process back
+    for a grant's horizon at most, never an hour (or for ever, with ``1e12``)."""
+    wall = [T0]
     slept: list[float] = []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
-        assert sum(slept) < 61.5, f"waited {sum(slept)} s for a grant dated in the future"
+        wall[0] += seconds
+        # Counted as if dated now: held back for a grant's horizon at most, never an hour.
+        assert sum(slept) <= HORIZON_SECONDS, f"waited {sum(slept)} s for a future grant"
 
     store = MemoryObjectStore()
     for at in (T0 + 3600.0, 1e12):
+        slept.clear()
         ledger = {"version": 1, "per_minute": 20, "grants": [[at, 20, "ahead", at + 10.0]]}
         store.put(LEDGER, json.dumps(ledger).encode())
-        run = PrefixAllowance(store, Layout("p"), 20, "run", lambda: T0, sleep)
+        run = PrefixAllowance(store, Layout("p"), 20, "run", lambda: wall[0], sleep)
         run.take()
-    found = store.get(LEDGER)
-    assert found is not None
-    assert all(g[0] < T0 + 3600 for g in json.loads(found.body)["grants"])
+        found = store.get(LEDGER)
+        assert found is not None
+        assert all(g[0] <= wall[0] for g in json.loads(found.body)["grants"])
 
 
 def test_a_busy_process_whose_wall_clock_steps_back_an_hour_goes_on():
@@ -51,7 +56,7 @@ def test_a_busy_process_whose_wall_clock_steps_back_an_hour_goes_on():
     mono = [0.0]
 
     def sleep(seconds: float) -> None:
-        assert seconds < 61.5, f"asked to wait {seconds} s"
+        assert seconds <= HORIZON_SECONDS, f"asked to wait {seconds} s"
         wall[0] += seconds
         mono[0] += seconds
 

@@ -76,8 +76,9 @@ FIRST_GRANT = 2  # a process's first grant: an idle sync's two lists
 GROWTH = 4  # a grant used up is followed by one this many times its size
 # A grant dated further ahead than this cannot be believed: hosts sharing a prefix are in
 # step (Hawk refuses more than about 60 s of skew). It is the trace of a wall clock that was
-# ahead and stepped back, or of a hand edit, and counting it would hold every process back
-# until that date (an hour, or for ever): it is dropped from the ledger instead.
+# ahead and stepped back, or of a hand edit: counting it as dated would hold every process
+# back until that date (an hour, or for ever), dropping it would forget requests that may
+# have just gone out, so it counts as if written now (HORIZON_SECONDS at most).
 FUTURE_SECONDS = 60.0 + GRANT_SECONDS
 GIVE_BACK_TRIES = 5  # compare-and-swap conflicts tolerated when giving slots back
 
@@ -266,18 +267,23 @@ class PrefixAllowance:
             self._next = grant.following
         found = self._store.get(self._key)
         entries = self._settle(_grants(found.body) if found is not None else [])
-        live = [
-            e
-            for e in entries
-            if _last_moment(e) > now - COUNTED_SECONDS and e[0] <= now + FUTURE_SECONDS
-        ]
-        if len(live) < len(entries):
-            ahead = [e for e in entries if not e[0] <= now + FUTURE_SECONDS]
-            if ahead:
-                log.warning(
-                    "budget.grant_from_the_future",
-                    extra={"fields": {"grants": len(ahead), "ahead_s": ahead[0][0] - now}},
-                )
+        ahead = [e for e in entries if e[0] > now + FUTURE_SECONDS]
+        if ahead:
+            # Left by a wall clock that was ahead and stepped back (this host's, or
+            # another's), or a hand edit: counted as if dated now, so it holds slots for
+            # HORIZON_SECONDS at most (its requests may have just gone out), never until
+            # its date (an hour, or for ever).
+            log.warning(
+                "budget.grant_from_the_future",
+                extra={"fields": {"grants": len(ahead), "ahead_s": ahead[0][0] - now}},
+            )
+            entries = [
+                [round(now, 3), e[1], e[2], round(now, 3) + GRANT_SECONDS, *e[4:]]
+                if e[0] > now + FUTURE_SECONDS
+                else e
+                for e in entries
+            ]
+        live = [e for e in entries if _last_moment(e) > now - COUNTED_SECONDS]
         limit = min([self.per_minute, *(e[4] for e in live if len(e) > 4)])
         if limit < self.per_minute and not self._told_smaller:
             self._told_smaller = True
@@ -306,7 +312,8 @@ class PrefixAllowance:
             returning = grant is not None and grant.used < grant.size and found is not None
             reserving = not mine and any(len(e) < 5 or e[4] > self.per_minute for e in others)
             written = [*live, self._reserve(now, wanted)] if reserving else live
-            if (returning or reserving) and not self._write(
+            # Grants from the future are written back as counted, so the wait ends.
+            if (returning or reserving or ahead) and not self._write(
                 found.etag if found is not None else None, written
             ):
                 return 0.0
@@ -360,11 +367,21 @@ def _last_moment(entry: list[Any]) -> float:
     return float(entry[3]) if len(entry) > 3 else float(entry[0]) + GRANT_SECONDS
 
 
+def _moment(value: Any) -> bool:
+    """A number a time can be: finite as a float (JSON allows integers of any size)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _grants(body: bytes) -> list[list[Any]]:
     """The grants of the document, malformed entries dropped (never raises)."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return []
     raw = document.get("grants") if isinstance(document, dict) else None
     good: list[list[Any]] = []
@@ -372,7 +389,7 @@ def _grants(body: bytes) -> list[list[Any]]:
         if (
             isinstance(entry, list)
             and len(entry) >= 2
-            and isinstance(entry[0], (int, float))
+            and _moment(entry[0])
             and isinstance(entry[1], int)
             and not isinstance(entry[1], bool)
             and entry[1] >= 0
