@@ -3,23 +3,12 @@ crashes a request, and a wall clock stepped back does not let two budgets out in
 
 from __future__ import annotations
 
+from test_shared_budget import LEDGER, T0, most_in_any_minute
+
 from poller.archive.allowance import PrefixAllowance
 from poller.archive.records import Layout
 from poller.archive.store import MemoryObjectStore
 from poller.threatstack.budget import RequestBudget
-
-T0 = 1_764_000_000.0
-LEDGER = "p/_poller/budget.json"
-
-
-def most_in_any_minute(times: list[float]) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, moment in enumerate(times):
-        while moment - times[start] >= 60.0:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def test_a_ledger_with_an_integer_too_large_for_a_float_does_not_crash_every_request():
