@@ -395,13 +395,9 @@ def _grants(body: bytes) -> list[list[Any]]:
             and entry[1] >= 0
         ):
             good.append([float(entry[0]), entry[1], str(entry[2]) if len(entry) > 2 else ""])
-            last = entry[3] if len(entry) > 3 else None
+            last: Any = entry[3] if len(entry) > 3 else None
             # A last moment past the grant's own is not believed: the grant's counts instead.
-            if (
-                isinstance(last, (int, float))
-                and not isinstance(last, bool)
-                and last <= entry[0] + GRANT_SECONDS + 0.001
-            ):
+            if _moment(last) and float(last) <= good[-1][0] + GRANT_SECONDS + 0.001:
                 good[-1].append(float(last))
                 budget = entry[4] if len(entry) > 4 else None
                 if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:

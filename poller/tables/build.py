@@ -5,8 +5,8 @@ One *pass*:
 1. **Plan** (a handful of LISTs): the closed days of the range (from the archive's first
    ``webhooks/`` day, found in one request, unless given) that lack a part of either table,
    or that carry a due marker.
-2. **Alerts**, day by day (those lacking a part first, then those marked due; oldest first
-   in each), until the deadline: the day's ids are the last
+2. **Alerts**, day by day (those lacking a part first, oldest first, then those only
+   marked due, newest first), until the deadline: the day's ids are the last
    segments of its ``webhooks/YYYY/MM/DD/`` keys; ids already in the day's parts (read from
    the parts themselves) are left out; the rest have their full records read, a batch at a
    time, staged on disk in DuckDB and written as one new part, create-only. An id whose full
@@ -122,14 +122,15 @@ class Mark:
 
 @dataclass
 class Plan:
-    """What a pass will do: the due days (lacking a part, then marked; oldest first in
-    each), and what the bucket holds."""
+    """What a pass will do: the due days (lacking a part, oldest first; then only marked,
+    newest first), and what the bucket holds."""
 
     last_closed: date | None
     first: date | None
     due: list[date]
     parts: dict[str, dict[date, list[Part]]]
     markers: dict[date, str]  # day -> the marker's ETag
+    archive_first: date | None = None  # the archive's first day, whatever the range
 
     def last_day_with_tables(self) -> date | None:
         built = [d for d in self.parts["alerts"] if self.last_closed and d <= self.last_closed]
@@ -282,11 +283,12 @@ class TablesBuilder:
             if first <= end:
                 lacking = [d for d in days(first, end) if any(d not in parts[t] for t in TABLES)]
                 marked = [d for d in days(first, end) if d in markers and d not in lacking]
-                # Days that lack a part first, then days that only carry a marker: a marker
-                # can come back (dismissals waiting for a later day), a missing part cannot,
-                # so passes that have time for one day each still reach every day.
-                due = sorted(lacking) + sorted(marked)
-        return Plan(last_closed, first, due, parts, markers)
+                # Days that lack a part first, then days that only carry a marker, newest
+                # first: a marker can come back (a day's dismissals waiting for a later day,
+                # which rows only ever go to), a missing part cannot, so passes that have
+                # time for one day each still reach every day.
+                due = sorted(lacking) + sorted(marked, reverse=True)
+        return Plan(last_closed, first, due, parts, markers, archive_first)
 
     # ------------------------------------------------------------------ run
     def run(
@@ -766,10 +768,14 @@ class _Pass:
         # its own dismissed full records. Its rows wait, as a day not closed yet does.
         # Also such a day outside the pass's range (poller tables --until): what makes a day
         # unfinished is the bucket's, not the range's.
+        # Never a day before the archive's first: no pass builds it, so its rows go to their
+        # part as before rather than wait for ever.
+        first = self.plan.archive_first
         unreached = {
             d
             for d in target
             if d not in self.built
+            and (first is not None and d >= first)
             and (d in self.plan.markers or any(d not in self.plan.parts[t] for t in TABLES))
         } | (set(self.plan.due) - set(self.built))
         self.con.execute("CREATE OR REPLACE TEMP TABLE held_days (day DATE)")
