@@ -140,8 +140,7 @@ class Archive:
         try:
             return json_body(alert.raw), json_body(webhook_record(alert, self._organization_id))
         except UNENCODABLE as exc:
-            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
-            return Rejected("unencodable", detail, alert.raw)
+            return _unencodable(alert, exc)
 
     def settle(self) -> None:
         """Before a walk commits what it wrote (a backfill's chunk record, the end of a day
@@ -193,12 +192,12 @@ class Archive:
         try:
             written = self.store_dismissal(alert)
         except UNENCODABLE as exc:
-            detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+            rejected = _unencodable(alert, exc)
             log.warning(
                 "dismissal.quarantined",
-                extra={"fields": {"id": alert.id, "reason": "unencodable", "detail": detail}},
+                extra={"fields": {"id": alert.id, "reason": rejected.reason}},
             )
-            return self.quarantine(Rejected("unencodable", detail, alert.raw), "dismissed", seen_at)
+            return self.quarantine(rejected, "dismissed", seen_at)
         return Outcome.ARCHIVED if written else Outcome.ALREADY_ARCHIVED
 
     def archived_full(self, alert_id: str) -> Any:
@@ -216,3 +215,9 @@ class Archive:
         key = self.layout.quarantine_key(rejected.reason, rejected.digest)
         self._create(key, quarantine_body(rejected, status, seen_at))
         return Outcome.QUARANTINED
+
+
+def _unencodable(alert: Alert, exc: Exception) -> Rejected:
+    """Why ``alert`` has no record: no faithful JSON form (quarantined under that reason)."""
+    detail = f"no faithful JSON form ({type(exc).__name__}: {str(exc)[:120]})"
+    return Rejected("unencodable", detail, alert.raw)

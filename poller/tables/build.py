@@ -777,7 +777,7 @@ class _Pass:
             if d not in self.built
             and (first is not None and d >= first)
             and (d in self.plan.markers or any(d not in self.plan.parts[t] for t in TABLES))
-        } | (set(self.plan.due) - set(self.built))
+        }
         self.con.execute("CREATE OR REPLACE TEMP TABLE held_days (day DATE)")
         if unreached:
             self.con.executemany("INSERT INTO held_days VALUES (?)", [[d] for d in unreached])

@@ -439,10 +439,7 @@ class Verifier:
                 # No faithful JSON form (NaN, say): kept in the quarantine, handled.
                 findings.dismissals_quarantined_now += 1
                 summary.quarantined += 1
-                raw = dismissed[alert_id].raw
-                record = self._quarantine.read(
-                    self.layout.quarantine_key("unencodable", Rejected("", "", raw).digest)
-                )
+                record = self._quarantine.read(self.archive.quarantine_key_of(dismissed[alert_id]))
                 if record is not None:
                     findings.note_quarantined(alert_id, record)
                 continue
