@@ -70,7 +70,14 @@ def _aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 class MotoServer:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("moto_s3.py")),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                "0",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
