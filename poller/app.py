@@ -35,6 +35,7 @@ from poller.errors import Stopped
 from poller.serving.http import PROVISIONAL_STATUS, CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.tables.build import TablesBuilder, TablesReport
+from poller.tables.keys import may_be_closed
 from poller.tables.query import PartCache, default_cache_dir
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
@@ -313,7 +314,18 @@ class Runtime:
             if with_detail_fetch
             else None
         )
-        return Receiver(self.store, self.layout, self.settings.threatstack.org_id, fetcher)
+        builder = self.tables_builder()
+        lookback = timedelta(seconds=self.settings.sync.lookback_seconds)
+
+        def mark_late_day(day: date) -> None:
+            # A push is late when its alert's day may already have its parts (a relayed
+            # webhook retried for hours, an alert the API does not list): a new part then.
+            if may_be_closed(day, self.clock(), lookback):
+                builder.mark_due(day, "archived into by a late push")
+
+        return Receiver(
+            self.store, self.layout, self.settings.threatstack.org_id, fetcher, mark_late_day
+        )
 
     def push_parts(self) -> PushParts | None:
         """What the push routes work with; None while ``receiver.token`` is unset."""

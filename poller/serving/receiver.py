@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from poller.archive.records import (
@@ -146,6 +146,7 @@ class Receiver:
         layout: Layout,
         organization_id: str,
         fetcher: DetailFetcher | None,
+        after_write: Callable[[date], None] | None = None,
     ) -> None:
         self._store = store
         self._layout = layout
@@ -153,6 +154,10 @@ class Receiver:
         self._fetcher = fetcher
         self.pending = PendingRecords(store, layout)
         self._archive = Archive(store, layout, organization_id)
+        # Told the creation day of each pushed alert whose webhook record is in the bucket
+        # now (written, or there from a delivery whose answer was lost): a late push into a
+        # day whose query tables are built makes it due again (the composition root decides).
+        self._after_write = after_write
 
     @property
     def queued(self) -> int:
@@ -199,6 +204,8 @@ class Receiver:
                 written = self._create(key, json_body(document))
                 if written and earlier:
                     self.pending.name_webhook_key(item.id, key)  # the earlier push left none
+            if self._after_write is not None:
+                self._after_write(item.created.date())
             if self._fetcher is not None:
                 self._fetcher.offer(item.id, item.created)
             results.append({"id": item.id, "result": "archived" if written else "already_archived"})

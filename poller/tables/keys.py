@@ -90,6 +90,17 @@ def last_closed_day(watermark: datetime | None, lookback: timedelta) -> date | N
     return (watermark.astimezone(UTC) - reread).date() - timedelta(days=1)
 
 
+# How far a watermark (the API's clock) may be ahead of this host's clock.
+CLOCK_MARGIN = timedelta(minutes=5)
+
+
+def may_be_closed(day: date, now: datetime, lookback: timedelta) -> bool:
+    """Whether ``day`` may be closed (its parts built) at ``now`` on this host's clock: the
+    watermark is at most ``now`` on the API's clock, which may be ``CLOCK_MARGIN`` ahead."""
+    last = last_closed_day(now + CLOCK_MARGIN, lookback)
+    return last is not None and day <= last
+
+
 def day_of_webhook_key(keys: TableKeys, key: str) -> date | None:
     """The creation day a ``webhooks/YYYY/MM/DD/...`` key is filed under."""
     rest = key[len(keys.webhooks_prefix) :].split("/")
