@@ -163,7 +163,7 @@ def test_a_wall_clock_step_neither_stretches_a_grant_nor_dates_its_use_back():
         store, Layout("p"), 100, "run", lambda: wall[0], sleep, clock=lambda: mono[0]
     )
     run.take()  # a grant of 2 at T0
-    wall[0] -= 60.0  # (a step past the skew hosts may have drops the grant: test_break17)
+    wall[0] -= 60.0  # (a step past the skew hosts may have: test_api_budget_edges)
     mono[0] += 5.0
     run.take()  # its second slot, 5 s in
     run.take()  # a new grant, written at the stepped wall time; the first one settled
