@@ -1,5 +1,7 @@
-"""A second reviewer's attempts to break issue 19 (dismissals), each stated as expected
-behaviour. Unit-sized: an in-memory store and a fake source, no servers."""
+"""Dismissals at their edges (verify --checksums, an unreadable or future revisit state,
+only the active list polled, a dismissed version with no JSON form): each test reproduced a
+defect a break-it review of issue 19 found, stated as expected behaviour. Unit-sized: an
+in-memory store and a fake source, no servers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reproducers from the break16 review of issue 16 (the store proof, credentials, manifests)."""
+"""The store proof, rotated credentials and manifests at their edges: each test reproduced a
+defect a break-it review of issue 16 found, and states what should happen."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Break-it review of issue 20, end to end: poller processes over the simulator and moto."""
+"""The query tables end to end at their edges (poller processes over the simulator and moto):
+each test reproduced a defect a break-it review of issue 20 found."""
 
 from __future__ import annotations
 
