@@ -498,14 +498,19 @@ def _store_status(runtime: Runtime) -> dict[str, Any] | None:
 
 def _tables_status(runtime: Runtime, watermark: datetime | None) -> dict[str, Any]:
     """The last closed day with tables, and the closed days still owed them."""
-    plan = runtime.tables_builder().plan(watermark)
+    builder = runtime.tables_builder()
+    plan = builder.plan(watermark)
     last = plan.last_day_with_tables()
+    waiting = builder.waiting_days(plan)
+    pending = [day for day in plan.due if day not in waiting]
     return {
         "enabled_in_daemon": runtime.settings.tables.enabled,
         "last_closed": plan.last_closed.isoformat() if plan.last_closed else None,
         "last_day_with_tables": last.isoformat() if last else None,
-        "pending": len(plan.due),
-        "pending_days": [day.isoformat() for day in plan.due[:30]],  # the oldest 30
+        "pending": len(pending),
+        "pending_days": [day.isoformat() for day in pending[:30]],  # the oldest 30
+        # Built, kept due only until a later day closes (their dismissals go there).
+        "waiting_days": [day.isoformat() for day in waiting[:30]],
     }
 
 

@@ -178,8 +178,11 @@ def render_status(report: dict[str, Any], now: datetime) -> Table:
         last = tables.get("last_day_with_tables") or "none yet"
         due = tables.get("pending_days") or []
         count = tables.get("pending", len(due))
-        waiting = f"{count} days pending: {' '.join(due[:10])}" if due else "nothing pending"
-        row("query tables", f"through {last} (last closed {tables.get('last_closed')}); {waiting}")
+        pending = f"{count} days pending: {' '.join(due[:10])}" if due else "nothing pending"
+        waits = tables.get("waiting_days") or []
+        if waits:  # built; kept due until a later day, where their dismissals go, closes
+            pending += f"; {len(waits)} built, waiting for a later day's dismissals"
+        row("query tables", f"through {last} (last closed {tables.get('last_closed')}); {pending}")
     return table
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import duckdb
 import pytest
+from rich.console import Console
 
 from poller.app import build, local_s3_client
 from poller.archive.records import Alert, Layout, classify
 from poller.archive.state import CheckpointStore
 from poller.archive.store import MemoryObjectStore
 from poller.archive.writer import Archive
+from poller.cli import _tables_status
 from poller.config import Settings, TablesSettings
 from poller.errors import QueryError
 from poller.serving.daemon import Daemon
@@ -27,6 +29,7 @@ from poller.simulator.alerts import AlertFactory
 from poller.tables.build import TablesBuilder
 from poller.tables.keys import last_closed_day
 from poller.tables.query import PartCache, connect, json_value, run_sql
+from poller.terminal import render_status
 from poller.timeutil import utc_now
 from poller.walks.sync import Summary
 
@@ -407,3 +410,33 @@ def test_a_late_push_into_a_built_day_goes_into_a_new_part(tmp_path: Path) -> No
     second = world.build()
     assert second.days_built == ["2026-11-01"] and second.alert_rows == 1
     assert Counter(r["id"] for r in world.rows("alerts")) == Counter(list(world.closed_ids()))
+
+
+def test_status_tells_a_day_waiting_for_a_later_days_dismissals_from_pending_work(
+    tmp_path: Path,
+) -> None:
+    """An alert created on a closed day and archived already dismissed on the open day keeps
+    its day due (its dismissals row is built from that day, for a day not closed yet): not
+    work anyone must do, so `poller status` shows it as waiting, not pending; a day a repair
+    marked stays pending."""
+    world = World(tmp_path, count=6, dismissed=0)
+    doc = world.factory.alert(DAY1 + timedelta(days=1, hours=23), "dismissed")
+    doc["dismissedAt"] = (world.watermark - timedelta(hours=1)).isoformat()  # on day 3
+    world.put(doc)
+    report = world.build()
+    assert report.waiting_dismissals == 1
+    runtime = build(Settings(), "status", s3=local_s3_client("http://127.0.0.1:9"))
+    runtime.store, runtime.layout = world.store, world.layout
+    status = _tables_status(runtime, world.watermark)
+    assert status["pending"] == 0 and status["pending_days"] == []
+    assert status["waiting_days"] == ["2026-11-02"]
+    world.builder().mark_due(DAY1.date(), "archived into by verify")
+    status = _tables_status(runtime, world.watermark)
+    assert status["pending_days"] == ["2026-11-01"] and status["waiting_days"] == ["2026-11-02"]
+    console = Console(record=True, width=200)
+    console.print(render_status({"bucket": "b", "tables": status}, world.watermark))
+    assert "1 days pending: 2026-11-01; 1 built, waiting" in console.export_text()
+    world.set_watermark(DAY1 + timedelta(days=3, hours=1))  # day 3 closes: nothing waits
+    world.build()
+    status = _tables_status(runtime, world.watermark)
+    assert status["pending"] == 0 and status["waiting_days"] == []

@@ -84,6 +84,8 @@ INDEX_CLOCK_SLACK = timedelta(hours=1)
 # *Query the archive*): the row goes to the day its record was archived.
 FUTURE_SLACK = timedelta(hours=1)
 WRITE_ATTEMPTS = 5
+# The due marker's reason for a day kept due only for its dismissals waiting for a later day.
+WAITING = "dismissals wait for their day to close or be built"
 
 
 # A full record that is already the dismissed version: a row of ``dismissals`` (SPEC), also
@@ -238,6 +240,19 @@ class TablesBuilder:
             for listed in by_day.values():
                 listed.sort(key=lambda p: p.number)
         return found
+
+    def waiting_days(self, plan: Plan, limit: int = 100) -> list[date]:
+        """Of the plan's due days that only carry a marker, those kept due only because
+        dismissals of their alerts wait for a later day to close (the marker says so): no
+        work is pending in them. One GET per marker, at most ``limit``."""
+        marked = [d for d in plan.due if all(d in plan.parts[t] for t in TABLES)][:limit]
+        waiting = []
+        for day in marked:
+            found = self._store.get(self.keys.due_key(day))
+            with contextlib.suppress(ValueError, AttributeError):
+                if found is not None and json.loads(found.body).get("reason") == WAITING:
+                    waiting.append(day)
+        return waiting
 
     def markers(self) -> dict[date, str]:
         found: dict[date, str] = {}
@@ -484,12 +499,14 @@ class _Pass:
         if self.report.ok:  # the first is the report's error; the log names every one
             self.report.ok, self.report.error = False, str(exc)
 
-    def _keep_due(self, day: date, reason: str) -> None:
+    def _keep_due(self, day: date, reason: str, say_why: bool = False) -> None:
         """Mark ``day`` due before anything makes it look finished (its dismissals part), so
-        a kill after that point still leaves it to be built again."""
-        if day not in self.plan.markers and day not in self._kept_due:
-            self.b.mark_due(day, reason)
-            self._kept_due.add(day)
+        a kill after that point still leaves it to be built again. ``say_why``: a marker
+        there already is rewritten with ``reason`` (what was due in it is built now)."""
+        if day in self._kept_due or (day in self.plan.markers and not say_why):
+            return
+        self.b.mark_due(day, reason)
+        self._kept_due.add(day)
 
     def _file(self, suffix: str) -> Path:
         self._files += 1
@@ -791,7 +808,9 @@ class _Pass:
             ).fetchall()
         }
         for day in waiting_sources:
-            self._keep_due(day, "dismissals wait for their day to close or be built")
+            # Said in the marker: `poller status` tells such a day (nothing to do but wait)
+            # from one with work pending.
+            self._keep_due(day, WAITING, say_why=True)
         damaged: set[date] = set()
         # Latest day first: a day's dismissals part is what makes it look finished, so the
         # rows it sends to later days (an alert archived already dismissed, created the day
