@@ -460,7 +460,10 @@ def cmd_status(settings: Settings, run_id: str, args: argparse.Namespace) -> int
             else {"unreadable": lease.problem, "age_s": round(lease.age_seconds, 1)}
             if lease.problem
             else {
-                **lease.document,
+                # The holding's token is the holder's own business (it recognises its writes
+                # by it); its request times are the budget's: their count says enough.
+                **{k: v for k, v in lease.document.items() if k not in LEASE_PRIVATE},
+                "recent_requests": len(lease.document.get("recent_requests") or []),
                 "age_s": round(lease.age_seconds, 1),
                 "stale": lease.stale,
                 "free": lease.free,  # released by its holder, or stale
@@ -528,6 +531,9 @@ def _revisit(states: RevisitStore, now: datetime) -> dict[str, Any]:
     if isinstance(started, str):
         lag = round((now - parse_instant(started, now)).total_seconds(), 1)
     return {"last": last, "current": state.current, "handled": len(state.handled), "lag_s": lag}
+
+
+LEASE_PRIVATE = ("token", "recent_requests")
 
 
 def _pending(ids: list[str]) -> dict[str, Any]:

@@ -274,6 +274,8 @@ def test_check_and_status(simulator: Simulator, moto_server: MotoServer, bucket:
     status = json.loads(run_poller(["status"], env).stdout)
     assert status["checkpoint"]["watermark"] is not None
     assert status["lease"]["released"] is True and status["lease"]["free"] is True
+    # The holding's token stays the holder's; the request times are only counted.
+    assert "token" not in status["lease"] and status["lease"]["recent_requests"] >= 1
     assert 55 <= status["lag_s"] < 120
     assert status["daemon"] is None  # no daemon ever failed on this prefix
 
