@@ -35,7 +35,7 @@ from poller.errors import Stopped
 from poller.serving.http import PROVISIONAL_STATUS, CachedStatus, PushParts, status_document
 from poller.serving.receiver import DETAIL_SHARE, DetailFetcher, Receiver
 from poller.tables.build import TablesBuilder, TablesReport
-from poller.tables.keys import may_be_closed
+from poller.tables.keys import day_of_webhook_key, may_be_closed
 from poller.tables.query import PartCache, default_cache_dir
 from poller.threatstack.budget import RequestBudget
 from poller.threatstack.client import ThreatStackClient
@@ -317,14 +317,17 @@ class Runtime:
         builder = self.tables_builder()
         lookback = timedelta(seconds=self.settings.sync.lookback_seconds)
 
-        def mark_late_day(day: date) -> None:
-            # A push is late when its alert's day may already have its parts (a relayed
-            # webhook retried for hours, an alert the API does not list): a new part then.
-            if may_be_closed(day, self.clock(), lookback):
-                builder.mark_due(day, "archived into by a late push")
+        def mark_late_days(webhook_keys: set[str]) -> None:
+            # A push is late when the day its webhook record is filed under may already have
+            # its parts (a relayed webhook retried for hours, an alert the API does not list):
+            # that day is due again, once per batch.
+            days = {day_of_webhook_key(builder.keys, key) for key in webhook_keys}
+            for day in sorted(d for d in days if d is not None):
+                if may_be_closed(day, self.clock(), lookback):
+                    builder.mark_due(day, "archived into by a late push")
 
         return Receiver(
-            self.store, self.layout, self.settings.threatstack.org_id, fetcher, mark_late_day
+            self.store, self.layout, self.settings.threatstack.org_id, fetcher, mark_late_days
         )
 
     def push_parts(self) -> PushParts | None:

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from poller.archive.records import (
@@ -146,7 +146,7 @@ class Receiver:
         layout: Layout,
         organization_id: str,
         fetcher: DetailFetcher | None,
-        after_write: Callable[[date], None] | None = None,
+        after_write: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._store = store
         self._layout = layout
@@ -154,9 +154,10 @@ class Receiver:
         self._fetcher = fetcher
         self.pending = PendingRecords(store, layout)
         self._archive = Archive(store, layout, organization_id)
-        # Told the creation day of each pushed alert whose webhook record is in the bucket
-        # now (written, or there from a delivery whose answer was lost): a late push into a
-        # day whose query tables are built makes it due again (the composition root decides).
+        # Told, once a batch is written, the webhook keys that stand for its alerts (written
+        # now, or there from a delivery whose answer was lost, perhaps in another minute): a
+        # late push into a day whose query tables are built makes that day due again (the
+        # composition root decides which days that is).
         self._after_write = after_write
 
     @property
@@ -169,6 +170,7 @@ class Receiver:
         is dropped. Raises PollerError when the bucket fails (the sender then re-sends)."""
         results: list[dict[str, Any]] = []
         taken: set[str] = set()
+        standing: set[str] = set()  # the webhook key of each alert of the batch
         for item in alerts:
             if isinstance(item, Rejected):
                 self._archive.quarantine(item, "push", seen_at)
@@ -199,16 +201,17 @@ class Receiver:
             if earlier and earlier != key and self._store.get(earlier) is not None:
                 # Pushed before, in another minute, full record still owed: that push's
                 # key stands (one webhook key per alert); this copy only re-offers the fetch.
-                written = False
+                written, key = False, earlier
             else:
                 written = self._create(key, json_body(document))
                 if written and earlier:
                     self.pending.name_webhook_key(item.id, key)  # the earlier push left none
-            if self._after_write is not None:
-                self._after_write(item.created.date())
+            standing.add(key)
             if self._fetcher is not None:
                 self._fetcher.offer(item.id, item.created)
             results.append({"id": item.id, "result": "archived" if written else "already_archived"})
+        if standing and self._after_write is not None:
+            self._after_write(standing)  # before the answer: a failure makes the sender re-send
         return results
 
     def _create(self, key: str, body: bytes) -> bool:

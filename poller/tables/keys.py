@@ -90,8 +90,11 @@ def last_closed_day(watermark: datetime | None, lookback: timedelta) -> date | N
     return (watermark.astimezone(UTC) - reread).date() - timedelta(days=1)
 
 
-# How far a watermark (the API's clock) may be ahead of this host's clock.
-CLOCK_MARGIN = timedelta(minutes=5)
+# How far the watermark (the sync host's clock and the API's) may be ahead of the clock of
+# the host that asks (a `poller serve` pod beside a CronJob): an hour, so a push in the
+# last (hour - look-back) of a day, when clocks agree, marks the day due for nothing (one
+# PUT a batch; the day's first pass clears it).
+CLOCK_MARGIN = timedelta(hours=1)
 
 
 def may_be_closed(day: date, now: datetime, lookback: timedelta) -> bool:
