@@ -48,6 +48,7 @@ from typing import Any
 import duckdb
 
 from poller.archive.records import SAFE_ID, Layout
+from poller.archive.state import PendingRecords
 from poller.archive.store import ObjectStore, PreconditionFailed, StoredObject
 from poller.errors import FatalError, Stopped
 from poller.tables.keys import (
@@ -152,6 +153,7 @@ class TablesReport:
     dismissal_rows: int = 0
     records_read: int = 0
     owed_full_records: int = 0  # ids in webhooks/ whose full record is not archived yet
+    given_up_full_records: int = 0  # of those, given up on (``_poller/unfetchable/``): no row
     unreadable: int = 0  # archived bodies that are not an alert with id and creation time
     waiting_dismissals: int = 0  # dismissals of a day that is not closed yet
     future_dismissals: int = 0  # dismissedAt later than possible (README, Query the archive)
@@ -485,6 +487,7 @@ class _Pass:
         self.plan = plan
         self.report = report
         self.owed_days: set[date] = set()
+        self._unfetchable: set[str] | None = None  # listed once, when first needed
         self.built: list[date] = []
         self.scan_after: str | None = None  # where a paused one-time scan resumes
         self._files = 0
@@ -635,6 +638,12 @@ class _Pass:
             return
         raise FatalError(f"tables: the parts of {day} keep changing; another builder is busy")
 
+    def _given_up(self) -> set[str]:
+        """Pushed alerts whose full record the sync gave up on (``_poller/unfetchable/``)."""
+        if self._unfetchable is None:
+            self._unfetchable = set(PendingRecords(self.b._store, self.b.keys.layout).unfetchable())
+        return self._unfetchable
+
     def _read_alerts(self, day: date, ids: list[str]) -> int:
         staged = 0
         layout = self.b.keys.layout
@@ -644,6 +653,11 @@ class _Pass:
             rows: list[dict[str, Any]] = []
             for alert_id, key, stored in zip(batch, keys, self.b.read(keys), strict=True):
                 if stored is None:
+                    if alert_id in self._given_up():
+                        # The API answered it is not there (another organisation's alert, a
+                        # typo): no full record will ever come, so the day does not wait.
+                        self.report.given_up_full_records += 1
+                        continue
                     self._keep_due(day, "owed full records")
                     self.owed_days.add(day)
                     self.report.owed_full_records += 1
