@@ -440,3 +440,30 @@ def test_status_tells_a_day_waiting_for_a_later_days_dismissals_from_pending_wor
     world.build()
     status = _tables_status(runtime, world.watermark)
     assert status["pending"] == 0 and status["waiting_days"] == []
+
+
+def test_a_repair_marking_a_waiting_day_during_a_pass_keeps_it_pending(tmp_path: Path) -> None:
+    """The pass rewrites a waiting day's marker to say why it stays due, but only over the
+    marker it planned with: a repair that marked the day again meanwhile (a new alert the
+    pass may not have listed) keeps its reason, and status shows the day pending."""
+    world = World(tmp_path, count=6, dismissed=0)
+    doc = world.factory.alert(DAY1 + timedelta(days=1, hours=23), "dismissed")
+    doc["dismissedAt"] = (world.watermark - timedelta(hours=1)).isoformat()  # on day 3
+    world.put(doc)
+    world.build()  # day 2 waits for day 3
+    marker = f"{PREFIX}/_poller/tables/due/2026-11-02"
+
+    class RepairMeanwhile(MemoryObjectStore):
+        def put(self, key: str, body: bytes, **options: Any) -> str:
+            if key == marker and options.get("if_match"):
+                super().put(key, b'{"reason": "archived into by verify"}')  # the repair
+            return super().put(key, body, **options)
+
+    store = RepairMeanwhile()
+    store.__dict__.update(world.store.__dict__)
+    world.store = store
+    world.build()
+    runtime = build(Settings(), "status", s3=local_s3_client("http://127.0.0.1:9"))
+    runtime.store, runtime.layout = world.store, world.layout
+    status = _tables_status(runtime, world.watermark)
+    assert status["pending_days"] == ["2026-11-02"] and status["waiting_days"] == []

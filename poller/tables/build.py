@@ -456,14 +456,15 @@ class TablesBuilder:
         ]
         plan.parts[table][day] = sorted((p for p in listed if p), key=lambda p: p.number)
 
-    def mark_due(self, day: date, reason: str) -> None:
+    def mark_due(self, day: date, reason: str, if_match: str | None = None) -> None:
         """(Re)write the day's due marker. Each body is new (a nonce), so its ETag is: a pass
         that read the marker before this write (and listed the day before what was just
-        archived) fails its If-Match delete, and the marker stays for the next pass."""
+        archived) fails its If-Match delete, and the marker stays for the next pass.
+        ``if_match``: only over that version (raises PreconditionFailed otherwise)."""
         body = json.dumps(
             {"reason": reason, "at": iso_z(self.clock()), "nonce": uuid.uuid4().hex}
         ).encode("utf-8")
-        self._store.put(self.keys.due_key(day), body)
+        self._store.put(self.keys.due_key(day), body, if_match=if_match)
 
     def clear_due(self, day: date, etag: str) -> None:
         with contextlib.suppress(PreconditionFailed):
@@ -505,10 +506,16 @@ class _Pass:
     def _keep_due(self, day: date, reason: str, say_why: bool = False) -> None:
         """Mark ``day`` due before anything makes it look finished (its dismissals part), so
         a kill after that point still leaves it to be built again. ``say_why``: a marker
-        there already is rewritten with ``reason`` (what was due in it is built now)."""
+        read by the plan is rewritten with ``reason`` (what was due in it is built now),
+        unless it changed since (a repair marked the day again: its reason stands)."""
         if day in self._kept_due or (day in self.plan.markers and not say_why):
             return
-        self.b.mark_due(day, reason)
+        etag = self.plan.markers.get(day)
+        if etag is None:
+            self.b.mark_due(day, reason)
+        else:
+            with contextlib.suppress(PreconditionFailed):
+                self.b.mark_due(day, reason, if_match=etag)
         self._kept_due.add(day)
 
     def _file(self, suffix: str) -> Path:
