@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from poller.archive.records import (
@@ -154,10 +154,13 @@ class Receiver:
         self._fetcher = fetcher
         self.pending = PendingRecords(store, layout)
         self._archive = Archive(store, layout, organization_id)
-        # Told, once a batch is written, the webhook keys that stand for its alerts (written
-        # now, or there from a delivery whose answer was lost, perhaps in another minute): a
-        # late push into a day whose query tables are built makes that day due again (the
-        # composition root decides which days that is).
+        # Told webhook keys: a late push into a day whose query tables are built makes that
+        # day due again (the composition root decides which days that is). Before the first
+        # write into each day of a batch (a batch failing half way, never re-sent, still
+        # leaves its written days due), and once the batch is written, the keys that stand
+        # for its alerts (written now, or there from a delivery whose answer was lost,
+        # perhaps in another minute): a pass that cleared the first marker between the two
+        # finds the second.
         self._after_write = after_write
 
     @property
@@ -171,6 +174,7 @@ class Receiver:
         results: list[dict[str, Any]] = []
         taken: set[str] = set()
         standing: set[str] = set()  # the webhook key of each alert of the batch
+        ahead: set[date] = set()  # days told before the batch's first write into them
         for item in alerts:
             if isinstance(item, Rejected):
                 self._archive.quarantine(item, "push", seen_at)
@@ -203,6 +207,9 @@ class Receiver:
                 # key stands (one webhook key per alert); this copy only re-offers the fetch.
                 written, key = False, earlier
             else:
+                if self._after_write is not None and item.created.date() not in ahead:
+                    ahead.add(item.created.date())  # the day ``key`` is filed under
+                    self._after_write({key})
                 written = self._create(key, json_body(document))
                 if written and earlier:
                     self.pending.name_webhook_key(item.id, key)  # the earlier push left none

@@ -492,7 +492,8 @@ class _Pass:
         self.built: list[date] = []
         self.scan_after: str | None = None  # where a paused one-time scan resumes
         self._files = 0
-        self._kept_due: set[date] = set()
+        self._kept_due: dict[date, str] = {}  # day -> the reason its marker got this pass
+        self._work_days: set[date] = set()  # kept due for work still pending in them
         self.mark = Mark(None, None, indexed=False)
         self.now = builder.clock()
 
@@ -503,20 +504,39 @@ class _Pass:
         if self.report.ok:  # the first is the report's error; the log names every one
             self.report.ok, self.report.error = False, str(exc)
 
-    def _keep_due(self, day: date, reason: str, say_why: bool = False) -> None:
+    def _keep_due(self, day: date, reason: str) -> None:
         """Mark ``day`` due before anything makes it look finished (its dismissals part), so
-        a kill after that point still leaves it to be built again. ``say_why``: a marker
-        read by the plan is rewritten with ``reason`` (what was due in it is built now),
-        unless it changed since (a repair marked the day again: its reason stands)."""
-        if day in self._kept_due or (day in self.plan.markers and not say_why):
-            return
+        a kill after that point still leaves it to be built again.
+
+        The marker's reason is what `poller status` reads: ``WAITING`` (built, its
+        dismissals wait for a later day) only when nothing else keeps the day due. A marker
+        the plan read keeps the day due already; for work still pending there (owed full
+        records, a damaged part) it is rewritten with that reason, over the version the
+        plan read only (a repair that marked the day since keeps its own)."""
+        if reason != WAITING:
+            self._work_days.add(day)
+        said = self._kept_due.get(day)
+        if said is not None and (said != WAITING or reason == WAITING):
+            return  # said already, as strongly
         etag = self.plan.markers.get(day)
-        if etag is None:
-            self.b.mark_due(day, reason)
-        else:
+        if said is None and etag is not None:
+            if reason == WAITING:
+                return  # said after the parts, when no other reason came (say_waiting)
             with contextlib.suppress(PreconditionFailed):
                 self.b.mark_due(day, reason, if_match=etag)
-        self._kept_due.add(day)
+        else:
+            self.b.mark_due(day, reason)
+        self._kept_due[day] = reason
+
+    def _say_waiting(self, days: set[date]) -> None:
+        """The planned markers of days kept due only because their dismissals wait: say so
+        (over the version the plan read: a repair that marked the day since keeps its own)."""
+        for day in sorted(days - self._work_days):
+            etag = self.plan.markers.get(day)
+            if etag is not None and day not in self._kept_due:
+                with contextlib.suppress(PreconditionFailed):
+                    self.b.mark_due(day, WAITING, if_match=etag)
+                self._kept_due[day] = WAITING
 
     def _file(self, suffix: str) -> Path:
         self._files += 1
@@ -646,9 +666,12 @@ class _Pass:
         raise FatalError(f"tables: the parts of {day} keep changing; another builder is busy")
 
     def _given_up(self) -> set[str]:
-        """Pushed alerts whose full record the sync gave up on (``_poller/unfetchable/``)."""
+        """Pushed alerts whose full record the sync gave up on (``_poller/unfetchable/``),
+        but for those owed again (pushed again since: ``_poller/pending/``)."""
         if self._unfetchable is None:
-            self._unfetchable = set(PendingRecords(self.b._store, self.b.keys.layout).unfetchable())
+            records = PendingRecords(self.b._store, self.b.keys.layout)
+            gone = set(records.unfetchable())
+            self._unfetchable = gone - set(records.ids()) if gone else gone
         return self._unfetchable
 
     def _read_alerts(self, day: date, ids: list[str]) -> int:
@@ -829,9 +852,7 @@ class _Pass:
             ).fetchall()
         }
         for day in waiting_sources:
-            # Said in the marker: `poller status` tells such a day (nothing to do but wait)
-            # from one with work pending.
-            self._keep_due(day, WAITING, say_why=True)
+            self._keep_due(day, WAITING)
         damaged: set[date] = set()
         # Latest day first: a day's dismissals part is what makes it look finished, so the
         # rows it sends to later days (an alert archived already dismissed, created the day
@@ -851,6 +872,7 @@ class _Pass:
                 ).fetchall():  # built again once the day's remedy is applied
                     self._keep_due(source, "a dismissal of it waits for a damaged part")
                     damaged.add(source)
+        self._say_waiting(waiting_sources)
         waiting = self.con.execute(
             f"SELECT count(*), min(listed_at) FROM dismissal_rows WHERE {waits}"
         ).fetchone()

@@ -318,13 +318,12 @@ class Verifier:
         summary.quarantined += len(kept)
         missing_alerts = [i for i in found if i not in archived_alerts and i not in kept]
         missing_webhooks = [i for i in found if i not in webhook_ids and i not in kept]
-        if missing_webhooks:
-            # A pushed alert's webhook record is filed under the push's minute, which may
-            # fall the other side of midnight from the API's createdAt: there, it stands (one
-            # webhook key per alert), and a second one here would put it in two days.
-            pushed = [i for i in missing_webhooks if i in archived_alerts]
-            elsewhere = self._filed_across_midnight(pushed, found, nominal, end)
-            missing_webhooks = [i for i in missing_webhooks if i not in elsewhere]
+        # A pushed alert's webhook record is filed under the push's minute, which may fall
+        # the other side of midnight from the API's createdAt: there, it stands (one webhook
+        # key per alert; a repair writes only its full record, if that is missing), and a
+        # second one here would put the alert in two days' tables.
+        elsewhere = self._filed_across_midnight(missing_webhooks, found, nominal, end)
+        missing_webhooks = [i for i in missing_webhooks if i not in elsewhere]
         unknown_alerts = [i for i in archived_alerts if i not in listed]
         unknown_webhooks = [i for i in judged_webhooks if i not in listed]
         for kind, missing, unknown in (
@@ -358,7 +357,10 @@ class Verifier:
             now = self.clock()
             for alert_id in to_repair:
                 alert, status = found[alert_id]
-                outcome = self.archive.take(alert, status, now)
+                outcome = self.archive.take(alert, status, now, alert_id not in elsewhere)
+                if alert_id in elsewhere and outcome is Outcome.ARCHIVED:
+                    # Its row is built from its webhook record's day: that day is due again.
+                    self.archive.touched.add(elsewhere[alert_id])
                 if outcome is Outcome.ARCHIVED:
                     findings.repaired += 1
                     summary.archived += 1
@@ -538,10 +540,11 @@ class Verifier:
         found: dict[str, tuple[Alert, str]],
         nominal: datetime,
         end: datetime,
-    ) -> set[str]:
+    ) -> dict[str, date]:
         """Of ``ids``, those with a webhook record in the hour before or after their
-        creation when that hour lies outside [nominal, end): one listing per such hour."""
-        filed: set[str] = set()
+        creation when that hour lies outside [nominal, end) -> that record's day: one
+        listing per such hour."""
+        filed: dict[str, date] = {}
         for alert_id in ids:
             created = found[alert_id][0].created
             for probe in (created - timedelta(hours=1), created + timedelta(hours=1)):
@@ -552,7 +555,7 @@ class Verifier:
                     names = {key.rsplit("/", 1)[-1] for key in self.store.list_keys(prefix)}
                     self._hours_listed[prefix] = names
                 if alert_id in self._hours_listed[prefix]:
-                    filed.add(alert_id)
+                    filed[alert_id] = probe.date()
         return filed
 
     @staticmethod
