@@ -38,6 +38,21 @@ def runtime_on(world: World, mode: str, now: datetime) -> Runtime:
     return runtime
 
 
+def repair_day_2(world: World, api_doc: dict[str, Any]) -> None:
+    """`poller verify --repair` over day 2, the API listing ``api_doc``, then the days it
+    archived into marked due (as the command does at its end)."""
+    runtime = runtime_on(world, "verify", world.watermark)
+    verifier = Verifier(
+        ListingApi([api_doc]),
+        world.store,
+        runtime.archive(),
+        ("active", "dismissed"),
+        lambda: world.watermark,
+    )
+    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    runtime.mark_tables_due()
+
+
 def ids_in(world: World, table: str = "alerts") -> Counter[str]:
     return Counter(r["id"] for r in world.rows(table))
 
@@ -87,16 +102,7 @@ def test_verify_repair_after_a_push_stamped_a_minute_earlier_across_midnight_kee
     world.build()
     assert ids_in(world)[api_alert.id] == 1
     # The operator runs the recommended audit over day 2.
-    verifier_rt = runtime_on(world, "verify", world.watermark)
-    verifier = Verifier(
-        ListingApi([api_doc]),
-        world.store,
-        verifier_rt.archive(),
-        ("active", "dismissed"),
-        lambda: world.watermark,
-    )
-    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "brk6"))
-    verifier_rt.mark_tables_due()
+    repair_day_2(world, api_doc)
     world.build()
     keys = [k for k in world.store.snapshot() if k.endswith(f"/{api_alert.id}")]
     rows = world.rows("alerts", f"id = '{api_alert.id}'")
@@ -363,16 +369,7 @@ def test_verify_repair_of_a_pushed_alert_across_midnight_without_full_record_kee
     pending.give_up(owed, "10 fetches failed: 403", DAY2 + timedelta(hours=1))
     world.docs[api_doc["id"]] = api_doc
     world.build()
-    verifier_rt = runtime_on(world, "verify", world.watermark)
-    verifier = Verifier(
-        ListingApi([api_doc]),
-        world.store,
-        verifier_rt.archive(),
-        ("active", "dismissed"),
-        lambda: world.watermark,
-    )
-    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "brk7"))
-    verifier_rt.mark_tables_due()
+    repair_day_2(world, api_doc)
     world.builder().mark_due(DAY1.date(), "archived into by backfill")  # any later touch
     world.build()
     keys = sorted(k for k in world.store.snapshot() if k.startswith(f"{PREFIX}/webhooks/"))
