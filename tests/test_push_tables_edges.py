@@ -449,3 +449,282 @@ def test_status_shows_a_day_with_a_damaged_dismissals_part_as_pending_not_waitin
     assert report.damaged_parts == [part]
     status = _status(world)
     assert "2026-11-02" in status["pending_days"], status
+
+
+def _pushed_across_midnight_and_given_up(world: World) -> dict[str, Any]:
+    """A push stamped 23:59:50 on day 1 of an alert the API says was created 00:00:20 on
+    day 2 (its one webhook record filed under day 1); its full record never fetched (the
+    sync gave up). Returns the API's document."""
+    api_doc = world.factory.alert(DAY2 + timedelta(seconds=20))
+    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 - timedelta(seconds=10)))
+    del pushed_doc["createdAt"]
+    runtime = runtime_on(world, "serve", DAY2 + timedelta(seconds=25))
+    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
+    pending = PendingRecords(world.store, world.layout)
+    owed = pending.owed(api_doc["id"])
+    assert owed is not None
+    pending.give_up(owed, "10 fetches failed: 503", DAY2 + timedelta(hours=1))
+    world.docs[api_doc["id"]] = api_doc
+    return api_doc
+
+
+def test_verify_repair_marks_the_webhook_records_day_due_ahead_and_after_its_verified_day(
+    tmp_path: Path,
+) -> None:
+    """verify --repair over day 2 writes the full record of a pushed alert whose webhook
+    record is filed under day 1 (across midnight). Its row comes from day 1, but the marker
+    written before the write (Archive's before_write) and after the verified day (settle)
+    name the API's day 2 only: day 1 is added to `touched` after the write and marked only
+    at the very END of the run (mark_tables_due). A verify killed after that write (before
+    the run's end) leaves day 1 built without the alert (given up) and unmarked; its rerun
+    finds nothing missing (the full record is there, the webhook record elsewhere) and marks
+    nothing: the alert is never in the tables. README: "A day is marked before the run's
+    first write into it ... again after the writes of ... a verified day's". Expected:
+    day 1 is marked due by the time the verified day is settled."""
+    world = World(tmp_path, count=6, dismissed=0)
+    api_doc = _pushed_across_midnight_and_given_up(world)
+    report = world.build()
+    assert report.given_up_full_records == 1  # day 1 built without it, not kept due
+    marker = f"{PREFIX}/_poller/tables/due/2026-11-01"
+    assert marker not in world.store.snapshot()
+    runtime = runtime_on(world, "verify", world.watermark)
+    verifier = Verifier(
+        ListingApi([api_doc]),
+        world.store,
+        runtime.archive(),
+        ("active", "dismissed"),
+        lambda: world.watermark,
+    )
+    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    assert world.store.get(world.layout.alert_key(api_doc["id"])) is not None  # repaired
+    # Killed here, before runtime.mark_tables_due() at the run's end. The rerun:
+    runtime = runtime_on(world, "verify", world.watermark)
+    again = Verifier(
+        ListingApi([api_doc]),
+        world.store,
+        runtime.archive(),
+        ("active", "dismissed"),
+        lambda: world.watermark,
+    )
+    again.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    runtime.mark_tables_due()
+    world.build()
+    assert marker in world.store.snapshot() or ids_in(world)[api_doc["id"]] == 1, (
+        "archived, day 1 (the row's day) never marked due: never in the tables"
+    )
+
+
+def test_verify_repair_of_a_given_up_pushed_alert_in_the_same_day_writes_no_second_webhook_key(
+    tmp_path: Path,
+) -> None:
+    """A pushed alert whose push named 10:00:50 and the API 10:01:20 (same day): its one
+    webhook record is under minute 10:00. The sync gave its full record up; verify --repair
+    finds the full record missing (the webhook record is found in the day) and calls
+    Archive.take(..., webhook=True), which writes a SECOND webhook record under the API's
+    minute 10:01. README, *One webhook key per alert*: first record of either kind wins,
+    the other path finds it. Expected: one webhook key for the alert after the repair."""
+    world = World(tmp_path, count=6, dismissed=0)
+    api_doc = world.factory.alert(DAY2 + timedelta(hours=10, minutes=1, seconds=20))
+    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 + timedelta(hours=10, seconds=50)))
+    del pushed_doc["createdAt"]
+    runtime = runtime_on(world, "serve", DAY2 + timedelta(hours=10, minutes=2))
+    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
+    pending = PendingRecords(world.store, world.layout)
+    owed = pending.owed(api_doc["id"])
+    assert owed is not None
+    pending.give_up(owed, "10 fetches failed: 503", DAY2 + timedelta(hours=11))
+    world.docs[api_doc["id"]] = api_doc
+    runtime = runtime_on(world, "verify", world.watermark)
+    verifier = Verifier(
+        ListingApi([api_doc]),
+        world.store,
+        runtime.archive(),
+        ("active", "dismissed"),
+        lambda: world.watermark,
+    )
+    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    assert world.store.get(world.layout.alert_key(api_doc["id"])) is not None
+    mine = sorted(
+        k
+        for k in world.store.snapshot()
+        if k.startswith(f"{PREFIX}/webhooks/") and k.endswith("/" + api_doc["id"])
+    )
+    assert len(mine) == 1, mine
+
+
+def test_status_does_not_show_a_day_with_a_damaged_alerts_part_as_only_waiting(
+    tmp_path: Path,
+) -> None:
+    """Day 2 waits for open day 3 (an alert archived already dismissed, dismissedAt on day
+    3): its marker says WAITING. Its ALERTS part is then damaged. A pass meets the damage
+    in `_alerts_day` (DamagedPart: `_damaged`, continue) and never calls `_keep_due` with a
+    work reason, so the marker still says WAITING: `poller status` lists day 2 under
+    waiting_days ("nothing to do but wait"), 0 pending, while `poller tables` exits 1 and
+    the day needs the operator's remedy. Expected: day 2 is pending."""
+    world = World(tmp_path, count=6, dismissed=0)
+    doc = world.factory.alert(DAY2 + timedelta(hours=23), "dismissed")
+    doc["dismissedAt"] = iso_ms(world.watermark - timedelta(hours=1))  # on open day 3
+    world.put(doc)
+    world.build()
+    assert _status(world)["waiting_days"] == ["2026-11-02"]
+    part = f"{PREFIX}/tables/alerts/date=2026-11-02/part-0001.parquet"
+    assert part in world.store.snapshot()
+    world.store.put(part, b"not parquet at all")
+    report = world.build()
+    assert report.damaged_parts == [part]
+    status = _status(world)
+    assert "2026-11-02" in status["pending_days"], status
+
+
+class HookAfterListing(MemoryObjectStore):
+    """Runs ``hook`` once, right after the first listing of ``prefix`` (a pass listing a
+    day's webhook keys), as if another process wrote meanwhile."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.hook: Any = None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        listed = super().list_keys(prefix)
+        if prefix == self.prefix and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return listed
+
+
+def _copy_into(world: World, store: MemoryObjectStore) -> None:
+    for key, body in world.store.snapshot().items():
+        store.put(key, body)
+    world.store = store
+    world.archive = type(world.archive)(store, world.layout, "org")
+
+
+def test_a_first_pass_does_not_overwrite_a_repairs_marker_written_meanwhile_with_waiting(
+    tmp_path: Path,
+) -> None:
+    """Day 2's first pass (no marker when it planned) finds a dismissal of day 2 waiting
+    for open day 3 and writes the WAITING marker UNCONDITIONALLY (`_keep_due`, no planned
+    etag). A verify --repair that archived an alert into day 2 after the pass listed it,
+    and marked the day (ahead, after the day, at its end) meanwhile, loses its reason:
+    `poller status` shows day 2 only waiting ("nothing to do but wait"), while an archived
+    alert of it is in no part. README: the reason is written "only over the marker version
+    it planned with (a repair that marked the day meanwhile keeps its reason)". Expected:
+    day 2 pending."""
+    world = World(tmp_path, count=6, dismissed=0)
+    store = HookAfterListing(f"{PREFIX}/webhooks/2026/11/02/")
+    _copy_into(world, store)
+    doc = world.factory.alert(DAY2 + timedelta(hours=23), "dismissed")
+    doc["dismissedAt"] = iso_ms(world.watermark - timedelta(hours=1))  # on open day 3
+    world.put(doc)
+    repaired = world.factory.alert(DAY2 + timedelta(hours=4))
+
+    def repair() -> None:  # verify --repair over day 2, while the pass is in day 2
+        builder = world.builder()
+        builder.mark_due(DAY2.date(), "being archived into by verify")
+        world.put(repaired)
+        builder.mark_due(DAY2.date(), "archived into by verify")
+
+    store.hook = repair
+    report = world.build()
+    assert "2026-11-02" in report.days_built
+    assert ids_in(world)[repaired["id"]] == 0  # not in this pass's part: the next one's
+    status = _status(world)
+    assert "2026-11-02" in status["pending_days"], status
+
+
+class FailWebhookPutOf(MemoryObjectStore):
+    """S3 fails every webhook PUT of one id (5xx after retries) while armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad_id = ""
+        self.before_first_webhook: Any = None
+
+    def put(self, key: str, body: bytes, **conditions: Any) -> str:
+        if "/webhooks/" in key:
+            if self.before_first_webhook is not None:
+                hook, self.before_first_webhook = self.before_first_webhook, None
+                hook()
+            if self.bad_id and key.endswith("/" + self.bad_id):
+                raise ArchiveUnavailable("503 SlowDown")
+        return super().put(key, body, **conditions)
+
+
+def test_a_late_batch_failing_half_way_after_a_pass_cleared_its_first_marker_leaves_day_due(
+    tmp_path: Path,
+) -> None:
+    """A late batch of two alerts of built day 1: the receiver writes day 1's marker ahead,
+    then a pass (planned with that marker, listed day 1 before the first webhook PUT) ends
+    and clears it; the first alert's webhook record is written, the second's PUT fails (5xx),
+    so the marking after the batch is never written and the sender gives up. The first
+    alert's full record comes by the sync's by-id fetch (no marker): day 1 is never built
+    again. README: "a batch failing half way, never re-sent, still leaves the day due";
+    backfill and repair mark again after their writes, the push path only on success.
+    Expected: the written day is marked again even when the batch fails after a write."""
+    world = World(tmp_path, count=6, dismissed=0)
+    store = FailWebhookPutOf()
+    _copy_into(world, store)
+    world.build()
+    first = world.factory.alert(DAY1 + timedelta(hours=5))
+    second = world.factory.alert(DAY1 + timedelta(hours=6))
+    store.bad_id = second["id"]
+
+    def a_pass_in_between() -> None:  # planned with the marker written ahead: clears it
+        world.build()
+        assert f"{PREFIX}/_poller/tables/due/2026-11-01" not in world.store.snapshot()
+
+    store.before_first_webhook = a_pass_in_between
+    now = world.watermark + timedelta(minutes=1)
+    receiver = runtime_on(world, "serve", now).receiver(with_detail_fetch=False)
+    try:
+        receiver.take(read_push({"alerts": [first, second]}, "org"), now)
+        raise AssertionError("the batch should have failed")
+    except ArchiveUnavailable:
+        pass  # 503; the sender gives up
+    store.bad_id = ""
+    alert = classify(first)
+    assert isinstance(alert, Alert)
+    world.archive.store_full(alert)  # the sync's by-id fetch of the owed id (mode run)
+    PendingRecords(world.store, world.layout).done(alert.id)
+    world.docs[alert.id] = first
+    world.build()
+    assert Counter(ids_in(world))[alert.id] == 1, "archived, never in the tables"
+
+
+def test_verify_with_a_window_starting_mid_hour_finds_a_pushed_alerts_record_before_it(
+    tmp_path: Path,
+) -> None:
+    """`verify --repair --since 2026-11-02T10:05:30Z`: a pushed alert stamped 10:04:59 by
+    its push and 10:05:40 by the API, full record present. Its webhook record (minute
+    10:04) is outside the window's listing, and `_filed_across_midnight` probes only the
+    hours created-1h (09:05:40, listed: not there) and created+1h (inside the window,
+    skipped): the hour 10 where the record is, before the window's start, is never looked
+    at. The alert is reported missing its webhook record and the repair writes a second
+    one (minute 10:05). Expected: the record is found, nothing is written."""
+    world = World(tmp_path, count=6, dismissed=0)
+    api_doc = world.factory.alert(DAY2 + timedelta(hours=10, minutes=5, seconds=40))
+    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 + timedelta(hours=10, minutes=4, seconds=59)))
+    del pushed_doc["createdAt"]
+    runtime = runtime_on(world, "serve", DAY2 + timedelta(hours=10, minutes=6))
+    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
+    alert = classify(api_doc)
+    assert isinstance(alert, Alert)
+    world.archive.store_full(alert)  # the detail fetch
+    world.docs[alert.id] = api_doc
+    runtime = runtime_on(world, "verify", world.watermark)
+    verifier = Verifier(
+        ListingApi([api_doc]),
+        world.store,
+        runtime.archive(),
+        ("active", "dismissed"),
+        lambda: world.watermark,
+    )
+    since = DAY2 + timedelta(hours=10, minutes=5, seconds=30)
+    findings = verifier.run(since, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    mine = sorted(
+        k
+        for k in world.store.snapshot()
+        if k.startswith(f"{PREFIX}/webhooks/") and k.endswith("/" + alert.id)
+    )
+    assert len(mine) == 1 and findings.repaired == 0, (mine, findings.repaired)

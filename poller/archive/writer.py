@@ -142,6 +142,17 @@ class Archive:
         except UNENCODABLE as exc:
             return _unencodable(alert, exc)
 
+    def into_day(self, day: date) -> None:
+        """Before a write whose alert's row is built from ``day``, not from its creation day
+        (a pushed alert's webhook record filed across midnight): ``day`` gets the
+        write-ahead due marker now, and its marker again at the next ``settle`` and at the
+        run's end, as a day written into."""
+        if self._before_write is not None:
+            self._before_write(day)
+        self.touched.add(day)
+        with self._unsettled_lock:
+            self._unsettled.add(day)
+
     def settle(self) -> None:
         """Before a walk commits what it wrote (a backfill's chunk record, the end of a day
         verify repaired): the days written into since the last settle get their due markers

@@ -175,50 +175,57 @@ class Receiver:
         taken: set[str] = set()
         standing: set[str] = set()  # the webhook key of each alert of the batch
         ahead: set[date] = set()  # days told before the batch's first write into them
-        for item in alerts:
-            if isinstance(item, Rejected):
-                self._archive.quarantine(item, "push", seen_at)
-                shown = item.raw.get("id") if isinstance(item.raw, dict) else None
+        try:
+            for item in alerts:
+                if isinstance(item, Rejected):
+                    self._archive.quarantine(item, "push", seen_at)
+                    shown = item.raw.get("id") if isinstance(item.raw, dict) else None
+                    results.append(
+                        {
+                            "id": shown if isinstance(shown, str) and len(shown) <= 128 else None,
+                            "result": "quarantined",
+                            "reason": item.reason,
+                        }
+                    )
+                    continue
+                if item.id in taken:
+                    # The same id twice in one batch: the first copy's record stands, as for any
+                    # re-delivery; a second copy in another minute must not name a second key.
+                    results.append({"id": item.id, "result": "already_archived"})
+                    continue
+                taken.add(item.id)
+                if self._store.get(self._layout.alert_key(item.id)) is not None:
+                    # Polled first: the poll path wrote both records, the webhook record under
+                    # the API's createdAt. A second webhook key (the push's created_at may fall
+                    # in another minute) would be a duplicate: first record of either kind wins.
+                    results.append({"id": item.id, "result": "already_archived"})
+                    continue
+                document = webhook_document(item.id, item.created, item.raw, self._org)
+                key = self._layout.webhook_key(item.id, item.created)
+                earlier = self.pending.add(item.id, key)  # before the record: never forgotten
+                if earlier and earlier != key and self._store.get(earlier) is not None:
+                    # Pushed before, in another minute, full record still owed: that push's
+                    # key stands (one webhook key per alert); this copy only re-offers the fetch.
+                    written, key = False, earlier
+                else:
+                    if self._after_write is not None and item.created.date() not in ahead:
+                        ahead.add(item.created.date())  # the day ``key`` is filed under
+                        self._after_write({key})
+                    written = self._create(key, json_body(document))
+                    standing.add(key)
+                    if written and earlier:
+                        self.pending.name_webhook_key(item.id, key)  # the earlier push left none
+                standing.add(key)
+                if self._fetcher is not None:
+                    self._fetcher.offer(item.id, item.created)
                 results.append(
-                    {
-                        "id": shown if isinstance(shown, str) and len(shown) <= 128 else None,
-                        "result": "quarantined",
-                        "reason": item.reason,
-                    }
+                    {"id": item.id, "result": "archived" if written else "already_archived"}
                 )
-                continue
-            if item.id in taken:
-                # The same id twice in one batch: the first copy's record stands, as for any
-                # re-delivery; a second copy in another minute must not name a second key.
-                results.append({"id": item.id, "result": "already_archived"})
-                continue
-            taken.add(item.id)
-            if self._store.get(self._layout.alert_key(item.id)) is not None:
-                # Polled first: the poll path wrote both records, the webhook record under
-                # the API's createdAt. A second webhook key (the push's created_at may fall
-                # in another minute) would be a duplicate: first record of either kind wins.
-                results.append({"id": item.id, "result": "already_archived"})
-                continue
-            document = webhook_document(item.id, item.created, item.raw, self._org)
-            key = self._layout.webhook_key(item.id, item.created)
-            earlier = self.pending.add(item.id, key)  # before the record: never forgotten
-            if earlier and earlier != key and self._store.get(earlier) is not None:
-                # Pushed before, in another minute, full record still owed: that push's
-                # key stands (one webhook key per alert); this copy only re-offers the fetch.
-                written, key = False, earlier
-            else:
-                if self._after_write is not None and item.created.date() not in ahead:
-                    ahead.add(item.created.date())  # the day ``key`` is filed under
-                    self._after_write({key})
-                written = self._create(key, json_body(document))
-                if written and earlier:
-                    self.pending.name_webhook_key(item.id, key)  # the earlier push left none
-            standing.add(key)
-            if self._fetcher is not None:
-                self._fetcher.offer(item.id, item.created)
-            results.append({"id": item.id, "result": "archived" if written else "already_archived"})
-        if standing and self._after_write is not None:
-            self._after_write(standing)  # before the answer: a failure makes the sender re-send
+        finally:
+            # Also when the batch fails half way (its sender may never re-send): the days
+            # written into so far are marked again, after their writes.
+            if standing and self._after_write is not None:
+                self._after_write(standing)  # before the answer: a failure fails the batch
         return results
 
     def _create(self, key: str, body: bytes) -> bool:

@@ -87,6 +87,8 @@ FUTURE_SLACK = timedelta(hours=1)
 WRITE_ATTEMPTS = 5
 # The due marker's reason for a day kept due only for its dismissals waiting for a later day.
 WAITING = "dismissals wait for their day to close or be built"
+# What the pass knows of a marker another process wrote during it (its reason stands).
+MARKED_MEANWHILE = "marked by another process during the pass"
 
 
 # A full record that is already the dismissed version: a row of ``dismissals`` (SPEC), also
@@ -456,15 +458,20 @@ class TablesBuilder:
         ]
         plan.parts[table][day] = sorted((p for p in listed if p), key=lambda p: p.number)
 
-    def mark_due(self, day: date, reason: str, if_match: str | None = None) -> None:
+    def mark_due(
+        self, day: date, reason: str, if_match: str | None = None, if_none_match: bool = False
+    ) -> None:
         """(Re)write the day's due marker. Each body is new (a nonce), so its ETag is: a pass
         that read the marker before this write (and listed the day before what was just
         archived) fails its If-Match delete, and the marker stays for the next pass.
-        ``if_match``: only over that version (raises PreconditionFailed otherwise)."""
+        ``if_match``: only over that version; ``if_none_match``: only when there is none
+        (both raise PreconditionFailed otherwise)."""
         body = json.dumps(
             {"reason": reason, "at": iso_z(self.clock()), "nonce": uuid.uuid4().hex}
         ).encode("utf-8")
-        self._store.put(self.keys.due_key(day), body, if_match=if_match)
+        self._store.put(
+            self.keys.due_key(day), body, if_match=if_match, if_none_match=if_none_match
+        )
 
     def clear_due(self, day: date, etag: str) -> None:
         with contextlib.suppress(PreconditionFailed):
@@ -524,6 +531,11 @@ class _Pass:
                 return  # said after the parts, when no other reason came (say_waiting)
             with contextlib.suppress(PreconditionFailed):
                 self.b.mark_due(day, reason, if_match=etag)
+        elif said is None and reason == WAITING:
+            try:  # create-only: a repair's marker written since the plan keeps its reason
+                self.b.mark_due(day, reason, if_none_match=True)
+            except PreconditionFailed:
+                reason = MARKED_MEANWHILE
         else:
             self.b.mark_due(day, reason)
         self._kept_due[day] = reason
@@ -576,6 +588,7 @@ class _Pass:
                 self._alerts_day(day)
             except DamagedPart as exc:
                 self._damaged(exc)
+                self._keep_due(day, "its alerts part is damaged")  # status: pending
                 continue
             self.built.append(day)
             self.report.days_built.append(day.isoformat())

@@ -322,7 +322,7 @@ class Verifier:
         # the other side of midnight from the API's createdAt: there, it stands (one webhook
         # key per alert; a repair writes only its full record, if that is missing), and a
         # second one here would put the alert in two days' tables.
-        elsewhere = self._filed_across_midnight(missing_webhooks, found, nominal, end)
+        elsewhere = self._filed_elsewhere(missing_webhooks, found, nominal, end)
         missing_webhooks = [i for i in missing_webhooks if i not in elsewhere]
         unknown_alerts = [i for i in archived_alerts if i not in listed]
         unknown_webhooks = [i for i in judged_webhooks if i not in listed]
@@ -351,16 +351,21 @@ class Verifier:
             # stored checksum still tells a body changed since it was written.
             for alert_id in sorted(with_dismissal):
                 self._check_sum(self.layout.dismissal_key(alert_id), findings, None)
-        to_repair = sorted(set(missing_alerts) | set(missing_webhooks))
+        webhooks_to_write = set(missing_webhooks)
+        to_repair = sorted(set(missing_alerts) | webhooks_to_write)
         findings.to_repair += len(to_repair)
         if repair:
             now = self.clock()
             for alert_id in to_repair:
                 alert, status = found[alert_id]
-                outcome = self.archive.take(alert, status, now, alert_id not in elsewhere)
-                if alert_id in elsewhere and outcome is Outcome.ARCHIVED:
-                    # Its row is built from its webhook record's day: that day is due again.
-                    self.archive.touched.add(elsewhere[alert_id])
+                if alert_id in elsewhere:
+                    # Its row is built from its webhook record's day: that day is marked as
+                    # a day written into (ahead, at the day's settle, at the run's end).
+                    self.archive.into_day(elsewhere[alert_id])
+                # A webhook record found (in the day, in another minute, or across midnight)
+                # stands: only the full record is written (one webhook key per alert).
+                webhook = alert_id in webhooks_to_write
+                outcome = self.archive.take(alert, status, now, webhook)
                 if outcome is Outcome.ARCHIVED:
                     findings.repaired += 1
                     summary.archived += 1
@@ -534,21 +539,23 @@ class Verifier:
             day += DAY
         return out
 
-    def _filed_across_midnight(
+    def _filed_elsewhere(
         self,
         ids: list[str],
         found: dict[str, tuple[Alert, str]],
         nominal: datetime,
         end: datetime,
     ) -> dict[str, date]:
-        """Of ``ids``, those with a webhook record in the hour before or after their
-        creation when that hour lies outside [nominal, end) -> that record's day: one
-        listing per such hour."""
+        """Of ``ids``, those with a webhook record in the hour of their creation, or the
+        hour before or after it, where that hour is not wholly inside [nominal, end) (the
+        window's own listing covers those) -> that record's day: one listing per hour."""
         filed: dict[str, date] = {}
         for alert_id in ids:
             created = found[alert_id][0].created
-            for probe in (created - timedelta(hours=1), created + timedelta(hours=1)):
-                if nominal <= probe < end:
+            for offset in (-1, 0, 1):
+                probe = created + timedelta(hours=offset)
+                hour = probe.replace(minute=0, second=0, microsecond=0)
+                if nominal <= hour and hour + timedelta(hours=1) <= end:
                     continue
                 prefix = self.layout.key("webhooks", probe.strftime("%Y/%m/%d/%H")) + "/"
                 if prefix not in self._hours_listed:
