@@ -38,9 +38,9 @@ def runtime_on(world: World, mode: str, now: datetime) -> Runtime:
     return runtime
 
 
-def repair_day_2(world: World, api_doc: dict[str, Any]) -> None:
-    """`poller verify --repair` over day 2, the API listing ``api_doc``, then the days it
-    archived into marked due (as the command does at its end)."""
+def repair_day_2(world: World, api_doc: dict[str, Any], to_the_end: bool = True) -> None:
+    """`poller verify --repair` over day 2, the API listing ``api_doc``, then (unless killed
+    before its end) the days it archived into marked due, as the command does at its end."""
     runtime = runtime_on(world, "verify", world.watermark)
     verifier = Verifier(
         ListingApi([api_doc]),
@@ -50,7 +50,8 @@ def repair_day_2(world: World, api_doc: dict[str, Any]) -> None:
         lambda: world.watermark,
     )
     verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
-    runtime.mark_tables_due()
+    if to_the_end:
+        runtime.mark_tables_due()
 
 
 def ids_in(world: World, table: str = "alerts") -> Counter[str]:
@@ -358,16 +359,7 @@ def test_verify_repair_of_a_pushed_alert_across_midnight_without_full_record_kee
     built again (any later repair/backfill over it marks it) and the alert has a row in both
     days' parts. Expected: one webhook key, one row."""
     world = World(tmp_path, count=6, dismissed=0)
-    api_doc = world.factory.alert(DAY2 + timedelta(seconds=20))
-    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 - timedelta(seconds=10)))
-    del pushed_doc["createdAt"]
-    runtime = runtime_on(world, "serve", DAY2 + timedelta(seconds=25))
-    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
-    pending = PendingRecords(world.store, world.layout)
-    owed = pending.owed(api_doc["id"])
-    assert owed is not None
-    pending.give_up(owed, "10 fetches failed: 403", DAY2 + timedelta(hours=1))
-    world.docs[api_doc["id"]] = api_doc
+    api_doc = _pushed_and_given_up(world)
     world.build()
     repair_day_2(world, api_doc)
     world.builder().mark_due(DAY1.date(), "archived into by backfill")  # any later touch
@@ -451,19 +443,23 @@ def test_status_shows_a_day_with_a_damaged_dismissals_part_as_pending_not_waitin
     assert "2026-11-02" in status["pending_days"], status
 
 
-def _pushed_across_midnight_and_given_up(world: World) -> dict[str, Any]:
-    """A push stamped 23:59:50 on day 1 of an alert the API says was created 00:00:20 on
-    day 2 (its one webhook record filed under day 1); its full record never fetched (the
-    sync gave up). Returns the API's document."""
-    api_doc = world.factory.alert(DAY2 + timedelta(seconds=20))
-    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 - timedelta(seconds=10)))
+def _pushed_and_given_up(
+    world: World,
+    created: datetime = DAY2 + timedelta(seconds=20),
+    pushed: datetime = DAY2 - timedelta(seconds=10),
+) -> dict[str, Any]:
+    """A push stamped ``pushed`` of an alert the API says was created ``created`` (by
+    default: 23:59:50 on day 1 and 00:00:20 on day 2, its one webhook record filed under
+    day 1); its full record never fetched (the sync gave up). Returns the API's document."""
+    api_doc = world.factory.alert(created)
+    pushed_doc = dict(api_doc, created_at=iso_ms(pushed))
     del pushed_doc["createdAt"]
-    runtime = runtime_on(world, "serve", DAY2 + timedelta(seconds=25))
-    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
+    runtime = runtime_on(world, "serve", created + timedelta(seconds=25))
+    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), pushed)
     pending = PendingRecords(world.store, world.layout)
     owed = pending.owed(api_doc["id"])
     assert owed is not None
-    pending.give_up(owed, "10 fetches failed: 503", DAY2 + timedelta(hours=1))
+    pending.give_up(owed, "10 fetches failed: 503", created + timedelta(hours=1))
     world.docs[api_doc["id"]] = api_doc
     return api_doc
 
@@ -482,20 +478,12 @@ def test_verify_repair_marks_the_webhook_records_day_due_ahead_and_after_its_ver
     first write into it ... again after the writes of ... a verified day's". Expected:
     day 1 is marked due by the time the verified day is settled."""
     world = World(tmp_path, count=6, dismissed=0)
-    api_doc = _pushed_across_midnight_and_given_up(world)
+    api_doc = _pushed_and_given_up(world)
     report = world.build()
     assert report.given_up_full_records == 1  # day 1 built without it, not kept due
     marker = f"{PREFIX}/_poller/tables/due/2026-11-01"
     assert marker not in world.store.snapshot()
-    runtime = runtime_on(world, "verify", world.watermark)
-    verifier = Verifier(
-        ListingApi([api_doc]),
-        world.store,
-        runtime.archive(),
-        ("active", "dismissed"),
-        lambda: world.watermark,
-    )
-    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    repair_day_2(world, api_doc, to_the_end=False)
     assert world.store.get(world.layout.alert_key(api_doc["id"])) is not None  # repaired
     # Killed here, before runtime.mark_tables_due() at the run's end. The rerun:
     runtime = runtime_on(world, "verify", world.watermark)
@@ -524,25 +512,12 @@ def test_verify_repair_of_a_given_up_pushed_alert_in_the_same_day_writes_no_seco
     minute 10:01. README, *One webhook key per alert*: first record of either kind wins,
     the other path finds it. Expected: one webhook key for the alert after the repair."""
     world = World(tmp_path, count=6, dismissed=0)
-    api_doc = world.factory.alert(DAY2 + timedelta(hours=10, minutes=1, seconds=20))
-    pushed_doc = dict(api_doc, created_at=iso_ms(DAY2 + timedelta(hours=10, seconds=50)))
-    del pushed_doc["createdAt"]
-    runtime = runtime_on(world, "serve", DAY2 + timedelta(hours=10, minutes=2))
-    runtime.receiver(with_detail_fetch=False).take(read_push(pushed_doc, "org"), DAY2)
-    pending = PendingRecords(world.store, world.layout)
-    owed = pending.owed(api_doc["id"])
-    assert owed is not None
-    pending.give_up(owed, "10 fetches failed: 503", DAY2 + timedelta(hours=11))
-    world.docs[api_doc["id"]] = api_doc
-    runtime = runtime_on(world, "verify", world.watermark)
-    verifier = Verifier(
-        ListingApi([api_doc]),
-        world.store,
-        runtime.archive(),
-        ("active", "dismissed"),
-        lambda: world.watermark,
+    api_doc = _pushed_and_given_up(
+        world,
+        created=DAY2 + timedelta(hours=10, minutes=1, seconds=20),
+        pushed=DAY2 + timedelta(hours=10, seconds=50),
     )
-    verifier.run(DAY2, DAY2 + timedelta(days=1), True, Summary("verify", "repair"))
+    repair_day_2(world, api_doc, to_the_end=False)
     assert world.store.get(world.layout.alert_key(api_doc["id"])) is not None
     mine = sorted(
         k
