@@ -320,7 +320,7 @@ class Runtime:
         def mark_late_days(webhook_keys: set[str]) -> None:
             # A push is late when the day its webhook record is filed under may already have
             # its parts (a relayed webhook retried for hours, an alert the API does not list):
-            # that day is due again, once per batch.
+            # that day is due again (the receiver asks before and after a batch's writes).
             days = {day_of_webhook_key(builder.keys, key) for key in webhook_keys}
             for day in sorted(d for d in days if d is not None):
                 if may_be_closed(day, self.clock(), lookback):

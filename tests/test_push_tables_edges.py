@@ -54,6 +54,18 @@ def repair_day_2(world: World, api_doc: dict[str, Any], to_the_end: bool = True)
         runtime.mark_tables_due()
 
 
+def fetched_then_tabled(world: World, doc: dict[str, Any]) -> None:
+    """The sync's by-id fetch writes the owed full record of ``doc`` (and clears its pending
+    marker); the next pass puts it in exactly one row."""
+    alert = classify(doc)
+    assert isinstance(alert, Alert)
+    world.archive.store_full(alert)
+    PendingRecords(world.store, world.layout).done(alert.id)
+    world.docs[alert.id] = doc
+    world.build()
+    assert Counter(ids_in(world))[alert.id] == 1, "archived, never in the tables"
+
+
 def ids_in(world: World, table: str = "alerts") -> Counter[str]:
     return Counter(r["id"] for r in world.rows(table))
 
@@ -327,7 +339,7 @@ def test_status_does_not_show_a_day_owed_a_full_record_as_only_waiting(tmp_path:
     its marker says WAITING (fine). A late push then files an alert into day 2 (marker:
     "archived into by a late push"; status: pending). The next pass builds day 2 before the
     full record is fetched: `_keep_due(day, "owed full records")` writes nothing because the
-    day already has a marker, then the WAITING rewrite (say_why) replaces the marker's
+    day already has a marker, then the WAITING rewrite replaced the marker's
     reason. `poller status` now lists day 2 under waiting_days only ("nothing to do but
     wait") and pending 0, while the day lacks an alert. Expected: a day with owed full
     records is pending, not waiting."""
@@ -411,20 +423,14 @@ def test_a_late_batch_failing_half_way_still_leaves_its_written_days_due(tmp_pat
     except ArchiveUnavailable:
         pass  # 503 to the sender, which never comes back
     store.armed = False
-    alert = classify(first)
-    assert isinstance(alert, Alert)
-    world.archive.store_full(alert)  # the sync's by-id fetch of the owed id
-    PendingRecords(world.store, world.layout).done(alert.id)
-    world.docs[alert.id] = first
-    world.build()
-    assert Counter(ids_in(world))[alert.id] == 1, "archived, never in the tables"
+    fetched_then_tabled(world, first)
 
 
 def test_status_shows_a_day_with_a_damaged_dismissals_part_as_pending_not_waiting(
     tmp_path: Path,
 ) -> None:
     """Day 2 waits for open day 3 (an alert archived already dismissed, dismissedAt on day 3),
-    and its dismissals part is damaged. A pass rewrites day 2's marker as WAITING (say_why)
+    and its dismissals part is damaged. A pass rewrote day 2's marker as WAITING
     first, then meets the damaged part: `_keep_due(day, "its dismissals part is damaged")`
     is a no-op for a day already kept due this pass, so the marker still says WAITING.
     `poller status` shows day 2 as waiting ("nothing to do but wait") and 0 pending, while
@@ -658,13 +664,7 @@ def test_a_late_batch_failing_half_way_after_a_pass_cleared_its_first_marker_lea
     except ArchiveUnavailable:
         pass  # 503; the sender gives up
     store.bad_id = ""
-    alert = classify(first)
-    assert isinstance(alert, Alert)
-    world.archive.store_full(alert)  # the sync's by-id fetch of the owed id (mode run)
-    PendingRecords(world.store, world.layout).done(alert.id)
-    world.docs[alert.id] = first
-    world.build()
-    assert Counter(ids_in(world))[alert.id] == 1, "archived, never in the tables"
+    fetched_then_tabled(world, first)
 
 
 def test_verify_with_a_window_starting_mid_hour_finds_a_pushed_alerts_record_before_it(
@@ -672,7 +672,7 @@ def test_verify_with_a_window_starting_mid_hour_finds_a_pushed_alerts_record_bef
 ) -> None:
     """`verify --repair --since 2026-11-02T10:05:30Z`: a pushed alert stamped 10:04:59 by
     its push and 10:05:40 by the API, full record present. Its webhook record (minute
-    10:04) is outside the window's listing, and `_filed_across_midnight` probes only the
+    10:04) is outside the window's listing, and the neighbouring-hour look-up probed only the
     hours created-1h (09:05:40, listed: not there) and created+1h (inside the window,
     skipped): the hour 10 where the record is, before the window's start, is never looked
     at. The alert is reported missing its webhook record and the repair writes a second

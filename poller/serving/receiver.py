@@ -207,6 +207,7 @@ class Receiver:
                     # Pushed before, in another minute, full record still owed: that push's
                     # key stands (one webhook key per alert); this copy only re-offers the fetch.
                     written, key = False, earlier
+                    standing.add(key)
                 else:
                     if self._after_write is not None and item.created.date() not in ahead:
                         ahead.add(item.created.date())  # the day ``key`` is filed under
@@ -215,7 +216,6 @@ class Receiver:
                     standing.add(key)
                     if written and earlier:
                         self.pending.name_webhook_key(item.id, key)  # the earlier push left none
-                standing.add(key)
                 if self._fetcher is not None:
                     self._fetcher.offer(item.id, item.created)
                 results.append(

@@ -528,7 +528,7 @@ class _Pass:
         etag = self.plan.markers.get(day)
         if said is None and etag is not None:
             if reason == WAITING:
-                return  # said after the parts, when no other reason came (say_waiting)
+                return  # said after the parts, when no other reason came (_say_waiting)
             with contextlib.suppress(PreconditionFailed):
                 self.b.mark_due(day, reason, if_match=etag)
         elif said is None and reason == WAITING:
